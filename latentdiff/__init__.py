@@ -1,0 +1,3 @@
+"""latentdiff: Latent Diffusion and Stable Diffusion in readable PyTorch."""
+
+__version__ = "0.1.0"
