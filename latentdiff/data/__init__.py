@@ -1,0 +1,47 @@
+"""Data loading for latentdiff: built-in datasets, image folders, loaders and image/grid transforms."""
+
+from latentdiff.data.datasets import (
+    BUILTIN_DATASETS,
+    ArrayImageDataset,
+    DataConfig,
+    ImageDataset,
+    ImageFolderDataset,
+    PhotoCropDataset,
+    build_dataloader,
+    build_dataset,
+    set_epoch,
+)
+from latentdiff.data.transforms import (
+    center_crop_resize,
+    convert_mode,
+    fit_to_size,
+    make_grid,
+    pad_to_size,
+    resize_square,
+    save_image_grid,
+    to_pil,
+    to_tensor,
+    to_uint8,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "ArrayImageDataset",
+    "DataConfig",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "PhotoCropDataset",
+    "build_dataloader",
+    "build_dataset",
+    "center_crop_resize",
+    "convert_mode",
+    "fit_to_size",
+    "make_grid",
+    "pad_to_size",
+    "resize_square",
+    "save_image_grid",
+    "set_epoch",
+    "to_pil",
+    "to_tensor",
+    "to_uint8",
+]

@@ -1,0 +1,37 @@
+"""Device selection: the one place that names accelerator back-ends.
+
+Everything else receives a ``torch.device`` and stays back-end agnostic, so every code path runs on the
+CPU and on a GPU unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Return the device for ``name``: "auto" picks a GPU when one is usable, else the CPU."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was requested but no CUDA GPU is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, precision: str):
+    """An autocast context for ``precision`` in {"fp32", "bf16", "fp16"} on ``device``."""
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=dtype)

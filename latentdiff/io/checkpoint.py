@@ -1,0 +1,138 @@
+"""Native checkpoints: ``model.safetensors`` (config in its metadata) + ``config.json``, written atomically.
+
+A run directory holds ``checkpoints/step_NNNNNNN/`` folders and a ``checkpoints/latest`` pointer; a new
+checkpoint is written into a temporary folder and renamed into place, and the pointer is replaced with
+``os.replace``, so a crash at any moment leaves the previous checkpoint intact and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TRAIN_STATE_NAME = "train_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], config: dict[str, Any],
+                    train_state: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_<step>/`` under ``run_dir`` atomically and point ``latest`` at it."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    config = dict(config, step=step)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"latentdiff_config": json.dumps(config), "step": str(step)})
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE_NAME)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(ckpt_root / "latest", name)
+    # Prune old checkpoints only after the new one is in place.
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The ``model.safetensors`` meant by ``path``: the file itself, a checkpoint folder, or a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file():
+        return path
+    if (path / WEIGHTS_NAME).is_file():
+        return path / WEIGHTS_NAME
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        candidate = path / "checkpoints" / latest.read_text().strip() / WEIGHTS_NAME
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{path} holds no {WEIGHTS_NAME} (nor checkpoints/latest pointing at one)")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and config of a native checkpoint (the config from the metadata, else config.json beside)."""
+    file = resolve_checkpoint(path)
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file}: native checkpoints are .safetensors files")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        weights = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
+    if "latentdiff_config" in metadata:
+        config = json.loads(metadata["latentdiff_config"])
+    elif (file.parent / CONFIG_NAME).is_file():
+        config = json.loads((file.parent / CONFIG_NAME).read_text())
+    else:
+        raise CheckpointError(f"{file} carries no latentdiff config (metadata or {CONFIG_NAME} beside it)")
+    return weights, config
+
+
+def load_state_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected and mis-shaped key in one clear error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(weights)) if own[k].shape != weights[k].shape]
+    if missing or unexpected or shapes:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = [f"{label}: {show(keys)}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+        raise CheckpointError(f"the checkpoint does not fit the {what}; " + "; ".join(parts))
+    module.load_state_dict(weights, strict=True)
+
+
+def load_autoencoder(path: str | Path, device: torch.device | str = "cpu"):
+    """Load a first-stage model from a native checkpoint (file, checkpoint folder or run folder)."""
+    from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+    from latentdiff.config import ConfigError, from_dict
+
+    weights, config = read_checkpoint(path)
+    if config.get("task", "autoencoder") != "autoencoder" or "model" not in config:
+        raise CheckpointError(f"{path} is a {config.get('task', 'unknown')!r} checkpoint, not an autoencoder")
+    try:
+        model_config = from_dict(AutoencoderConfig, config["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not describe an autoencoder ({e})") from e
+    model = Autoencoder(model_config)
+    load_state_strict(model, weights, "autoencoder")
+    return model.to(device).eval()
+
+
+def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    file = Path(checkpoint_dir) / TRAIN_STATE_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{checkpoint_dir} has no {TRAIN_STATE_NAME}: it cannot be resumed")
+    # weights_only: a checkpoint never gets to run code on load.
+    return torch.load(file, map_location="cpu", weights_only=True)

@@ -1,0 +1,199 @@
+"""Training the first stage: generator and PatchGAN discriminator, alternating, with checkpoints and logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from latentdiff.autoencoder.losses import AutoencoderLoss, AutoencoderLossConfig
+from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.config import save_yaml, to_dict
+from latentdiff.data import DataConfig, build_dataset
+from latentdiff.data.transforms import save_image_grid
+from latentdiff.device import autocast_context
+from latentdiff.io.checkpoint import load_state_strict, load_train_state, resolve_checkpoint, save_checkpoint
+from latentdiff.train.loop import (
+    MetricLog,
+    NonFiniteGuard,
+    TrainConfig,
+    lr_factor,
+    make_loader,
+    rng_state,
+    scalar_logs,
+    set_rng_state,
+    setup_distributed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AutoencoderExperiment:
+    """Everything ``latentdiff train`` needs for a first-stage run."""
+
+    task: str = "autoencoder"
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.channels != self.model.in_channels or self.data.channels != self.model.out_ch:
+            raise ValueError(f"data.channels ({self.data.channels}) must equal model.in_channels "
+                             f"({self.model.in_channels}) and model.out_ch ({self.model.out_ch})")
+        f = self.model.downsample_factor
+        if self.data.image_size % f:
+            raise ValueError(f"data.image_size {self.data.image_size} is not divisible by the downsampling factor {f}")
+
+
+LOG_COLUMNS = ["loss", "rec", "pixel", "perceptual", "kl", "vq", "perplexity", "codebook_usage", "g_loss",
+               "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "seconds"]
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, DDP) else module
+
+
+def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = None) -> Path:
+    """Train (or resume) the run described by ``exp``; returns the run directory."""
+    cfg = exp.train
+    env = setup_distributed(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + env.rank)
+    run_dir = Path(cfg.out_dir)
+
+    model = Autoencoder(exp.model).to(env.device)
+    loss_fn = AutoencoderLoss(exp.loss, exp.model.out_ch).to(env.device)
+    disc = loss_fn.discriminator
+    opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt_d = (torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas),
+                              weight_decay=cfg.weight_decay) if disc is not None else None)
+
+    start_step = 0
+    if resume is not None:
+        ckpt = resolve_checkpoint(resume).parent
+        from latentdiff.io.checkpoint import read_checkpoint
+
+        weights, _ = read_checkpoint(ckpt)
+        load_state_strict(model, weights, "autoencoder")
+        state = load_train_state(ckpt)
+        opt_ae.load_state_dict(state["opt_ae"])
+        if disc is not None and state.get("discriminator") is not None:
+            disc.load_state_dict(state["discriminator"])
+            opt_d.load_state_dict(state["opt_d"])
+        start_step = int(state["step"])
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+
+    train_set = build_dataset(exp.data, "train")
+    test_set = build_dataset(exp.data, "test")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(exp, run_dir / "config.yaml")
+        logger.info("training %s autoencoder (f=%d, %.2fM params) on %s (%d images), device %s, world %d",
+                    exp.model.regularizer, exp.model.downsample_factor,
+                    sum(p.numel() for p in model.parameters()) / 1e6, exp.data.name, len(train_set), env.device,
+                    env.world_size)
+    log = MetricLog(run_dir, LOG_COLUMNS, resume_step=start_step if resume else None) if env.is_main else None
+    fixed = torch.stack([test_set[i]["image"] for i in range(min(8, len(test_set)))]).to(env.device)
+
+    ddp_model = DDP(model) if env.distributed else model
+    ddp_disc = DDP(disc) if env.distributed and disc is not None else disc
+    batches = make_loader(train_set, cfg, env, start_step)
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    if resume is not None:
+        # Restored last: building datasets and loaders draws from the global generator too.
+        set_rng_state(state["rng"], env.device)
+    config_dict = to_dict(exp)
+
+    def checkpoint(step: int) -> None:
+        if not env.is_main:
+            return
+        state = {"step": step, "opt_ae": opt_ae.state_dict(), "rng": rng_state(env.device),
+                 "discriminator": disc.state_dict() if disc is not None else None,
+                 "opt_d": opt_d.state_dict() if opt_d is not None else None}
+        save_checkpoint(run_dir, step, model.state_dict(), config_dict, state, keep=cfg.keep_checkpoints)
+
+    t0 = time.time()
+    step = start_step
+    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
+    running: dict[str, float] = {}
+    n_running = 0
+    model.train()
+    loss_fn.train()
+    while step < cfg.steps:
+        x = next(batches)["image"].to(env.device, non_blocking=True)
+        for group in opt_ae.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps)
+        # Generator (autoencoder) step; the discriminator is frozen so its weights get no gradient here.
+        if disc is not None:
+            disc.requires_grad_(False)
+        with autocast_context(env.device, cfg.precision):
+            out = ddp_model(x)
+        recon = out.reconstruction.float()
+        loss, logs = loss_fn.generator_loss(x, recon, out.reg_loss.float(), step, model.last_layer,
+                                            exp.model.regularizer)
+        logs.update(out.stats)
+        opt_ae.zero_grad(set_to_none=True)
+        ok = guard.check(loss, step)
+        if ok:
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt_ae.step()
+        # Discriminator step on the same batch, once the GAN has started.
+        if ok and loss_fn.gan_active(step):
+            disc.requires_grad_(True)
+            d_loss, d_logs = loss_fn.discriminator_step_loss(x, recon.detach(), ddp_disc)
+            opt_d.zero_grad(set_to_none=True)
+            if guard.check(d_loss, step):
+                d_loss.backward()
+                opt_d.step()
+            logs.update(d_logs)
+        step += 1
+        progress.update(1)
+        if ok:
+            for k, v in scalar_logs(logs).items():
+                if v is not None:
+                    running[k] = running.get(k, 0.0) + v
+            n_running += 1
+        if env.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            means = {k: v / max(n_running, 1) for k, v in running.items()}
+            means.update(lr=opt_ae.param_groups[0]["lr"], skipped=guard.total, seconds=round(time.time() - t0, 1))
+            log.write(step, means)
+            progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}",
+                                 rec=f"{means.get('pixel', float('nan')):.4f}")
+            running, n_running = {}, 0
+        if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
+            save_reconstruction_grid(model, fixed, run_dir / "samples" / f"step_{step:07d}.png")
+        out_of_time = cfg.time_limit_minutes > 0 and time.time() - t0 > 60 * cfg.time_limit_minutes
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+            checkpoint(step)
+        if out_of_time:
+            logger.info("time limit of %.1f min reached at step %d", cfg.time_limit_minutes, step)
+            break
+    progress.close()
+    if env.is_main:
+        save_reconstruction_grid(model, fixed, run_dir / "reconstructions.png")
+        logger.info("finished at step %d in %.1f min; checkpoint in %s", step, (time.time() - t0) / 60,
+                    run_dir / "checkpoints")
+    return run_dir
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: Path) -> None:
+    """Inputs in the top row, their reconstructions (posterior mode) below."""
+    was_training = model.training
+    model.eval()
+    recon = model(images, sample_posterior=False).reconstruction.clamp(-1, 1)
+    model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(torch.cat([images, recon]).cpu(), path, nrow=images.shape[0])
+

@@ -1,0 +1,199 @@
+"""Pieces every training loop shares: the run config, distributed setup, a resumable data order,
+the metric log, the non-finite-loss guard and RNG state capture."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from latentdiff.device import select_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/run"
+    steps: int = 1000
+    batch_size: int = 32  # per process; the global batch is batch_size * world size
+    lr: float = 2e-4
+    disc_lr: float = 0.0  # 0: same as lr
+    betas: tuple[float, ...] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    device: str = "auto"
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 2
+    eval_images: int = 512  # test images for the end-of-run metrics
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row
+    time_limit_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0: no limit
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_name: str) -> DistEnv:
+    """Join the process group that ``torchrun`` describes in the environment, or run as one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv(device=select_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type != "cpu":
+        device = torch.device(device.type, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Endless batches from a seeded permutation per epoch, starting at any global step.
+
+    The order depends only on (seed, step), so a resumed run sees exactly the batches the interrupted
+    one would have. With W processes, the global batch of step s is a slice of the permutation and
+    process r takes every W-th item of it: W processes with batch B see the same set as one with W*B.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch, self.seed = dataset_len, batch_size, seed
+        self.rank, self.world = rank, world_size
+        self.global_batch = batch_size * world_size
+        if self.n < self.global_batch:
+            raise ValueError(f"the dataset has {self.n} items, fewer than one global batch ({self.global_batch})")
+        self.per_epoch = self.n // self.global_batch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            epoch, offset = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            for b in range(offset, self.per_epoch):
+                chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
+                yield chunk[self.rank::self.world].tolist()
+                step += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a length for progress display
+        return self.per_epoch
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, start_step: int) -> Iterator[dict[str, Any]]:
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, env.rank, env.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=env.device.type != "cpu", persistent_workers=cfg.num_workers > 0)
+    return iter(loader)
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up from 1/warmup to 1, then constant."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class MetricLog:
+    """Appends one row per logged step to ``log.jsonl`` and ``log.csv`` (fixed columns, blanks allowed)."""
+
+    def __init__(self, run_dir: Path, columns: list[str], resume_step: int | None = None) -> None:
+        self.jsonl, self.csv = run_dir / "log.jsonl", run_dir / "log.csv"
+        self.columns = ["step", *[c for c in columns if c != "step"]]
+        if resume_step is not None:
+            self._truncate(resume_step)
+        if not self.csv.exists():
+            with self.csv.open("w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+
+    def _truncate(self, step: int) -> None:
+        """Drop rows that an interrupted run logged after its last checkpoint."""
+        if self.jsonl.exists():
+            rows = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.jsonl.write_text("".join(r + "\n" for r in rows))
+        if self.csv.exists():
+            with self.csv.open(newline="") as f:
+                rows = list(csv.reader(f))
+            if rows:
+                self.columns = rows[0]
+                with self.csv.open("w", newline="") as f:
+                    csv.writer(f).writerows([rows[0], *[r for r in rows[1:] if int(r[0]) <= step]])
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        with self.csv.open("a", newline="") as f:
+            csv.writer(f).writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses in a row; the step is skipped and the run stops after too many."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def check(self, loss: torch.Tensor, step: int) -> bool:
+        """True when ``loss`` is finite (train on); False means skip this step."""
+        if bool(torch.isfinite(loss)):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        logger.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step, float(loss), self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"training stopped at step {step}: {self.in_a_row} non-finite losses in a row; the last good "
+                "checkpoint is kept. Lower the learning rate, enable grad clipping or check the data for NaNs.")
+        return False
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["accelerator"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "accelerator" in state:
+        torch.cuda.set_rng_state(state["accelerator"], device)
+
+
+def scalar_logs(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    out = {}
+    for k, v in logs.items():
+        value = float(v)
+        out[k] = value if math.isfinite(value) else None
+    return out
