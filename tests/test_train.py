@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from latentdiff.cli import main
 from latentdiff.train.loop import NonFiniteGuard, ResumableBatchSampler
 
-TINY = [
+TINY = [  # a model small enough to train in a second
     "model.ch=16", "model.ch_mult=1,2", "model.norm_groups=8", "model.z_channels=2", "model.embed_dim=2",
     "model.resolution=16", "data.image_size=16", "data.limit=64", "train.batch_size=4", "train.log_every=2",
     "train.ckpt_every=3", "train.sample_every=3", "train.warmup_steps=2", "loss.perceptual=none",
@@ -127,3 +127,30 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 2 ends where 1 process x batch 4 does."""
+    import os
+    import subprocess
+    import sys
+
+    common = [*TINY, "model.n_embed=16", "model.restart_dead_codes=false", "loss.disc_weight=0", "train.steps=3",
+              "train.lr=1e-3"]
+    single = tmp_path / "single"
+    assert main(["train", "configs/vq-f4-fmnist.yaml", *common, "train.batch_size=4", f"train.out_dir={single}"]) == 0
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+         "latentdiff.cli", "train", "configs/vq-f4-fmnist.yaml", *common, "train.batch_size=2",
+         f"train.out_dir={ddp}", "train.device=cpu"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = latest_weights(single), latest_weights(ddp)
+    for k in a:
+        if k.endswith("attn_1.k.bias"):
+            # Softmax ignores a bias on the keys (it shifts every logit of a query equally), so its true
+            # gradient is 0 and Adam turns the rounding noise of either run into unrelated steps.
+            continue
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

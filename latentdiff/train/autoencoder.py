@@ -130,8 +130,12 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
     loss_fn.train()
     while step < cfg.steps:
         x = next(batches)["image"].to(env.device, non_blocking=True)
+        factor = lr_factor(step, cfg)
         for group in opt_ae.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps)
+            group["lr"] = cfg.lr * factor
+        if opt_d is not None:
+            for group in opt_d.param_groups:
+                group["lr"] = (cfg.disc_lr or cfg.lr) * factor
         # Generator (autoencoder) step; the discriminator is frozen so its weights get no gradient here.
         if disc is not None:
             disc.requires_grad_(False)

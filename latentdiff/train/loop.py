@@ -32,6 +32,8 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay: str = "none"  # "none" or "cosine" (from lr after warm-up down to lr * min_lr_ratio at `steps`)
+    min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     device: str = "auto"
@@ -119,9 +121,16 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, start_step: in
     return iter(loader)
 
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up from 1/warmup to 1, then constant."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or a cosine decay to ``min_lr_ratio`` at ``steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "none":
+        return 1.0
+    if cfg.lr_decay == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_decay {cfg.lr_decay!r}; choose 'none' or 'cosine'")
 
 
 class MetricLog:
