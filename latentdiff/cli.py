@@ -11,8 +11,8 @@ from pathlib import Path
 logger = logging.getLogger("latentdiff")
 
 # Errors a user can cause and fix: reported in one line, without a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError,
-                                                 KeyError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
+                                                 ImportError)
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ from PIL import Image
 
 from latentdiff.data import (
     DataConfig,
-    build_dataloader,
     build_dataset,
     center_crop_resize,
     convert_mode,
@@ -329,14 +328,3 @@ def test_save_image_grid_round_trip(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_build_dataloader_seeded() -> None:
-    ds = build_dataset(DataConfig(name="mnist5k", limit=40), "train")
-    a = build_dataloader(ds, batch_size=8, shuffle=True, seed=3, drop_last=True)
-    b = build_dataloader(ds, batch_size=8, shuffle=True, seed=3, drop_last=True)
-    batch_a, batch_b = next(iter(a)), next(iter(b))
-    assert batch_a["image"].shape == (8, 1, 32, 32)
-    assert batch_a["label"].dtype == torch.int64
-    assert torch.equal(batch_a["label"], batch_b["label"])
-    assert len(a) == 5
-    with pytest.raises(RuntimeError, match="torch.distributed"):
-        build_dataloader(ds, batch_size=8, shuffle=False, distributed=True)

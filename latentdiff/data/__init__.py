@@ -7,9 +7,8 @@ from latentdiff.data.datasets import (
     ImageDataset,
     ImageFolderDataset,
     PhotoCropDataset,
-    build_dataloader,
     build_dataset,
-    set_epoch,
+    seed_worker,
 )
 from latentdiff.data.transforms import (
     center_crop_resize,
@@ -31,7 +30,6 @@ __all__ = [
     "ImageDataset",
     "ImageFolderDataset",
     "PhotoCropDataset",
-    "build_dataloader",
     "build_dataset",
     "center_crop_resize",
     "convert_mode",
@@ -40,7 +38,7 @@ __all__ = [
     "pad_to_size",
     "resize_square",
     "save_image_grid",
-    "set_epoch",
+    "seed_worker",
     "to_pil",
     "to_tensor",
     "to_uint8",

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from latentdiff.data.transforms import RESIZE_MODES, convert_mode, fit_to_size, to_tensor
 
@@ -498,56 +498,9 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     return dataset
 
 
-def _seed_worker(worker_id: int) -> None:
-    # The DataLoader seeds torch per worker but not numpy/random; derive those from torch's seed so
-    # augmentation code using them doesn't repeat across workers.
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: torch is seeded per worker, numpy and ``random`` are not by default."""
+    # Derived from torch's per-worker seed so augmentations using numpy/random don't repeat across workers.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def build_dataloader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    seed: int = 0,
-    distributed: bool = False,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader that shards across ranks under torch.distributed and is seeded otherwise.
-
-    A :class:`~torch.utils.data.DistributedSampler` (each rank its own shard, shuffled with ``seed``)
-    is used whenever ``torch.distributed`` is initialised, so DDP training cannot silently feed every
-    rank the whole dataset; ``distributed=True`` additionally asserts that it is initialised. Call
-    ``loader.sampler.set_epoch(epoch)`` (or :func:`set_epoch`) each epoch to reshuffle. Without
-    torch.distributed, a ``torch.Generator`` seeded with ``seed`` fixes the shuffle order and the
-    per-worker seeds, making runs reproducible.
-    """
-    dist_ready = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and not dist_ready:
-        raise RuntimeError("build_dataloader(distributed=True) needs torch.distributed to be initialised")
-    sampler = None
-    if dist_ready:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-    )
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell a DistributedSampler which epoch it is (a no-op for ordinary loaders)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
