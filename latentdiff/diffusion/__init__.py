@@ -1,0 +1,1 @@
+"""Latent diffusion: noise schedules, the forward/reverse process, objectives, denoisers and samplers."""
