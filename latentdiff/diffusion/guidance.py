@@ -1,0 +1,62 @@
+"""Classifier-free guidance (Ho & Salimans 2022): a denoiser wrapper that extrapolates from unconditional to
+conditional.
+
+D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)), evaluated with one
+network call on a doubled batch. Guidance sits between the samplers and the denoiser and knows neither's
+internals: a sampler calls it as ``model(x, sigma, cond=..., uncond=..., scale=...)`` through ``extra_args``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from latentdiff.diffusion.denoiser import append_dims
+
+
+def _batched(name: str, value: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"conditioning {name!r} must be a tensor batched along dim 0, got {type(value).__name__}")
+    if value.shape[0] == n:
+        return value
+    if value.shape[0] == 1:  # one shared embedding (e.g. the empty prompt) serves the whole batch
+        return value.expand(n, *value.shape[1:])
+    raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}, expected {n} (or 1)")
+
+
+def _check_same_keys(cond: dict, uncond: dict) -> None:
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must have the same keys; only in one of them: "
+                         f"{sorted(set(cond) ^ set(uncond))}")
+
+
+def concat_conditioning(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor],
+                        n: int) -> dict[str, torch.Tensor]:
+    """Concatenate two conditioning dicts with the same keys along the batch, each value batched to ``n``."""
+    _check_same_keys(first, second)
+    return {k: torch.cat([_batched(k, first[k], n), _batched(k, second[k], n)]) for k in first}
+
+
+class CFGDenoiser(nn.Module):
+    """Wraps a denoiser ``D(x, sigma, **cond)`` with classifier-free guidance."""
+
+    def __init__(self, denoiser: nn.Module | Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, torch.Tensor],
+                uncond: dict[str, torch.Tensor], scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """The guided x0 estimate. ``scale`` is a number or an (N,) tensor; 1 gives the conditional model."""
+        n = x.shape[0]
+        if not isinstance(scale, torch.Tensor) and scale == 1:
+            # The unconditional half would be multiplied by 0: skip it (still validate the inputs).
+            _check_same_keys(cond, uncond)
+            return self.denoiser(x, sigma, **{k: _batched(k, v, n) for k, v in cond.items()})
+        sigma_in = torch.cat([sigma, sigma]) if torch.is_tensor(sigma) and sigma.ndim == 1 else sigma
+        both = self.denoiser(torch.cat([x, x]), sigma_in, **concat_conditioning(uncond, cond, n))
+        d_uncond, d_cond = both.chunk(2)
+        if isinstance(scale, torch.Tensor):
+            scale = append_dims(scale.to(x.device, x.dtype), x.ndim)
+        return d_uncond + scale * (d_cond - d_uncond)
