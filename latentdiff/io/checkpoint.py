@@ -136,3 +136,29 @@ def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint_dir} has no {TRAIN_STATE_NAME}: it cannot be resumed")
     # weights_only: a checkpoint never gets to run code on load.
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", ema: bool = True):
+    """Load a latent (or pixel-space) diffusion model, first stage included, from a native checkpoint.
+
+    ``model.safetensors`` holds the weights the trainer saved for sampling (the EMA weights by default). With
+    ``ema=False`` the UNet's raw training weights are taken from ``train_state.pt`` beside it instead.
+    """
+    from latentdiff.config import ConfigError, from_dict
+    from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
+
+    weights, config = read_checkpoint(path)
+    if config.get("task") != "diffusion" or "model" not in config:
+        raise CheckpointError(f"{path} is a {config.get('task', 'autoencoder')!r} checkpoint, not a diffusion model")
+    try:
+        model_config = from_dict(LatentDiffusionConfig, config["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not describe a diffusion model ({e})") from e
+    model = LatentDiffusion(model_config)
+    load_state_strict(model, weights, "latent diffusion model")
+    if not ema:
+        state = load_train_state(resolve_checkpoint(path).parent)
+        if state.get("model") is None:
+            raise CheckpointError(f"{path}: train_state.pt holds no raw UNet weights")
+        load_state_strict(model.model, state["model"], "UNet (raw weights)")
+    return model.to(device).eval()

@@ -13,8 +13,17 @@ def _autoencoder() -> tuple[type, Callable[..., Path]]:
     return AutoencoderExperiment, train_autoencoder
 
 
+def _diffusion() -> tuple[type, Callable[..., Path]]:
+    from latentdiff.train.diffusion import DiffusionExperiment, train_diffusion
+
+    return DiffusionExperiment, train_diffusion
+
+
 # Loaded lazily so that importing one task does not import every model.
-TASKS: dict[str, Callable[[], tuple[type, Callable[..., Path]]]] = {"autoencoder": _autoencoder}
+TASKS: dict[str, Callable[[], tuple[type, Callable[..., Path]]]] = {
+    "autoencoder": _autoencoder,
+    "diffusion": _diffusion,
+}
 
 
 def resolve_task(config: dict[str, Any]) -> tuple[type, Callable[..., Path]]:

@@ -1,0 +1,373 @@
+"""The latent diffusion model: a frozen first stage, the denoising UNet and its noise schedule in one module.
+
+Training works on scaled latents z0 = scale_factor * E(x) (a sample of the KL posterior, the quantised latent of
+a VQ model, or the image itself in pixel space); sampling runs a sampler over the UNet's denoiser and decodes
+z0 / scale_factor back to an image. The module's state dict uses CompVis' names: the UNet under
+``model.diffusion_model.*`` and the first stage under ``first_stage_model.*``.
+
+The conditioning is a dict with the optional keys of ``UNetModel.forward``: ``context`` (cross-attention tokens),
+``context_mask``, ``y`` (class labels) and ``concat`` (extra input channels). This file implements the modes
+"none" and "class" (labels through the UNet's label embedding, with one extra "null" class for classifier-free
+guidance); text and concat conditioning only need to fill the same dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.diffusion.denoiser import DiscreteDenoiser
+from latentdiff.diffusion.guidance import CFGDenoiser
+from latentdiff.diffusion.objectives import DiffusionLossConfig, diffusion_loss, sample_noise, sample_timesteps
+from latentdiff.diffusion.process import q_sample
+from latentdiff.diffusion.samplers import get_sampler, get_sigmas_discrete, get_sigmas_karras
+from latentdiff.diffusion.samplers import sample as run_sampler
+from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from latentdiff.diffusion.unet import UNetConfig, UNetModel
+
+logger = logging.getLogger(__name__)
+
+CONDITIONING_MODES = ("none", "class")
+COND_KEYS = ("context", "context_mask", "y", "concat")
+
+
+def _small_unet() -> UNetConfig:
+    # A UNet for small latents (8x8 to 32x32) without cross-attention; SD's 860M UNet is UNetConfig.sd_v1().
+    return UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=2,
+                      attention_resolutions=(2,), num_heads=-1, num_head_channels=32, context_dim=None,
+                      use_spatial_transformer=False)
+
+
+@dataclass
+class LatentDiffusionConfig:
+    """What a latent (or pixel-space) diffusion model is made of; saved with its weights.
+
+    ``first_stage`` is the path of a native autoencoder checkpoint (file, checkpoint folder or run folder); ""
+    means pixel space (an identity first stage, f = 1, scale factor 1). ``first_stage_config`` is filled in from
+    that checkpoint when the model is built, so a saved model rebuilds without the original file.
+    ``scale_factor`` 0 means: 1 / std of the first training batch's latents, computed once and then stored
+    (Rombach et al. 2022, sec. 4.3.2 and app. G; SD's KL-f8 uses 0.18215). ``image_size`` and ``channels``
+    describe the images (0: taken from the data config by the trainer). With ``conditioning: class`` the UNet
+    gets ``num_classes + 1`` label embeddings: index ``num_classes`` is the null class that replaces a label
+    with probability ``class_dropout`` in training, which is the unconditional model for classifier-free
+    guidance.
+    """
+
+    first_stage: str = ""
+    first_stage_config: AutoencoderConfig | None = None
+    sample_posterior: bool = True  # KL first stage: train on z ~ q(z|x) (True) or on its mean
+    scale_factor: float = 0.0
+    image_size: int = 0
+    channels: int = 0
+    unet: UNetConfig = field(default_factory=_small_unet)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    conditioning: str = "none"  # "none" | "class"
+    num_classes: int = 0
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONING_MODES:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; choose one of "
+                             f"{', '.join(CONDITIONING_MODES)}")
+        if not 0.0 <= self.class_dropout <= 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1], got {self.class_dropout}")
+        if self.scale_factor < 0:
+            raise ValueError(f"scale_factor must be positive, or 0 to compute it, got {self.scale_factor}")
+        if self.conditioning == "class":
+            if self.num_classes < 1:
+                raise ValueError("conditioning 'class' needs model.num_classes >= 1")
+            if not self.unet.num_classes:
+                self.unet.num_classes = self.num_classes + 1  # the extra index is the null class
+            elif self.unet.num_classes != self.num_classes + 1:
+                raise ValueError(f"model.unet.num_classes must be num_classes + 1 = {self.num_classes + 1} (the last "
+                                 f"embedding is the null class for guidance), got {self.unet.num_classes}")
+        elif self.unet.num_classes:
+            raise ValueError("model.unet.num_classes is set but conditioning is 'none'; set conditioning: class")
+        if self.conditioning in ("none", "class") and self.unet.context_dim:
+            raise ValueError(f"model.unet.context_dim is {self.unet.context_dim} but conditioning "
+                             f"{self.conditioning!r} gives no context; set model.unet.context_dim to null")
+        if self.unet.out_channels != self.unet.in_channels:
+            raise ValueError(f"model.unet.out_channels ({self.unet.out_channels}) must equal in_channels "
+                             f"({self.unet.in_channels}): the UNet predicts a latent-shaped target")
+
+    @property
+    def pixel_space(self) -> bool:
+        return not self.first_stage and self.first_stage_config is None
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (CompVis' name) and passes it the conditioning dict's entries."""
+
+    def __init__(self, unet: UNetModel) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor | None) -> torch.Tensor:
+        unknown = sorted(set(cond) - set(COND_KEYS))
+        if unknown:
+            raise ValueError(f"unknown conditioning keys {unknown}; the UNet takes {', '.join(COND_KEYS)}")
+        return self.diffusion_model(x, t, **cond)
+
+
+class LatentDiffusion(nn.Module):
+    """A frozen first stage, the UNet (``model.diffusion_model``) and the noise schedule.
+
+    The first stage comes from, in order: the ``first_stage`` module argument; an empty autoencoder built from
+    ``config.first_stage_config`` (whose weights the caller loads from an LDM checkpoint); the checkpoint at
+    ``config.first_stage``; else pixel space. It is frozen: eval mode, no gradients, and never returned by
+    ``trainable_parameters``.
+    """
+
+    def __init__(self, config: LatentDiffusionConfig, first_stage: Autoencoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if first_stage is None and config.first_stage_config is None and config.first_stage:
+            from latentdiff.io.checkpoint import load_autoencoder
+
+            first_stage = load_autoencoder(config.first_stage, "cpu")
+        if first_stage is not None:
+            config.first_stage_config = first_stage.config
+        elif config.first_stage_config is not None:
+            first_stage = Autoencoder(config.first_stage_config)
+        self.first_stage_model: nn.Module = first_stage if first_stage is not None else nn.Identity()
+        self.first_stage_model.eval().requires_grad_(False)
+        self._check_channels()
+        if self.pixel_space:
+            if config.scale_factor not in (0.0, 1.0):
+                raise ValueError(f"a pixel-space model keeps the images' [-1, 1] range: scale_factor must be 1 "
+                                 f"(or 0), got {config.scale_factor}")
+            config.scale_factor = 1.0
+        self.model = DiffusionWrapper(UNetModel(config.unet))
+        self.schedule = NoiseSchedule(config.schedule)
+
+    # ------------------------------------------------------------------------------------------ structure
+
+    def _check_channels(self) -> None:
+        c = self.config
+        latent = self.latent_channels
+        where = (f"the first stage's embed_dim ({latent})" if not self.pixel_space
+                 else f"the image channels ({latent}) in pixel space")
+        if c.unet.in_channels != latent:
+            raise ValueError(f"model.unet.in_channels ({c.unet.in_channels}) and out_channels must equal {where}")
+        if not self.pixel_space:
+            fs = self.first_stage_model.config
+            if c.channels and fs.in_channels != c.channels:
+                raise ValueError(f"the first stage takes {fs.in_channels}-channel images but the data has "
+                                 f"{c.channels} channels")
+        f = self.downsample_factor * c.unet.downsample_factor
+        if c.image_size and c.image_size % f:
+            raise ValueError(f"image_size {c.image_size} must be divisible by {f} (first-stage factor "
+                             f"{self.downsample_factor} x UNet factor {c.unet.downsample_factor})")
+
+    @property
+    def pixel_space(self) -> bool:
+        return isinstance(self.first_stage_model, nn.Identity)
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def downsample_factor(self) -> int:
+        return 1 if self.pixel_space else self.first_stage_model.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        if self.pixel_space:
+            if not self.config.channels:
+                return self.config.unet.in_channels  # unknown image channels: trust the UNet
+            return self.config.channels
+        return self.first_stage_model.config.embed_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents the UNet works on."""
+        if not self.config.image_size:
+            raise ValueError("model.image_size is not set, so the latent size is unknown")
+        side = self.config.image_size // self.downsample_factor
+        return self.latent_channels, side, side
+
+    @property
+    def scale_factor(self) -> float:
+        return self.config.scale_factor
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        super().train(mode)
+        self.first_stage_model.eval()  # frozen: never in training mode (VQ statistics, dropout)
+        return self
+
+    # ------------------------------------------------------------------------------------------ first stage
+
+    @torch.no_grad()
+    def first_stage_parameters(self, x: torch.Tensor) -> torch.Tensor:
+        """What the trainer caches per image: the posterior's (mean, logvar) channels (KL), the quantised
+        latent (VQ), or the image itself (pixel space). Not scaled."""
+        if self.pixel_space:
+            return x
+        if self.first_stage_model.config.regularizer == "kl":
+            return self.first_stage_model.encode_pre_quant(x)
+        return self.first_stage_model.encode(x)
+
+    def latents_from_parameters(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unscaled latents from ``first_stage_parameters``: z ~ q(z|x) (or its mean) for KL, else as given."""
+        if self.pixel_space or self.first_stage_model.config.regularizer != "kl":
+            return params
+        from latentdiff.autoencoder.distributions import DiagonalGaussian
+
+        posterior = DiagonalGaussian(params)
+        return posterior.sample(generator) if self.config.sample_posterior else posterior.mode()
+
+    def set_scale_factor_from(self, latents: torch.Tensor) -> float:
+        """Set the scale factor to 1 / std of (unscaled) ``latents`` when it is not yet set; returns it."""
+        if self.config.scale_factor == 0:
+            std = float(latents.detach().float().flatten().std())
+            if not math.isfinite(std) or std == 0:
+                raise ValueError(f"cannot compute the latent scale factor: the latents' std is {std}")
+            self.config.scale_factor = 1.0 / std
+            logger.info("latent scale factor set to %.6f (1 / std of %d latent values)", 1.0 / std, latents.numel())
+        return self.config.scale_factor
+
+    def _require_scale(self) -> float:
+        if self.config.scale_factor == 0:
+            raise ValueError("the latent scale factor is not set yet (0): call set_scale_factor_from(latents) "
+                             "or give model.scale_factor")
+        return self.config.scale_factor
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> scaled latents z0 = scale_factor * E(x)."""
+        z = self.latents_from_parameters(self.first_stage_parameters(x), generator)
+        return z * self._require_scale()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (unclamped). A VQ first stage snaps the latents to its codebook first, as
+        CompVis does for VQ-based LDMs."""
+        z = z / self._require_scale()
+        if self.pixel_space:
+            return z
+        fs = self.first_stage_model
+        if fs.config.regularizer == "vq":
+            z = fs.quantize(z).quantized
+        return fs.decode(z)
+
+    # ------------------------------------------------------------------------------------------ diffusion
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's output (eps, x0 or v) for noisy latents ``x_t`` at timesteps ``t``."""
+        return self.model(x_t, t, **(cond or {}))
+
+    def drop_class_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``class_dropout`` (draws from ``generator``)."""
+        p = self.config.class_dropout
+        if p <= 0:
+            return y
+        gen_device = generator.device if generator is not None else y.device
+        drop = torch.rand(y.shape, generator=generator, device=gen_device).to(y.device) < p
+        return torch.where(drop, torch.full_like(y, self.null_class), y)
+
+    def prepare_cond(self, cond: dict[str, torch.Tensor] | None, n: int) -> dict[str, torch.Tensor]:
+        """Check the conditioning dict against the model's mode; a class model without ``y`` gets the null class."""
+        cond = dict(cond or {})
+        unknown = sorted(set(cond) - set(COND_KEYS))
+        if unknown:
+            raise ValueError(f"unknown conditioning keys {unknown}; expected some of {', '.join(COND_KEYS)}")
+        if self.config.conditioning == "class":
+            y = cond.get("y")
+            if y is None:
+                cond["y"] = torch.full((n,), self.null_class, dtype=torch.long)
+            else:
+                y = torch.as_tensor(y, dtype=torch.long)
+                if y.ndim == 0:
+                    y = y.expand(n)
+                if y.shape != (n,):
+                    raise ValueError(f"class labels must have shape ({n},), got {tuple(y.shape)}")
+                if bool((y < 0).any()) or bool((y > self.null_class).any()):
+                    raise ValueError(f"class labels must be in [0, {self.config.num_classes - 1}] (or "
+                                     f"{self.null_class}, the null class), got {sorted(set(y.tolist()))}")
+                cond["y"] = y
+        elif cond.get("y") is not None:
+            raise ValueError("this model is unconditional (conditioning: none) but class labels were given")
+        return cond
+
+    def loss(self, z0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
+             generator: torch.Generator | None = None,
+             network: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on scaled latents ``z0``: timesteps and noise (and class dropout) from ``generator``.
+
+        ``network`` replaces ``self.model`` in the forward pass (the trainer passes its DDP wrapper of it).
+        """
+        n, device = z0.shape[0], z0.device
+        cond = self.prepare_cond(cond, n)
+        if self.config.conditioning == "class" and self.training:
+            cond["y"] = self.drop_class_labels(cond["y"], generator)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        t = sample_timesteps(n, self.schedule, generator, device)
+        noise = sample_noise(z0.shape, generator, self.config.loss.offset_noise, device, torch.float32)
+        z0 = z0.float()
+        x_t = q_sample(self.schedule, z0, t, noise)
+        output = (network or self.model)(x_t, t, **cond)
+        return diffusion_loss(self.config.loss, self.schedule, output.float(), z0, noise, t)
+
+    def denoiser(self) -> DiscreteDenoiser:
+        """D(x, sigma, **cond) -> x0 over this model's UNet, for the samplers."""
+        return DiscreteDenoiser(self.model, self.schedule, self.config.loss.parameterization)
+
+    def sigmas(self, steps: int, karras: bool = False, spacing: str = "trailing") -> torch.Tensor:
+        """The sampler's noise levels: ``steps`` of the schedule's own (``spacing``) or a Karras ramp, then 0.
+
+        "trailing" (Lin et al. 2023) starts at the last timestep, so sampling starts from pure noise as in
+        training; CompVis' "leading" starts slightly below it.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if karras:
+            return get_sigmas_karras(steps, self.schedule.sigma_min, self.schedule.sigma_max)
+        return get_sigmas_discrete(self.schedule, min(steps, self.schedule.num_timesteps), spacing=spacing)
+
+    @torch.no_grad()
+    def sample(self, n: int, sampler: str = "ddim", steps: int = 50, generator: torch.Generator | None = None,
+               cond: dict[str, torch.Tensor] | None = None, guidance_scale: float = 1.0, karras: bool = False,
+               spacing: str = "trailing", decode: bool = True, disable_progress: bool | None = True,
+               **sampler_options: float) -> torch.Tensor:
+        """``n`` images in [-1, 1] (or latents with ``decode=False``) from ``steps`` steps of ``sampler``.
+
+        The initial and sampler noise come from ``generator`` (create it on the CPU: the same seed then gives the
+        same images on every device). ``cond["y"]`` holds class labels for a class model (default: the null
+        class, i.e. unconditional samples); ``guidance_scale`` != 1 applies classifier-free guidance with the null
+        class as the unconditional branch.
+        """
+        sampler_fn = get_sampler(sampler)
+        device = next(self.model.parameters()).device
+        cond = self.prepare_cond(cond, n)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        denoiser = self.denoiser()
+        if guidance_scale != 1.0:
+            if self.config.conditioning != "class":
+                raise ValueError("classifier-free guidance needs a conditional model; this one is unconditional")
+            uncond = dict(cond, y=torch.full((n,), self.null_class, dtype=torch.long, device=device))
+            model, extra = CFGDenoiser(denoiser), {"cond": cond, "uncond": uncond, "scale": guidance_scale}
+        else:
+            model, extra = denoiser, cond
+        was_training = self.training
+        self.eval()
+        try:
+            z = run_sampler(model, (n, *self.latent_shape), self.sigmas(steps, karras, spacing), sampler_fn,
+                            generator=generator, extra_args=extra, device=device, disable=disable_progress,
+                            **sampler_options)
+            return self.decode(z).clamp(-1, 1) if decode else z
+        finally:
+            self.train(was_training)

@@ -1,0 +1,220 @@
+"""End-to-end tests of diffusion training, `latentdiff sample` and `latentdiff eval-nll` on tiny models, and the EMA."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.cli import main
+from latentdiff.config import to_dict
+from latentdiff.diffusion.model import LatentDiffusion
+from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.io.checkpoint import save_checkpoint
+from latentdiff.train.diffusion import step_generator
+from latentdiff.train.ema import EMA
+from latentdiff.train.loop import ResumableBatchSampler
+
+TINY = [  # a UNet on 8x8x4 latents of 16x16 images that trains in well under a second per step
+    "model.unet.model_channels=32", "model.unet.num_res_blocks=1", "model.schedule.num_timesteps=50",
+    "data.image_size=16", "data.limit=32", "train.batch_size=4", "train.log_every=2", "train.ckpt_every=2",
+    "train.sample_every=2", "train.warmup_steps=2", "train.threads=1", "train.time_limit_minutes=0",
+    "sample_images=4", "sample_steps=2", "ema_decay=0.99",
+]
+PIXEL = ["model.unet.channel_mult=1,2", "model.unet.attention_resolutions=2", "model.unet.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def first_stage(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(in_channels=1, out_ch=1, resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                            z_channels=4, embed_dim=4, norm_groups=8)
+    root = tmp_path_factory.mktemp("ae")
+    save_checkpoint(root, 5, Autoencoder(cfg).state_dict(), {"task": "autoencoder", "model": to_dict(cfg)})
+    return root
+
+
+def train(out, *extra, config="configs/ldm-fmnist-class.yaml", first_stage=None):
+    args = ["train", config, *TINY, f"train.out_dir={out}", *extra]
+    if first_stage is not None:
+        args.append(f"model.first_stage={first_stage}")
+    return main(args)
+
+
+def latest(run_dir):
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    return load_file(str(ckpt / "model.safetensors")), state, json.loads((ckpt / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def class_run(first_stage, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "class"
+    assert train(out, "train.steps=4", first_stage=first_stage) == 0
+    return out
+
+
+def test_latent_training_writes_checkpoints_logs_grids_and_the_scale_factor(class_run):
+    out = class_run
+    for name in ("config.yaml", "samples.png", "latent_cache.safetensors", "log.csv"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert Image.open(out / "samples.png").size == (4 * 18 + 2, 18 + 2)  # 4 classes in one row of 16px cells
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["loss"] > 0 for r in rows)
+    weights, state, config = latest(out)
+    assert config["task"] == "diffusion" and config["step"] == 4 and config["model"]["first_stage_config"]["ch"] == 16
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in weights)
+    # The saved UNet is the EMA; the raw weights and the EMA state are in train_state for resuming.
+    for name, value in state["ema"]["shadow"].items():
+        assert torch.equal(weights[f"model.{name}"], value)
+    assert any(not torch.equal(state["model"][k], state["ema"]["shadow"][k]) for k in state["model"])
+    # The scale factor is 1 / std of the first batch's latents, drawn as the trainer draws them.
+    cache = load_file(str(out / "latent_cache.safetensors"))
+    first_batch = next(iter(ResumableBatchSampler(32, 4, seed=0)))
+    posterior_params = cache["params"][first_batch]
+    mean, logvar = posterior_params.chunk(2, dim=1)
+    noise = torch.randn(mean.shape, generator=step_generator(0, 0, 0))
+    latents = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise
+    assert config["model"]["scale_factor"] == pytest.approx(1 / float(latents.std()), rel=1e-6)
+
+
+def test_pixel_space_training_and_eval_nll(tmp_path):
+    out = tmp_path / "pixel"
+    assert train(out, "train.steps=2", "model.schedule.num_timesteps=20", *PIXEL,
+                 config="configs/ddpm-fmnist-pixel.yaml") == 0
+    weights, state, config = latest(out)
+    assert config["model"]["scale_factor"] == 1.0 and config["model"]["first_stage_config"] is None
+    assert all(k.startswith("model.diffusion_model.") for k in weights)
+    assert load_file(str(out / "latent_cache.safetensors"))["params"].dtype == torch.uint8  # images, exactly
+    result_file = tmp_path / "nll.json"
+    assert main(["eval-nll", str(out), "--limit", "4", "--timesteps", "all", "-o", str(result_file)]) == 0
+    results = json.loads(result_file.read_text())
+    assert results["space"] == "pixels" and results["timesteps"] == "all" and results["num_timesteps"] == 20
+    assert 0 < results["bpd"] < 100 and results["timestep_stderr"] == 0.0
+
+
+def test_resume_is_bit_identical_and_reuses_the_latent_cache(first_stage, tmp_path, monkeypatch):
+    # On the CPU. On a GPU two uninterrupted runs already differ in the last bits unless
+    # torch.use_deterministic_algorithms(True) is on; with it, resuming is bit-identical there too.
+    assert train(tmp_path / "full", "train.steps=4", "train.device=cpu", first_stage=first_stage) == 0
+    part = tmp_path / "part"
+    assert train(part, "train.steps=2", "train.device=cpu", first_stage=first_stage) == 0
+    cache_time = (part / "latent_cache.safetensors").stat().st_mtime_ns
+    calls = []
+    original = LatentDiffusion.first_stage_parameters
+    monkeypatch.setattr(LatentDiffusion, "first_stage_parameters",
+                        lambda self, x: calls.append(len(x)) or original(self, x))
+    assert main(["train", "--resume", str(part), "train.steps=4"]) == 0
+    assert calls == [] and (part / "latent_cache.safetensors").stat().st_mtime_ns == cache_time
+    (full_w, full_s, full_c), (part_w, part_s, part_c) = latest(tmp_path / "full"), latest(part)
+    assert full_w.keys() == part_w.keys() and full_c["model"]["scale_factor"] == part_c["model"]["scale_factor"]
+    for k in full_w:
+        assert torch.equal(full_w[k], part_w[k]), k
+    for k in full_s["model"]:
+        assert torch.equal(full_s["model"][k], part_s["model"][k]), k
+    assert full_s["ema"]["num_updates"] == part_s["ema"]["num_updates"] == 4
+    assert [json.loads(line)["step"] for line in (part / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_without_the_cache_the_first_stage_encodes_every_batch(first_stage, tmp_path, monkeypatch):
+    calls = []
+    original = LatentDiffusion.first_stage_parameters
+    monkeypatch.setattr(LatentDiffusion, "first_stage_parameters",
+                        lambda self, x: calls.append(len(x)) or original(self, x))
+    assert train(tmp_path / "nocache", "train.steps=2", "cache_latents=false", "train.sample_every=10",
+                 config="configs/ldm-fmnist-uncond.yaml", first_stage=first_stage) == 0
+    assert calls == [4, 4] and not (tmp_path / "nocache" / "latent_cache.safetensors").exists()
+
+
+def test_sample_writes_a_deterministic_grid(class_run, tmp_path):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    common = [str(class_run), "-n", "5", "--steps", "2", "--sampler", "euler_ancestral"]
+    assert main(["sample", *common, "--seed", "1", "--class", "2", "-o", str(a)]) == 0
+    assert main(["sample", *common, "--seed", "1", "--class", "2", "-o", str(b)]) == 0
+    assert main(["sample", *common, "--seed", "2", "--class", "2", "7", "--guidance", "3", "--karras",
+                 "-o", str(c)]) == 0
+    assert Image.open(a).size == (3 * 18 + 2, 2 * 18 + 2)  # 5 images, 3 per row
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes() != c.read_bytes()
+
+
+def test_eval_nll_subset_gives_a_finite_bound_and_standard_error(class_run, capsys):
+    assert main(["eval-nll", str(class_run), "--limit", "6", "--timesteps", "3", "--seed", "1"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["space"] == "latents" and results["images"] == 6 and results["timesteps"] == 3
+    for key in ("bpd", "bpd_stderr", "timestep_stderr", "bpd_unscaled_latents"):
+        assert isinstance(results[key], float) and abs(results[key]) < 1e3, key
+    assert results["bpd_stderr"] > 0 and results["timestep_stderr"] > 0
+
+
+def test_sample_help_lists_every_sampler(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in SAMPLERS)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "{run}", "--sampler", "magic"], "unknown sampler 'magic'"),
+    (["sample", "{run}", "--class", "12"], "--class 12 is out of range"),
+    (["sample", "{ae}"], "not a diffusion model"),
+    (["sample", "{uncond}", "--class", "1"], "this model is unconditional"),
+    (["eval-nll", "{run}", "--timesteps", "0"], "--timesteps must be 'all' or a positive integer"),
+    (["sample", "nowhere"], "checkpoint not found"),
+    (["train", "configs/ldm-fmnist-uncond.yaml", "model.first_stage=nowhere"], "checkpoint not found"),
+    (["train", "configs/ldm-fmnist-uncond.yaml", "sampler=magic"], "unknown sampler"),
+    (["train", "configs/ldm-fmnist-uncond.yaml", "model.unet.in_channels=3"], "must equal in_channels (3)"),
+    (["train", "configs/ldm-fmnist-uncond.yaml", "model.first_stage={ae}", "model.unet.in_channels=3",
+      "model.unet.out_channels=3"], "must equal the first stage's embed_dim (4)"),
+])
+def test_cli_errors_are_one_line(argv, message, class_run, first_stage, tmp_path, capsys):
+    uncond = tmp_path / "uncond"
+    if "{uncond}" in argv:
+        weights, _, config = latest(class_run)
+        config["model"].update(conditioning="none", num_classes=0)
+        config["model"]["unet"]["num_classes"] = None
+        weights = {k: v for k, v in weights.items() if "label_emb" not in k}
+        save_checkpoint(uncond, 1, weights, config)
+    argv = [a.format(run=class_run, ae=first_stage, uncond=uncond) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_ema_follows_the_litema_formula():
+    model = torch.nn.Linear(1, 1, bias=False)
+    frozen = torch.nn.Linear(1, 1)
+    frozen.requires_grad_(False)
+    model.add_module("frozen", frozen)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.9, warmup=True)
+    assert set(ema.shadow) == {"weight"}  # frozen parameters are not averaged
+    expected = 1.0
+    for n, value in enumerate([2.0, 4.0, -1.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        decay = min(0.9, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13: all below 0.9
+        expected = expected - (1 - decay) * (expected - value)
+        ema.update(model)
+        assert float(ema.shadow["weight"]) == pytest.approx(expected, rel=1e-6)
+    # By hand: 1 + (9/11)(2 - 1) = 1.818182; + (3/4)(4 - 1.818182) = 3.454545; + (9/13)(-1 - 3.454545) = 0.370629.
+    assert float(ema.shadow["weight"]) == pytest.approx(0.370629, abs=1e-6)
+
+    plain = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    plain.update(model)
+    assert float(plain.shadow["weight"]) == pytest.approx(-1 + 0.5 * 4)  # from -1 halfway to 3
+
+    with ema.average_parameters(model):
+        assert float(model.weight.detach()) == pytest.approx(expected)
+    assert float(model.weight.detach()) == 3.0
+    restored = EMA(model, decay=0.1)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 3 and restored.decay == 0.9 and torch.equal(restored.shadow["weight"],
+                                                                                 ema.shadow["weight"])
+    ema.copy_to(model)
+    assert float(model.weight.detach()) == pytest.approx(expected)
