@@ -181,7 +181,8 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.total += 1
-        logger.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step, float(loss), self.in_a_row)
+        logger.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step, float(loss.detach()),
+                       self.in_a_row)
         if self.in_a_row >= self.limit:
             raise FloatingPointError(
                 f"training stopped at step {step}: {self.in_a_row} non-finite losses in a row; the last good "
