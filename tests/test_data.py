@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -328,3 +329,13 @@ def test_save_image_grid_round_trip(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+
+
+def test_colour_photo_crops_come_from_colour_photos_only() -> None:
+    cfg = DataConfig(name="photos", image_size=32, channels=3, photos_test_crops=8)
+    for split in ("train", "test"):
+        ds = build_dataset(cfg, split)
+        for photo in ds.photos:
+            assert photo.ndim == 3 and float(photo.astype("float32").std(axis=2).mean()) > 1.0, ds.photo_names
+    grey = build_dataset(dataclasses.replace(cfg, channels=1), "train")
+    assert len(grey.photo_names) > len(build_dataset(cfg, "train").photo_names)

@@ -17,7 +17,9 @@ Built-in datasets (``DataConfig.name``):
     (item ``k`` is digit ``k % 10``) so that ``limit`` still gives every class.
 ``photos``
     Natural photos bundled in the scikit-image wheel (no download). ``coffee``, ``rocket`` and ``moon``
-    are held out for the test split so test crops come from unseen photos. Train items are random
+    are held out for the test split so test crops come from unseen photos. With ``channels=3`` only the
+    colour photos are used (6 train, coffee and rocket for test), so that a colour model is not pulled
+    towards grey by the grey photos. Train items are random
     crops (random position, log-uniform scale jitter up to ``photos_max_scale``, optional flip) drawn
     from torch's global RNG, which the DataLoader seeds per worker; the epoch length is
     ``photos_crops_per_epoch``. Test items are ``photos_test_crops`` crops, each seeded with
@@ -81,6 +83,12 @@ PHOTOS_TRAIN = (
     "page",
 )
 PHOTOS_TEST = ("coffee", "rocket", "moon")
+# Colour models (channels=3) train and test on the colour photos only. With the grey ones mixed in (9 of
+# 15), a KL-f4 trained for 1800 steps learned to desaturate: its reconstructions of colour crops had a
+# cross-channel std of 0.03 against 0.23 in the inputs, since grey is the L1-optimal compromise early on.
+PHOTOS_TRAIN_COLOUR = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
+                       "stereo_motorcycle")
+PHOTOS_TEST_COLOUR = ("coffee", "rocket")
 
 Item = dict[str, Any]
 
@@ -296,7 +304,10 @@ class PhotoCropDataset(ImageDataset):
 
     def __init__(self, cfg: DataConfig, split: str) -> None:
         super().__init__(cfg, split, "photos")
-        names = PHOTOS_TRAIN if split == "train" else PHOTOS_TEST
+        if cfg.channels == 3:
+            names = PHOTOS_TRAIN_COLOUR if split == "train" else PHOTOS_TEST_COLOUR
+        else:
+            names = PHOTOS_TRAIN if split == "train" else PHOTOS_TEST
         loaded = _load_photos(names, cfg.channels)
         self.photo_names = [n for n, _ in loaded]
         self.photos = [a for _, a in loaded]
