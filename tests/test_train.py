@@ -154,3 +154,19 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
             # gradient is 0 and Adam turns the rounding noise of either run into unrelated steps.
             continue
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_running_means_and_time_limit():
+    import time
+
+    from latentdiff.train.loop import DistEnv, RunningMeans, TrainConfig, time_is_up
+
+    means = RunningMeans()
+    means.add({"loss": torch.tensor(1.0), "kl": 4.0})
+    means.add({"loss": torch.tensor(3.0), "kl": float("nan")})  # a NaN term is left out of its mean
+    assert means.flush() == {"loss": 2.0, "kl": 4.0}
+    assert means.flush() == {}
+    env = DistEnv()
+    assert not time_is_up(TrainConfig(time_limit_minutes=0.0), time.time() - 1e6, env)
+    assert time_is_up(TrainConfig(time_limit_minutes=0.5), time.time() - 31, env)
+    assert not time_is_up(TrainConfig(time_limit_minutes=0.5), time.time() - 29, env)

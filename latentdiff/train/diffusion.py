@@ -58,13 +58,14 @@ from latentdiff.train.loop import (
     DistEnv,
     MetricLog,
     NonFiniteGuard,
+    RunningMeans,
     TrainConfig,
     lr_factor,
     make_loader,
     rng_state,
-    scalar_logs,
     set_rng_state,
     setup_distributed,
+    time_is_up,
 )
 
 logger = logging.getLogger(__name__)
@@ -342,8 +343,7 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
     t0 = time.time()
     step = start_step
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
-    running: dict[str, float] = {}
-    n_running = 0
+    running = RunningMeans()
     grad_norm = None
     model.train()
     while step < cfg.steps:
@@ -373,20 +373,16 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         step += 1
         progress.update(1)
         if ok:
-            for k, v in scalar_logs(logs).items():
-                if v is not None:
-                    running[k] = running.get(k, 0.0) + v
-            n_running += 1
+            running.add(logs)
         if env.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            means = {k: v / max(n_running, 1) for k, v in running.items()}
+            means = running.flush()
             means.update(grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], ema_decay=ema.current_decay(),
                          scale_factor=model.scale_factor, skipped=guard.total, seconds=round(time.time() - t0, 1))
             log.write(step, means)
             progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
-            running, n_running = {}, 0
         if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_sample_grid(model, exp, run_dir / "samples" / f"step_{step:07d}.png", ema if exp.use_ema else None)
-        out_of_time = cfg.time_limit_minutes > 0 and time.time() - t0 > 60 * cfg.time_limit_minutes
+        out_of_time = time_is_up(cfg, t0, env)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             checkpoint(step)
         if out_of_time:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +210,34 @@ def scalar_logs(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
         value = float(v)
         out[k] = value if math.isfinite(value) else None
     return out
+
+
+class RunningMeans:
+    """Averages the logged terms of the finite steps since the last ``flush`` (one log row per flush)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, torch.Tensor | float]) -> None:
+        # Counted per term: GAN terms appear only from disc_start, and a non-finite term is left out.
+        for k, v in scalar_logs(logs).items():
+            if v is not None:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def flush(self) -> dict[str, float]:
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def time_is_up(cfg: TrainConfig, start: float, env: DistEnv) -> bool:
+    """Whether ``train.time_limit_minutes`` has passed; under DDP every rank gets rank 0's answer, so all
+    ranks stop at the same step instead of some waiting forever in a collective."""
+    if cfg.time_limit_minutes <= 0:
+        return False
+    up = torch.tensor([float(time.time() - start > 60 * cfg.time_limit_minutes)])
+    if env.distributed:
+        dist.broadcast(up, src=0)
+    return bool(up.item())
