@@ -157,16 +157,28 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
 
 
 def test_running_means_and_time_limit():
-    import time
-
-    from latentdiff.train.loop import DistEnv, RunningMeans, TrainConfig, time_is_up
+    from latentdiff.train.loop import DistEnv, RunClock, RunningMeans, TrainConfig, time_is_up
 
     means = RunningMeans()
     means.add({"loss": torch.tensor(1.0), "kl": 4.0})
     means.add({"loss": torch.tensor(3.0), "kl": float("nan")})  # a NaN term is left out of its mean
     assert means.flush() == {"loss": 2.0, "kl": 4.0}
     assert means.flush() == {}
+
+    def clock(wall: float = 0.0, cpu: float = 0.0) -> RunClock:
+        c = RunClock(cpu_offset=100.0)
+        c.wall0 -= wall
+        c.cpu0 -= cpu
+        return c
+
     env = DistEnv()
-    assert not time_is_up(TrainConfig(time_limit_minutes=0.0), time.time() - 1e6, env)
-    assert time_is_up(TrainConfig(time_limit_minutes=0.5), time.time() - 31, env)
-    assert not time_is_up(TrainConfig(time_limit_minutes=0.5), time.time() - 29, env)
+    assert not time_is_up(TrainConfig(time_limit_minutes=0.0), clock(wall=1e6), env)
+    assert time_is_up(TrainConfig(time_limit_minutes=0.5), clock(wall=31), env)
+    assert not time_is_up(TrainConfig(time_limit_minutes=0.5), clock(wall=29), env)
+    # The CPU clock counts this process's CPU time of this session, not the wall time nor earlier sessions.
+    cpu_cfg = TrainConfig(time_limit_minutes=0.5, time_limit_clock="cpu")
+    assert not time_is_up(cpu_cfg, clock(wall=1e6), env)
+    assert time_is_up(cpu_cfg, clock(cpu=31), env)
+    assert clock(cpu=31).total_cpu() >= 131.0
+    with pytest.raises(ValueError, match="time_limit_clock"):
+        time_is_up(TrainConfig(time_limit_minutes=0.5, time_limit_clock="gpu"), clock(), env)

@@ -76,7 +76,7 @@ def test_latent_training_writes_checkpoints_logs_grids_and_the_scale_factor(clas
     first_batch = next(iter(ResumableBatchSampler(32, 4, seed=0)))
     posterior_params = cache["params"][first_batch]
     mean, logvar = posterior_params.chunk(2, dim=1)
-    noise = torch.randn(mean.shape, generator=step_generator(0, 0, 0))
+    noise = torch.randn(mean.shape, generator=step_generator(0, 0))
     latents = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise
     assert config["model"]["scale_factor"] == pytest.approx(1 / float(latents.std()), rel=1e-6)
 
@@ -218,3 +218,94 @@ def test_ema_follows_the_litema_formula():
                                                                                  ema.shadow["weight"])
     ema.copy_to(model)
     assert float(model.weight.detach()) == pytest.approx(expected)
+
+
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(first_stage, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 2 ends where 1 process x batch 4 does: each sample gets its
+    posterior noise, timestep, class dropout and diffusion noise from the global batch's draws, and the scale
+    factor comes from the whole first global batch."""
+    import os
+    import subprocess
+    import sys
+
+    common = [*TINY, f"model.first_stage={first_stage}", "train.steps=3", "train.lr=1e-3", "train.device=cpu",
+              "model.class_dropout=0.5"]
+    single = tmp_path / "single"
+    assert main(["train", "configs/ldm-fmnist-class.yaml", *common, "train.batch_size=4",
+                 f"train.out_dir={single}"]) == 0
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "-m",
+         "latentdiff.cli", "train", "configs/ldm-fmnist-class.yaml", *common, "train.batch_size=2",
+         f"train.out_dir={ddp}"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (w1, s1, c1), (w2, s2, c2) = latest(single), latest(ddp)
+    assert c1["model"]["scale_factor"] == pytest.approx(c2["model"]["scale_factor"], rel=1e-6)
+    # Adam moves every weight by about lr = 1e-3 per step, 100x atol: rank-dependent noise would show.
+    # Except where the true gradient is 0: the last output block's biases are per-channel constants that the
+    # final GroupNorm (one channel per group in this tiny UNet) removes again, so Adam turns either run's
+    # rounding noise into unrelated steps (as with the attention key bias in the autoencoder's DDP test).
+    last = max(int(k.split(".")[2]) for k in s1["model"] if k.startswith("diffusion_model.output_blocks."))
+    invariant = (f"output_blocks.{last}.0.out_layers.3.bias", f"output_blocks.{last}.0.skip_connection.bias")
+    for k in s1["model"]:  # the raw UNet weights after 3 AdamW steps
+        if not k.endswith(invariant):
+            torch.testing.assert_close(s1["model"][k], s2["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in w1:  # the saved EMA weights and the frozen first stage
+        if not k.endswith(invariant):
+            torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_kill_9_between_checkpoints_then_resume_gives_the_uninterrupted_weights(first_stage, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = [*TINY, f"model.first_stage={first_stage}", "train.device=cpu", "train.ckpt_every=4",
+              "train.sample_every=100", "train.log_every=4", "train.steps=40"]
+    reference = tmp_path / "reference"
+    assert main(["train", "configs/ldm-fmnist-class.yaml", *common, f"train.out_dir={reference}"]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "latentdiff.cli", "train", "configs/ldm-fmnist-class.yaml",
+                             *common, f"train.out_dir={killed}"], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest_file = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest_file.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere between two checkpoints (or inside the next one's write)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = int(latest_file.read_text().split("_")[-1])
+    assert 4 <= done < 40
+    assert main(["train", "--resume", str(killed)]) == 0
+    (ref_w, ref_s, _), (res_w, res_s, _) = latest(reference), latest(killed)
+    assert res_s["step"] == ref_s["step"] == 40
+    for k in ref_w:
+        assert torch.equal(ref_w[k], res_w[k]), k
+    for k in ref_s["model"]:
+        assert torch.equal(ref_s["model"][k], res_s["model"][k]), k
+    # The log has each logged step once: the rows the killed run wrote after its last checkpoint are dropped.
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(4, 41, 4))
+
+
+def test_non_finite_losses_stop_diffusion_training_with_a_clear_message(first_stage, tmp_path, monkeypatch,
+                                                                        capsys):
+    original = LatentDiffusion.loss
+
+    def nan_loss(self, *args, **kwargs):
+        loss, logs = original(self, *args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(LatentDiffusion, "loss", nan_loss)
+    assert train(tmp_path / "nan", "train.steps=20", "train.max_nonfinite=3", first_stage=first_stage) == 2
+    err = capsys.readouterr().err
+    assert "3 non-finite losses in a row" in err and "Traceback" not in err
+    # Nothing was learned from a NaN: no checkpoint holds NaN weights.
+    ckpts = tmp_path / "nan" / "checkpoints"
+    for folder in ckpts.glob("step_*") if ckpts.exists() else []:
+        assert all(torch.isfinite(v).all() for v in load_file(str(folder / "model.safetensors")).values())

@@ -221,14 +221,26 @@ class LatentDiffusion(nn.Module):
             return self.first_stage_model.encode_pre_quant(x)
         return self.first_stage_model.encode(x)
 
-    def latents_from_parameters(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Unscaled latents from ``first_stage_parameters``: z ~ q(z|x) (or its mean) for KL, else as given."""
+    @property
+    def samples_posterior(self) -> bool:
+        """Whether ``latents_from_parameters`` draws z ~ q(z|x) (a KL first stage with ``sample_posterior``)."""
+        return (not self.pixel_space and self.first_stage_model.config.regularizer == "kl"
+                and self.config.sample_posterior)
+
+    def latents_from_parameters(self, params: torch.Tensor, generator: torch.Generator | None = None,
+                                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled latents from ``first_stage_parameters``: z ~ q(z|x) (or its mean) for KL, else as given.
+        The posterior's standard normal ``noise`` may be given instead of drawn from ``generator``."""
         if self.pixel_space or self.first_stage_model.config.regularizer != "kl":
             return params
         from latentdiff.autoencoder.distributions import DiagonalGaussian
 
         posterior = DiagonalGaussian(params)
-        return posterior.sample(generator) if self.config.sample_posterior else posterior.mode()
+        if not self.config.sample_posterior:
+            return posterior.mode()
+        if noise is not None:
+            return posterior.mean + posterior.std * noise.to(posterior.mean)
+        return posterior.sample(generator)
 
     def set_scale_factor_from(self, latents: torch.Tensor) -> float:
         """Set the scale factor to 1 / std of (unscaled) ``latents`` when it is not yet set; returns it."""
@@ -270,13 +282,17 @@ class LatentDiffusion(nn.Module):
         """The UNet's output (eps, x0 or v) for noisy latents ``x_t`` at timesteps ``t``."""
         return self.model(x_t, t, **(cond or {}))
 
-    def drop_class_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``class_dropout`` (draws from ``generator``)."""
+    def drop_class_labels(self, y: torch.Tensor, generator: torch.Generator | None = None,
+                          uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``class_dropout``: where ``uniform`` (U(0, 1)
+        values, one per label, drawn from ``generator`` when not given) is below it."""
         p = self.config.class_dropout
         if p <= 0:
             return y
-        gen_device = generator.device if generator is not None else y.device
-        drop = torch.rand(y.shape, generator=generator, device=gen_device).to(y.device) < p
+        if uniform is None:
+            gen_device = generator.device if generator is not None else y.device
+            uniform = torch.rand(y.shape, generator=generator, device=gen_device)
+        drop = uniform.to(y.device) < p
         return torch.where(drop, torch.full_like(y, self.null_class), y)
 
     def prepare_cond(self, cond: dict[str, torch.Tensor] | None, n: int) -> dict[str, torch.Tensor]:
@@ -305,22 +321,46 @@ class LatentDiffusion(nn.Module):
 
     def loss(self, z0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
              generator: torch.Generator | None = None,
-             network: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss on scaled latents ``z0``: timesteps and noise (and class dropout) from ``generator``.
+             network: nn.Module | None = None,
+             draws: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on scaled latents ``z0``: timesteps and noise (and class dropout) from ``generator``,
+        or given in ``draws`` (``draw_training_noise``'s "t", "noise" and "dropout", e.g. a rank's rows of the
+        global batch's draws under DDP).
 
         ``network`` replaces ``self.model`` in the forward pass (the trainer passes its DDP wrapper of it).
         """
         n, device = z0.shape[0], z0.device
         cond = self.prepare_cond(cond, n)
+        if draws is None:
+            draws = self.draw_training_noise(n, generator, with_posterior=False, latent_shape=tuple(z0.shape[1:]))
         if self.config.conditioning == "class" and self.training:
-            cond["y"] = self.drop_class_labels(cond["y"], generator)
+            cond["y"] = self.drop_class_labels(cond["y"], uniform=draws["dropout"])
         cond = {k: v.to(device) for k, v in cond.items()}
-        t = sample_timesteps(n, self.schedule, generator, device)
-        noise = sample_noise(z0.shape, generator, self.config.loss.offset_noise, device, torch.float32)
+        t, noise = draws["t"].to(device), draws["noise"].to(device, torch.float32)
         z0 = z0.float()
         x_t = q_sample(self.schedule, z0, t, noise)
         output = (network or self.model)(x_t, t, **cond)
         return diffusion_loss(self.config.loss, self.schedule, output.float(), z0, noise, t)
+
+    def draw_training_noise(self, n: int, generator: torch.Generator | None = None, with_posterior: bool = True,
+                            latent_shape: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Every random number one training step needs for ``n`` samples, on the generator's device, in a fixed
+        order: "posterior" (the KL posterior's N(0, I) noise, when it is sampled), "dropout" (U(0, 1) per label),
+        "t" (uniform timesteps) and "noise" (the diffusion noise, with offset noise if configured).
+
+        Drawing for the *global* batch and keeping a rank's rows (``[rank::world]``, as the batch sampler
+        shards) gives every sample the same randomness whatever the number of processes, so W processes with
+        batch B train exactly like one with W * B.
+        """
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        shape = (n, *(latent_shape or self.latent_shape))
+        draws: dict[str, torch.Tensor] = {}
+        if with_posterior and self.samples_posterior:
+            draws["posterior"] = torch.randn(shape, generator=generator, device=gen_device)
+        draws["dropout"] = torch.rand((n,), generator=generator, device=gen_device)
+        draws["t"] = sample_timesteps(n, self.schedule, generator, gen_device)
+        draws["noise"] = sample_noise(shape, generator, self.config.loss.offset_noise, gen_device, torch.float32)
+        return draws
 
     def denoiser(self) -> DiscreteDenoiser:
         """D(x, sigma, **cond) -> x0 over this model's UNet, for the samplers."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from latentdiff.io.checkpoint import load_state_strict, load_train_state, resolv
 from latentdiff.train.loop import (
     MetricLog,
     NonFiniteGuard,
+    RunClock,
     RunningMeans,
     TrainConfig,
     lr_factor,
@@ -54,7 +54,7 @@ class AutoencoderExperiment:
 
 
 LOG_COLUMNS = ["loss", "rec", "pixel", "perceptual", "kl", "vq", "perplexity", "codebook_usage", "g_loss",
-               "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "seconds"]
+               "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "seconds", "cpu_seconds"]
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -78,7 +78,7 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
     opt_d = (torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas),
                               weight_decay=cfg.weight_decay) if disc is not None else None)
 
-    start_step = 0
+    start_step, cpu_offset = 0, 0.0
     if resume is not None:
         ckpt = resolve_checkpoint(resume).parent
         from latentdiff.io.checkpoint import read_checkpoint
@@ -91,6 +91,7 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
             disc.load_state_dict(state["discriminator"])
             opt_d.load_state_dict(state["opt_d"])
         start_step = int(state["step"])
+        cpu_offset = float(state.get("cpu_seconds", 0.0))
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
     train_set = build_dataset(exp.data, "train")
@@ -119,10 +120,10 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
             return
         state = {"step": step, "opt_ae": opt_ae.state_dict(), "rng": rng_state(env.device),
                  "discriminator": disc.state_dict() if disc is not None else None,
-                 "opt_d": opt_d.state_dict() if opt_d is not None else None}
+                 "opt_d": opt_d.state_dict() if opt_d is not None else None, "cpu_seconds": clock.total_cpu()}
         save_checkpoint(run_dir, step, model.state_dict(), config_dict, state, keep=cfg.keep_checkpoints)
 
-    t0 = time.time()
+    clock = RunClock(cpu_offset)
     step = start_step
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
     running = RunningMeans()
@@ -167,13 +168,14 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
             running.add(logs)
         if env.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             means = running.flush()
-            means.update(lr=opt_ae.param_groups[0]["lr"], skipped=guard.total, seconds=round(time.time() - t0, 1))
+            means.update(lr=opt_ae.param_groups[0]["lr"], skipped=guard.total, seconds=round(clock.wall(), 1),
+                         cpu_seconds=round(clock.total_cpu(), 1))
             log.write(step, means)
             progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}",
                                  rec=f"{means.get('pixel', float('nan')):.4f}")
         if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_reconstruction_grid(model, fixed, run_dir / "samples" / f"step_{step:07d}.png")
-        out_of_time = time_is_up(cfg, t0, env)
+        out_of_time = time_is_up(cfg, clock, env)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             checkpoint(step)
         if out_of_time:
@@ -182,7 +184,7 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
     progress.close()
     if env.is_main:
         save_reconstruction_grid(model, fixed, run_dir / "reconstructions.png")
-        logger.info("finished at step %d in %.1f min; checkpoint in %s", step, (time.time() - t0) / 60,
+        logger.info("finished at step %d in %.1f min; checkpoint in %s", step, clock.wall() / 60,
                     run_dir / "checkpoints")
     return run_dir
 

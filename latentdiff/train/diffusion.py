@@ -4,9 +4,12 @@ The structure follows ``train/autoencoder.py``: AdamW on the UNet only, warm-up 
 gradient clipping, autocast, an EMA of the UNet's weights, atomic checkpoints with exact ``--resume``, sample
 grids, a CSV/JSONL log, the non-finite-loss guard, and DDP under ``torchrun`` (the UNet only; rank 0 writes).
 
-Randomness: every step draws its posterior sample, timesteps, noise and class dropout from a CPU generator
-seeded with (seed, step, rank), so a resumed run and every rank of a DDP run need no generator state to
-continue exactly; torch's global RNG (UNet dropout) is saved in the checkpoint as in the autoencoder trainer.
+Randomness: every step draws the posterior samples, class dropout, timesteps and noise of the whole *global*
+batch from a CPU generator seeded with (seed, step), and each rank keeps its own rows, the ones the batch
+sampler gave it. A resumed run needs no generator state to continue exactly, and a sample gets the same noise
+whatever the number of processes: 2 processes with batch B take the same step as 1 process with batch 2B.
+Torch's global RNG (UNet dropout) is saved in the checkpoint as in the autoencoder trainer; dropout is the one
+thing that does differ between process counts.
 
 Latent cache: with a frozen first stage, encoding the same images every epoch is wasted work, so with
 ``cache_latents`` the training set is encoded once into ``<out_dir>/latent_cache.safetensors``: the KL
@@ -23,7 +26,6 @@ import json
 import logging
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ from latentdiff.train.loop import (
     DistEnv,
     MetricLog,
     NonFiniteGuard,
+    RunClock,
     RunningMeans,
     TrainConfig,
     lr_factor,
@@ -127,12 +130,12 @@ class DiffusionExperiment:
 
 
 LOG_COLUMNS = ["loss", "loss_simple", "loss_simple_weighted", "loss_vlb", "grad_norm", "lr", "ema_decay",
-               "scale_factor", "skipped", "seconds"]
+               "scale_factor", "skipped", "seconds", "cpu_seconds"]
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The CPU generator of one training step on one rank: a function of (seed, step, rank) only."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one training step, the same on every rank: a function of (seed, step) only."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -225,12 +228,12 @@ def load_or_build_latent_cache(exp: DiffusionExperiment, model: LatentDiffusion,
 
 
 def _set_scale_factor(model: LatentDiffusion, latents: torch.Tensor, env: DistEnv) -> None:
-    """1 / std of the first batch's latents on rank 0, shared with every rank."""
-    value = model.set_scale_factor_from(latents) if env.is_main else 0.0
+    """1 / std of the first global batch's latents (gathered from every rank), the same on every rank."""
     if env.distributed:
-        shared = torch.tensor([value], dtype=torch.float64, device=env.device)
-        dist.broadcast(shared, src=0)
-        model.config.scale_factor = float(shared.item())
+        gathered = [torch.empty_like(latents) for _ in range(env.world_size)]
+        dist.all_gather(gathered, latents.contiguous())
+        latents = torch.cat(gathered)
+    model.set_scale_factor_from(latents)
 
 
 def _class_labels(exp: DiffusionExperiment, n: int) -> torch.Tensor | None:
@@ -296,11 +299,12 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay)
     ema = EMA(model.model, exp.ema_decay, exp.ema_warmup)
-    start_step = 0
+    start_step, cpu_offset = 0, 0.0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start_step = int(state["step"])
+        cpu_offset = float(state.get("cpu_seconds", 0.0))
         logger.info("resumed from %s at step %d", ckpt_dir, start_step)
 
     train_set = build_dataset(exp.data, "train")
@@ -337,10 +341,11 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         if exp.use_ema:
             weights.update({f"model.{name}": value for name, value in ema.shadow.items()})
         train_state = {"step": step, "model": model.model.state_dict(), "ema": ema.state_dict(),
-                       "optimizer": opt.state_dict(), "rng": rng_state(env.device), "scale_factor": model.scale_factor}
+                       "optimizer": opt.state_dict(), "rng": rng_state(env.device), "scale_factor": model.scale_factor,
+                       "cpu_seconds": clock.total_cpu()}
         save_checkpoint(run_dir, step, weights, to_dict(exp), train_state, keep=cfg.keep_checkpoints)
 
-    t0 = time.time()
+    clock = RunClock(cpu_offset)
     step = start_step
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
     running = RunningMeans()
@@ -348,12 +353,14 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
     model.train()
     while step < cfg.steps:
         batch = next(batches)
-        generator = step_generator(cfg.seed, step, env.rank)
         if cached:
             params = batch["params"].to(env.device, non_blocking=True)
         else:
             params = model.first_stage_parameters(batch["image"].to(env.device, non_blocking=True))
-        latents = model.latents_from_parameters(params.float(), generator)
+        n = params.shape[0]
+        draws = model.draw_training_noise(n * env.world_size, step_generator(cfg.seed, step))
+        draws = {k: v[env.rank::env.world_size] for k, v in draws.items()}
+        latents = model.latents_from_parameters(params.float(), noise=draws.get("posterior"))
         if model.scale_factor == 0:
             _set_scale_factor(model, latents, env)
         z0 = latents * model.scale_factor
@@ -361,7 +368,7 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         with autocast_context(env.device, cfg.precision):
-            loss, logs = model.loss(z0, cond, generator, network=ddp_net)
+            loss, logs = model.loss(z0, cond, network=ddp_net, draws=draws)
         opt.zero_grad(set_to_none=True)
         ok = guard.check(loss, step)
         if ok:
@@ -377,12 +384,13 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         if env.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             means = running.flush()
             means.update(grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], ema_decay=ema.current_decay(),
-                         scale_factor=model.scale_factor, skipped=guard.total, seconds=round(time.time() - t0, 1))
+                         scale_factor=model.scale_factor, skipped=guard.total, seconds=round(clock.wall(), 1),
+                         cpu_seconds=round(clock.total_cpu(), 1))
             log.write(step, means)
             progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
         if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_sample_grid(model, exp, run_dir / "samples" / f"step_{step:07d}.png", ema if exp.use_ema else None)
-        out_of_time = time_is_up(cfg, t0, env)
+        out_of_time = time_is_up(cfg, clock, env)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             checkpoint(step)
         if out_of_time:
@@ -391,6 +399,6 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
     progress.close()
     if env.is_main:
         save_sample_grid(model, exp, run_dir / "samples.png", ema if exp.use_ema else None)
-        logger.info("finished at step %d in %.1f min; checkpoint in %s", step, (time.time() - t0) / 60,
+        logger.info("finished at step %d in %.1f min; checkpoint in %s", step, clock.wall() / 60,
                     run_dir / "checkpoints")
     return run_dir

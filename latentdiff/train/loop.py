@@ -48,7 +48,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_images: int = 512  # test images for the end-of-run metrics
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
-    time_limit_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0: no limit
+    time_limit_minutes: float = 0.0  # stop (and checkpoint) after this much time (see time_limit_clock); 0: no limit
+    time_limit_clock: str = "wall"  # "wall": elapsed time; "cpu": this process's CPU time (fair under contention)
 
 
 @dataclass
@@ -232,12 +233,39 @@ class RunningMeans:
         return means
 
 
-def time_is_up(cfg: TrainConfig, start: float, env: DistEnv) -> bool:
-    """Whether ``train.time_limit_minutes`` has passed; under DDP every rank gets rank 0's answer, so all
-    ranks stop at the same step instead of some waiting forever in a collective."""
+class RunClock:
+    """Wall time and this process's CPU time since the run (or the resumed session) started.
+
+    CPU time (``time.process_time``: every thread of this process, user + system) is the fair budget when
+    runs share a machine: a run slowed down by its neighbours gets the same amount of computation, not the
+    same wall time. ``cpu_offset`` carries the CPU seconds of earlier sessions of a resumed run.
+    """
+
+    def __init__(self, cpu_offset: float = 0.0) -> None:
+        self.wall0, self.cpu0, self.cpu_offset = time.time(), time.process_time(), float(cpu_offset)
+
+    def wall(self) -> float:
+        return time.time() - self.wall0
+
+    def cpu(self) -> float:
+        """CPU seconds of this session."""
+        return time.process_time() - self.cpu0
+
+    def total_cpu(self) -> float:
+        """CPU seconds of the whole run, earlier sessions included."""
+        return self.cpu_offset + self.cpu()
+
+
+def time_is_up(cfg: TrainConfig, clock: RunClock, env: DistEnv) -> bool:
+    """Whether ``train.time_limit_minutes`` of this session's wall or CPU time (``train.time_limit_clock``) has
+    passed; under DDP every rank gets rank 0's answer, so all ranks stop at the same step instead of some
+    waiting forever in a collective."""
     if cfg.time_limit_minutes <= 0:
         return False
-    up = torch.tensor([float(time.time() - start > 60 * cfg.time_limit_minutes)])
+    if cfg.time_limit_clock not in ("wall", "cpu"):
+        raise ValueError(f"train.time_limit_clock must be 'wall' or 'cpu', got {cfg.time_limit_clock!r}")
+    elapsed = clock.wall() if cfg.time_limit_clock == "wall" else clock.cpu()
+    up = torch.tensor([float(elapsed > 60 * cfg.time_limit_minutes)])
     if env.distributed:
         dist.broadcast(up, src=0)
     return bool(up.item())

@@ -1,0 +1,1 @@
+"""Conditioning: text encoders and tokenizers, class/segmentation/image embedders, the conditioner."""
