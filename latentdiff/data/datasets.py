@@ -492,8 +492,12 @@ _BUILDERS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     """Build the dataset named by ``cfg.name`` (built-in name or folder path) for ``split``."""
-    _check_split(split)
     key = cfg.name.strip().lower().replace("-", "_")
+    if key == "fmnist_scenes":  # captioned colour scenes, with a third split "test_heldout": see data/scenes.py
+        from latentdiff.data.scenes import FashionScenes  # deferred: scenes.py imports this module
+
+        return FashionScenes.from_config(cfg, split)
+    _check_split(split)
     if key in _BUILDERS:
         dataset = _BUILDERS[key](cfg, split)
     else:
