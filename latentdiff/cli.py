@@ -99,6 +99,156 @@ def _eval_nll(args: argparse.Namespace) -> None:
         Path(args.output).write_text(text + "\n")
 
 
+def _pipeline_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    from latentdiff.device import select_device
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    options = {"device": select_device(args.device), "dtype": dtypes[args.dtype],
+               "attention_slice": args.attention_slice or None, "vae_tile": args.vae_tile or None}
+    if args.prediction_type:
+        options["prediction_type"] = args.prediction_type
+    return options
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    """Checks that need no model: they fail before a large checkpoint is read."""
+    from latentdiff.diffusion.samplers import get_sampler
+
+    get_sampler(args.sampler)
+    if args.n < 1 or args.steps < 1:
+        raise ValueError("-n and --steps must be at least 1")
+    if args.model is None:
+        raise ValueError("give the model with --model PATH (a Stable Diffusion .safetensors/.ckpt file, a diffusers "
+                         "folder or a native checkpoint)")
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
+    if args.vae_tile and args.vae_tile < 4:
+        raise ValueError("--vae-tile is in latent pixels and must be at least 4")
+    if args.attention_slice is not None and args.attention_slice < 0:
+        raise ValueError("--attention-slice must be a positive number of queries (0: off)")
+
+
+def _load_for_generation(args: argparse.Namespace):
+    from latentdiff.pipelines import load_pipeline
+
+    pipe = load_pipeline(args.model, **_pipeline_options(args))
+    if args.prompt and not pipe.has_text_conditioning:
+        raise ValueError(f"{args.model} has no text conditioning (its UNet has no cross-attention); leave out the "
+                         "prompt")
+    if args.negative and not pipe.has_text_conditioning:
+        raise ValueError(f"{args.model} has no text conditioning; --negative does not apply")
+    return pipe
+
+
+def _read_image(path: str, multiple: int, what: str, mask: bool = False):
+    """An image file as a (1, C, H, W) tensor in [0, 1], resized down to sides that are multiples of ``multiple``
+    (with a note on stderr) when they are not."""
+    from latentdiff.pipelines.images import resize_to_multiple, to_image_tensor
+
+    image = to_image_tensor(path, channels=1 if mask else 3)
+    resized = resize_to_multiple(image, multiple, resample="nearest" if mask else "bicubic")
+    if resized.shape != image.shape:
+        print(f"latentdiff: note: resized {what} {path} from {image.shape[-1]}x{image.shape[-2]} to "
+              f"{resized.shape[-1]}x{resized.shape[-2]} (sides must be multiples of {multiple} for this model)",
+              file=sys.stderr)
+    return resized
+
+
+def _save_images(images, output: str, separate: bool) -> list[Path]:
+    import math
+
+    from latentdiff.data.transforms import save_image_grid
+    from latentdiff.pipelines.images import to_pil_images
+
+    out = Path(output)
+    if images.shape[0] == 1 or separate:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        paths = [out] if images.shape[0] == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+                                                     for i in range(images.shape[0])]
+        for image, path in zip(to_pil_images(images), paths, strict=True):
+            image.save(path)
+        return paths
+    return [save_image_grid(images * 2 - 1, out, nrow=math.ceil(math.sqrt(images.shape[0])))]
+
+
+def _report(paths: list[Path], n: int) -> None:
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]}"
+    print(f"wrote {n} image{'s' if n > 1 else ''} to {where}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    _check_generation_args(args)
+    pipe = _load_for_generation(args)
+    result = pipe.text_to_image(args.prompt, args.negative, num_images=args.n, height=args.height, width=args.width,
+                                steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                                generator=args.seed, progress=True)
+    _report(_save_images(result.images, args.output, args.separate), args.n)
+
+
+def _img2img(args: argparse.Namespace) -> None:
+    _check_generation_args(args)
+    if not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    from latentdiff.pipelines.images import to_image_tensor
+
+    to_image_tensor(args.init)  # a missing or unreadable file fails before the model loads
+    pipe = _load_for_generation(args)
+    image = _read_image(args.init, pipe.size_multiple, "init image")
+    result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, num_images=args.n,
+                                 steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                                 generator=args.seed, progress=True)
+    _report(_save_images(result.images, args.output, args.separate), args.n)
+
+
+def _inpaint(args: argparse.Namespace) -> None:
+    _check_generation_args(args)
+    if not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    from latentdiff.pipelines.images import to_image_tensor
+
+    image, mask = to_image_tensor(args.image), to_image_tensor(args.mask, channels=1)
+    if image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"the mask {args.mask} is {mask.shape[-1]}x{mask.shape[-2]} but the image {args.image} is "
+                         f"{image.shape[-1]}x{image.shape[-2]}; they must be the same size")
+    pipe = _load_for_generation(args)
+    image = _read_image(args.image, pipe.size_multiple, "image")
+    mask = _read_image(args.mask, pipe.size_multiple, "mask", mask=True)
+    result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength, num_images=args.n,
+                          steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                          generator=args.seed, keep_unmasked=args.keep_unmasked, progress=True)
+    _report(_save_images(result.images, args.output, args.separate), args.n)
+
+
+def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size: bool = True) -> None:
+    p.add_argument("-n", type=int, default=1, help="images per prompt (default 1; several are written as a grid)")
+    p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (default: the empty prompt)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; 1: off)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on any device (default 0)")
+    p.add_argument("--model", metavar="PATH",
+                   help="Stable Diffusion weights: a .safetensors/.ckpt single file, a diffusers folder or a native "
+                        "checkpoint")
+    if size:
+        p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training size)")
+        p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training size)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights' precision (bf16 runs on the CPU; default fp32)")
+    p.add_argument("--attention-slice", type=int, default=None, metavar="Q",
+                   help="attend Q queries at a time to save memory (default: all at once)")
+    p.add_argument("--vae-tile", type=int, default=None, metavar="T",
+                   help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
+    p.add_argument("--separate", action="store_true", help="with -n > 1, one file per image (OUT-0.png, ...)")
+    p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,6 +316,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
     p.add_argument("-o", "--output", help="also write the JSON here")
     p.set_defaults(func=_eval_nll)
+
+    p = sub.add_parser("generate", help="text-to-image with a Stable Diffusion model",
+                       description=f"Generate images from a prompt with Stable Diffusion (v1.x, v2.x). Samplers: "
+                                   f"{sampler_names}. Given the same weights, sampler, seed and prompt, the images "
+                                   "are those of diffusers' StableDiffusionPipeline.")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
+                   help="the prompt (leave out for a model without text)")
+    _add_generation_options(p, sampler_names)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("img2img", help="redraw an image guided by a prompt (SDEdit)",
+                       description="Noise INIT to --strength of the way and denoise it with the prompt, as "
+                                   "diffusers' StableDiffusionImg2ImgPipeline.")
+    p.add_argument("init", metavar="INIT", help="the starting image")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="how much to change: 0 keeps INIT, 1 redraws it entirely (default 0.6)")
+    _add_generation_options(p, sampler_names, size=False)
+    p.set_defaults(func=_img2img)
+
+    p = sub.add_parser("inpaint", help="repaint the white part of a mask guided by a prompt",
+                       description="Repaint where MASK is white and keep the rest, as diffusers' "
+                                   "StableDiffusionInpaintPipeline: with an inpainting model (9-channel UNet) or "
+                                   "any text-to-image model (the kept region is re-imposed at every step).")
+    p.add_argument("image", metavar="IMAGE", help="the image")
+    p.add_argument("mask", metavar="MASK", help="same size as IMAGE; white = repaint, black = keep")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="1 repaints the masked region from noise; less keeps some of it (default 1)")
+    p.add_argument("--keep-unmasked", action="store_true",
+                   help="paste the original pixels back outside the mask (the autoencoder alters them slightly)")
+    _add_generation_options(p, sampler_names, size=False)
+    p.set_defaults(func=_inpaint)
+
+    from latentdiff.io.formats import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""Images in and out of the pipelines: PIL images, arrays, tensors and files to (N, C, H, W) tensors in [0, 1].
+
+Pixels go into the pipelines as float tensors in [0, 1] (the autoencoder sees ``2x - 1``) and come out the same
+way. Masks follow diffusers' ``StableDiffusionInpaintPipeline``: one channel, white (1) = repaint, black (0) = keep,
+binarised at 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path | list
+
+
+def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
+    image = image.convert("RGB" if channels == 3 else "L")
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # diffusers' pil_to_numpy
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def to_image_tensor(image: ImageInput, channels: int = 3) -> torch.Tensor:
+    """A float32 (N, channels, H, W) tensor in [0, 1] from a path, PIL image, array or tensor (or a list of them).
+
+    Arrays are (H, W), (H, W, C) or (N, H, W, C), uint8 or float in [0, 1]; tensors (C, H, W) or (N, C, H, W) in
+    [0, 1]. Colour images are made grey (ITU-R 601 luma, as PIL's "L") for a one-channel request.
+    """
+    if isinstance(image, list):
+        if not image:
+            raise ValueError("an empty list of images")
+        return torch.cat([to_image_tensor(i, channels) for i in image])
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return to_image_tensor(img, channels)
+        except OSError as e:
+            raise ValueError(f"{path} is not a readable image ({e})") from e
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(_pil_to_array(image, channels).transpose(2, 0, 1).copy())[None]
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise ValueError(f"expected an (H, W), (H, W, C) or (N, H, W, C) array, got shape {image.shape}")
+        tensor = torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().float().cpu()
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        if tensor.ndim == 3:
+            tensor = tensor[None]
+        if tensor.ndim != 4:
+            raise ValueError(f"expected a (C, H, W) or (N, C, H, W) tensor, got shape {tuple(image.shape)}")
+    else:
+        raise TypeError(f"expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+    return _match_channels(tensor, channels)
+
+
+def _match_channels(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    c = tensor.shape[1]
+    if c == channels:
+        return tensor
+    if channels == 1 and c in (3, 4):
+        r, g, b = tensor[:, 0:1], tensor[:, 1:2], tensor[:, 2:3]
+        return 0.299 * r + 0.587 * g + 0.114 * b
+    if channels == 3 and c == 1:
+        return tensor.expand(-1, 3, -1, -1)
+    if channels == 3 and c == 4:
+        return tensor[:, :3]
+    raise ValueError(f"expected images with {channels} channel(s), got {c}")
+
+
+def to_mask_tensor(mask: ImageInput) -> torch.Tensor:
+    """A (N, 1, H, W) float mask of 0s and 1s: 1 (white) where to repaint, binarised at 0.5 as diffusers does."""
+    m = to_image_tensor(mask, channels=1)
+    return (m >= 0.5).to(torch.float32)
+
+
+def check_size(height: int, width: int, multiple: int, what: str = "image") -> None:
+    """Raise a ValueError unless ``height`` and ``width`` are positive multiples of ``multiple``."""
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        fit_w, fit_h = max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+        raise ValueError(f"{what} size {width}x{height}: both sides must be multiples of {multiple} (this model's "
+                         f"autoencoder and UNet downsample by {multiple} together); use e.g. {fit_w}x{fit_h}")
+
+
+def resize_to_multiple(images: torch.Tensor, multiple: int, resample: str = "bicubic") -> torch.Tensor:
+    """Resize (N, C, H, W) down to the nearest multiple of ``multiple`` in each side (at least one multiple)."""
+    h, w = images.shape[-2:]
+    new_h, new_w = max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
+    if (new_h, new_w) == (h, w):
+        return images
+    if resample == "nearest":
+        return torch.nn.functional.interpolate(images, size=(new_h, new_w), mode="nearest")
+    out = torch.nn.functional.interpolate(images, size=(new_h, new_w), mode=resample, align_corners=False,
+                                          antialias=True)
+    return out.clamp(0, 1)
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(N, C, H, W) in [0, 1] -> PIL images (uint8, rounded as diffusers' ``numpy_to_pil``)."""
+    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+__all__ = ["ImageInput", "check_size", "resize_to_multiple", "to_image_tensor", "to_mask_tensor", "to_pil_images"]

@@ -1,0 +1,505 @@
+"""Stable Diffusion text-to-image, image-to-image (SDEdit) and inpainting over our UNet, VAE and CLIP text encoder.
+
+The pipeline composes what the other packages provide: the CLIP tokenizer and text encoder make the cross-attention
+context; the UNet is wrapped once into the denoiser D(x, sigma) (``DiscreteDenoiser``, eps- or v-prediction), then
+into classifier-free guidance (``CFGDenoiser``, one batched call, unconditional half first); a sampler from
+``latentdiff.diffusion.samplers`` integrates over the sigmas its diffusers counterpart visits
+(``latentdiff.pipelines.timesteps``); the VAE decodes ``latents / scale_factor``.
+
+Given the same weights, sampler, prompt, seed and initial noise, the images equal those of diffusers'
+``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` with SD's
+scheduler config (``tests/test_sd_pipeline.py`` measures it). The generator is used in diffusers' order: the
+initial noise, the posterior samples of the encoded images, then the samplers' per-step noise, all drawn in
+float32 on the generator's device (the CPU), so a seed gives the same image on any device, dtype and thread count.
+
+Our samplers work in the variance-exploding space x = x_t / sqrt(alphas_cumprod) (see ``diffusion/denoiser.py``);
+diffusers' DDIM/PLMS/DDPM/DPM-Solver step the variance-preserving x_t. The two meet at the ends: the initial noise
+is scaled by sqrt(1 + sigma_max^2) (diffusers' ``init_noise_sigma`` for Euler-type schedulers, and the VE image of
+its x_T for the others), and the final x is divided by sqrt(1 + sigma_end^2), which is 1 except for DDIM and PLMS,
+which stop at alphas_cumprod[0].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiff.autoencoder.distributions import DiagonalGaussian
+from latentdiff.autoencoder.model import Autoencoder
+from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
+from latentdiff.diffusion.denoiser import DiscreteDenoiser
+from latentdiff.diffusion.guidance import CFGDenoiser
+from latentdiff.diffusion.process import draw_noise
+from latentdiff.diffusion.samplers import get_sampler
+from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from latentdiff.diffusion.unet import UNetModel
+from latentdiff.io.checkpoint import CheckpointError
+from latentdiff.io.diffusers_names import SD_SCALE_FACTOR
+from latentdiff.io.formats import StableDiffusionComponents, check_state_dict, infer_clip_text_config
+from latentdiff.nn.attention import attention_slicing
+from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor, to_pil_images
+from latentdiff.pipelines.tiling import decode_tiled
+from latentdiff.pipelines.timesteps import sampler_sigmas, strength_start
+
+logger = logging.getLogger(__name__)
+
+PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
+Generator = torch.Generator | int | None
+
+
+@dataclass
+class StableDiffusionOutput:
+    """What a pipeline call returns: images (N, 3, H, W) in [0, 1] on the CPU (None when not decoded), and the
+    final latents (N, 4, h, w) as diffusers' ``output_type="latent"`` gives them (scaled by ``scale_factor``)."""
+
+    images: torch.Tensor | None
+    latents: torch.Tensor
+
+    def pil(self) -> list:
+        """The images as PIL images."""
+        if self.images is None:
+            raise ValueError("the latents were not decoded (decode=False)")
+        return to_pil_images(self.images)
+
+
+def _as_generator(generator: Generator) -> torch.Generator:
+    """A CPU generator: as given, seeded with an int, or (None) with a fresh random seed that is logged."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is None:
+        generator = secrets.randbits(63)
+        logger.info("no seed given; using seed %d", generator)
+    return torch.Generator("cpu").manual_seed(int(generator))
+
+
+def _prompts(prompt: str | Sequence[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt: give a string or a non-empty list of strings")
+    return prompts
+
+
+def _load_assigned(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``weights`` into a module built on the meta device, sharing the tensors instead of copying them."""
+    check_state_dict(weights, {k: tuple(v.shape) for k, v in module.state_dict().items()}, what)
+    module.load_state_dict(weights, strict=True, assign=True)
+
+
+class _UNetNetwork(nn.Module):
+    """The UNet as ``DiscreteDenoiser`` calls it: float32 in and out, the UNet's own dtype inside."""
+
+    def __init__(self, unet: UNetModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.unet.time_embed[0].weight.dtype
+        out = self.unet(x.to(dtype), t, context=None if context is None else context.to(dtype),
+                        concat=None if concat is None else concat.to(dtype))
+        return out.to(x.dtype)
+
+
+class _ReimposeKnownRegion:
+    """Legacy inpainting with a text-to-image UNet: the region to keep is reset to the original's latent, noised to
+    the current level with the initial noise, before every denoiser call after the first.
+
+    diffusers' ``StableDiffusionInpaintPipeline`` (4-channel UNet) does the same after every scheduler step. With a
+    binary latent mask and samplers whose updates act elementwise on x (all of ours), the two are equal: the region
+    to repaint is updated from the same inputs, and the kept region is overwritten before anything reads it.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], known: torch.Tensor, noise: torch.Tensor,
+                 repaint: torch.Tensor, first_sigma: float) -> None:
+        self.model, self.known, self.noise, self.repaint, self.first_sigma = model, known, noise, repaint, first_sigma
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        level = sigma.reshape(-1)[0]
+        if float(level) < self.first_sigma:
+            known = self.known + level.to(x.dtype) * self.noise
+            x = self.repaint * x + (1 - self.repaint) * known
+        return self.model(x, sigma, **extra)
+
+
+class StableDiffusionPipeline:
+    """Stable Diffusion v1.x / v2.x (eps or v-prediction) and the 9-channel inpainting model, on our modules.
+
+    Build it with ``from_pretrained(path)`` (an original single file, a diffusers folder or a native checkpoint)
+    or ``from_components``. ``dtype`` is the weights' dtype (bfloat16 runs on the CPU; float16 keeps the VAE in
+    float32, as diffusers' ``force_upcast``); the sampler state stays float32. ``attention_slice`` attends that
+    many queries at a time (``latentdiff.nn.attention.attention_slicing``); ``vae_tile`` decodes latents larger
+    than that many latent pixels in tiles (``latentdiff.pipelines.tiling``) that overlap by ``vae_tile_overlap``
+    (default a quarter tile) and see as much context around them.
+    """
+
+    def __init__(self, unet: UNetModel, vae: Autoencoder, text_encoder: CLIPTextModel | None = None,
+                 tokenizer: CLIPTokenizer | None = None, *, scale_factor: float = SD_SCALE_FACTOR,
+                 prediction_type: str = "epsilon", schedule: NoiseSchedule | None = None,
+                 image_size: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, attention_slice: int | None = None, vae_tile: int | None = None,
+                 vae_tile_overlap: int | None = None) -> None:
+        if prediction_type not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of "
+                             f"{', '.join(PARAMETERIZATIONS)}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
+        self.vae = vae.to(self.device, vae_dtype).eval().requires_grad_(False)
+        self.text_encoder = (None if text_encoder is None
+                             else text_encoder.to(self.device, dtype).eval().requires_grad_(False))
+        self.tokenizer = tokenizer
+        self.scale_factor = scale_factor
+        self.prediction_type = prediction_type
+        self.schedule = schedule or NoiseSchedule(ScheduleConfig())
+        self.denoiser = DiscreteDenoiser(_UNetNetwork(self.unet), self.schedule, PARAMETERIZATIONS[prediction_type],
+                                         discrete_t=True)
+        self.guided = CFGDenoiser(self.denoiser)
+        self.image_size = image_size or (768 if prediction_type == "v_prediction" else 512)
+        self.attention_slice = attention_slice
+        self.vae_tile = vae_tile
+        self.vae_tile_overlap = vae_tile_overlap
+        self._check_parts()
+
+    # ---- construction ---------------------------------------------------------------------------------------
+
+    def _check_parts(self) -> None:
+        latent = self.latent_channels
+        c = self.unet.config
+        if c.out_channels != latent:
+            raise ValueError(f"the UNet predicts {c.out_channels} channels but the VAE's latent has {latent}")
+        if c.in_channels not in (latent, 2 * latent + 1):
+            raise ValueError(f"the UNet takes {c.in_channels} input channels; Stable Diffusion's take {latent} "
+                             f"(text-to-image) or {2 * latent + 1} (inpainting: latent, mask, masked-image latent)")
+        if c.num_classes:
+            raise ValueError("the UNet is class-conditional; the Stable Diffusion pipeline conditions on text only")
+        if c.context_dim and self.text_encoder is None:
+            raise ValueError("the UNet cross-attends to a text context, but there is no text encoder")
+        if self.text_encoder is not None:
+            if not c.context_dim:
+                raise ValueError("a text encoder was given, but the UNet has no cross-attention")
+            if self.text_encoder.config.width != c.context_dim:
+                raise ValueError(f"the text encoder is {self.text_encoder.config.width} wide but the UNet's "
+                                 f"cross-attention reads {c.context_dim}")
+            if self.tokenizer is None:
+                raise ValueError("a text encoder needs its tokenizer")
+
+    @classmethod
+    def from_components(cls, comps: StableDiffusionComponents, *, tokenizer: CLIPTokenizer | None = None,
+                        pad_token_id: int | None = None, prediction_type: str | None = None,
+                        **options: Any) -> StableDiffusionPipeline:
+        """Build the pipeline from loaded weights (``latentdiff.io.formats.load_stable_diffusion_weights``).
+
+        The tokenizer is the checkpoint's ``tokenizer/`` folder when it has one, else CLIP's vocabulary from
+        ``open_clip_torch``, padding with the end token (SD v1) or 0 (SD v2's OpenCLIP text encoder), unless
+        ``pad_token_id`` says otherwise. ``prediction_type`` overrides the checkpoint's (an original SD 2.x-768-v
+        file cannot tell it is v-prediction). ``options`` go to the constructor.
+        """
+        if comps.unet is None or comps.vae is None:
+            missing = " and ".join(n for n, part in (("UNet", comps.unet), ("VAE", comps.vae)) if part is None)
+            raise CheckpointError(f"a Stable Diffusion pipeline needs a UNet and a VAE; the checkpoint has no "
+                                  f"{missing}")
+        with torch.device("meta"):
+            unet, vae = UNetModel(comps.unet_config), Autoencoder(comps.vae_config)
+        _load_assigned(unet, comps.unet, "UNet")
+        _load_assigned(vae, comps.vae, "VAE")
+        text_encoder = None
+        if comps.text_encoder is not None:
+            weights = {k: v for k, v in comps.text_encoder.items()
+                       if not k.startswith(("text_projection", "logit_scale", "visual_projection", "vision_model"))}
+            hf_config = comps.text_encoder_config or infer_clip_text_config(weights)
+            config = CLIPTextConfig.from_hf(hf_config, output_layer=comps.text_encoder_output_layer)
+            with torch.device("meta"):
+                text_encoder = CLIPTextModel(config)
+            _load_assigned(text_encoder, weights, "CLIP text encoder")
+            if tokenizer is None:
+                if pad_token_id is None and comps.tokenizer_dir is None and comps.text_encoder_layout == "openclip":
+                    pad_token_id = 0  # OpenCLIP pads with 0; SD v2 was trained so
+                tokenizer = CLIPTokenizer(comps.tokenizer_dir, pad_token_id=pad_token_id,
+                                          max_length=min(77, config.context_length))
+        return cls(unet, vae, text_encoder, tokenizer, scale_factor=comps.scale_factor,
+                   prediction_type=prediction_type or comps.prediction_type, image_size=comps.image_size, **options)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, ema: bool = True, **options: Any) -> StableDiffusionPipeline:
+        """Load an original single file (.safetensors / .ckpt), a diffusers folder or a native checkpoint."""
+        from latentdiff.io.formats import load_stable_diffusion_weights
+
+        return cls.from_components(load_stable_diffusion_weights(path, ema=ema), **options)
+
+    # ---- properties -----------------------------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.embed_dim
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling times the UNet's."""
+        return self.vae_factor * self.unet.config.downsample_factor
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A UNet that takes the mask and the masked image's latent as extra input channels (9 for SD)."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def has_text_conditioning(self) -> bool:
+        return bool(self.unet.config.context_dim)
+
+    # ---- building blocks ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """The cross-attention context (N, 77, width) of the prompts, in float32."""
+        if self.text_encoder is None:
+            raise ValueError("this model has no text conditioning (its UNet has no cross-attention); give no prompt")
+        ids = self.tokenizer(_prompts(prompts)).input_ids.to(self.device)
+        return self.text_encoder.encode(ids).float()
+
+    def _conditioning(self, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None,
+                      num_images: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """(cond, uncond, batch): one context per image, prompts in order, each repeated ``num_images`` times."""
+        if num_images < 1:
+            raise ValueError(f"the number of images must be at least 1, got {num_images}")
+        if not self.has_text_conditioning:
+            given = [p for p in (_prompts(prompt) if prompt is not None else []) + (
+                _prompts(negative_prompt) if negative_prompt is not None else []) if p]
+            if given:
+                raise ValueError("this model has no text conditioning (its UNet has no cross-attention); "
+                                 "give no prompt or negative prompt")
+            count = 1 if prompt is None else len(_prompts(prompt))
+            return {}, {}, count * num_images
+        prompts = _prompts("" if prompt is None else prompt)
+        negatives = [""] * len(prompts) if negative_prompt is None else _prompts(negative_prompt)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
+        cond = self.encode_prompt(prompts).repeat_interleave(num_images, 0)
+        uncond = self.encode_prompt(negatives).repeat_interleave(num_images, 0)
+        return {"context": cond}, {"context": uncond}, cond.shape[0]
+
+    def _posterior(self, pixels: torch.Tensor) -> DiagonalGaussian:
+        vae_dtype = self.vae.post_quant_conv.weight.dtype
+        with attention_slicing(self.attention_slice), torch.no_grad():
+            moments = self.vae.encode_pre_quant(pixels.to(self.device, vae_dtype))
+        return DiagonalGaussian(moments.float())
+
+    def _encode(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Latents (times ``scale_factor``) of pixels in [-1, 1]: a posterior sample drawn from ``generator`` (in
+        float32, as diffusers' ``latent_dist.sample(generator)``), or the posterior mean when it is None."""
+        posterior = self._posterior(pixels)
+        if generator is None:
+            z = posterior.mean
+        else:
+            noise = draw_noise(posterior.mean.shape, generator, device=self.device)
+            z = posterior.mean + posterior.std * noise
+        return z * self.scale_factor
+
+    def encode_images(self, images: ImageInput, generator: Generator = None, sample: bool = True) -> torch.Tensor:
+        """Latents of images in [0, 1] (times ``scale_factor``): a posterior sample, or the mean (``sample=False``)."""
+        pixels = to_image_tensor(images) * 2 - 1
+        return self._encode(pixels, _as_generator(generator) if sample else None)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] on the CPU from latents (times ``scale_factor``), tiled when enabled."""
+        vae_dtype = self.vae.post_quant_conv.weight.dtype
+        z = (latents / self.scale_factor).to(self.device, vae_dtype)
+        with attention_slicing(self.attention_slice):
+            if self.vae_tile and max(z.shape[-2:]) > self.vae_tile:
+                overlap = self.vae_tile_overlap if self.vae_tile_overlap is not None else self.vae_tile // 4
+                images = decode_tiled(self.vae.decode, z, self.vae_tile, overlap, self.vae_factor, context=overlap)
+            else:
+                images = self.vae.decode(z)
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def sigmas(self, sampler: str, steps: int) -> torch.Tensor:
+        """The noise levels ``steps`` steps of ``sampler`` visit (diffusers' conventions for SD)."""
+        return sampler_sigmas(self.schedule, sampler, steps)
+
+    def _sample(self, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor],
+                uncond: dict[str, torch.Tensor], guidance_scale: float, sampler: str, generator: torch.Generator,
+                sampler_options: dict[str, Any] | None, callback: Callable | None, progress: bool | None,
+                wrap: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
+        """Run the sampler from x (VE space, at sigmas[0]); returns the variance-preserving latent at sigmas[-1]."""
+        sampler_fn = get_sampler(sampler)
+        model = self.guided if wrap is None else wrap(self.guided)
+        if not self.has_text_conditioning:  # the two halves of the guided batch would be the same
+            guidance_scale = 1.0
+        extra = {"cond": cond, "uncond": uncond, "scale": guidance_scale}
+        with attention_slicing(self.attention_slice):
+            x = sampler_fn(model, x, sigmas.to(self.device), extra_args=extra, callback=callback,
+                           generator=generator, disable=None if progress is None else not progress,
+                           **(sampler_options or {}))
+        return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+    def _finish(self, latents: torch.Tensor, decode: bool) -> StableDiffusionOutput:
+        return StableDiffusionOutput(self.decode_latents(latents) if decode else None, latents.float().cpu())
+
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        height, width = height or self.image_size, width or self.image_size
+        check_size(height, width, self.size_multiple)
+        return height, width
+
+    def _check_sampler(self, sampler: str, steps: int) -> None:
+        get_sampler(sampler)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+
+    def _per_image(self, tensor: torch.Tensor, batch: int, images_per_prompt: int, what: str) -> torch.Tensor:
+        """One image (or mask) for all, or one per prompt (repeated for that prompt's images)."""
+        if tensor.shape[0] == batch:
+            return tensor
+        if tensor.shape[0] == 1:
+            return tensor.expand(batch, *tensor.shape[1:])
+        if tensor.shape[0] * images_per_prompt == batch:
+            return tensor.repeat_interleave(images_per_prompt, 0)
+        raise ValueError(f"{tensor.shape[0]} {what}s for {batch // images_per_prompt} prompts; give one {what}, "
+                         "or one per prompt")
+
+    # ---- tasks ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def text_to_image(self, prompt: str | Sequence[str] | None = "", negative_prompt: str | Sequence[str] | None = None,
+                      *, num_images: int = 1, height: int | None = None, width: int | None = None, steps: int = 25,
+                      sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, generator: Generator = None,
+                      latents: torch.Tensor | None = None, sampler_options: dict[str, Any] | None = None,
+                      decode: bool = True, callback: Callable | None = None,
+                      progress: bool | None = None) -> StableDiffusionOutput:
+        """Generate ``num_images`` images per prompt.
+
+        ``generator``: a CPU ``torch.Generator`` or a seed. ``latents``: the initial noise (N, 4, h, w), unit
+        normal, as diffusers' ``latents=`` argument (it is scaled for the first noise level here); drawn from the
+        generator when None. ``guidance_scale`` 1 skips the unconditional half. ``sampler_options`` go to the
+        sampler (e.g. ``{"eta": 1.0}`` for DDIM).
+        """
+        self._check_sampler(sampler, steps)
+        height, width = self._size(height, width)
+        gen = _as_generator(generator)
+        cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
+        shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+        noise = self._noise(latents, shape, gen)
+        sigmas = self.sigmas(sampler, steps)
+        x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
+        out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress)
+        return self._finish(out, decode)
+
+    def _noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        if latents is None:
+            return draw_noise(shape, gen, device=self.device)
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+        return latents.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def image_to_image(self, image: ImageInput, prompt: str | Sequence[str] | None = "",
+                       negative_prompt: str | Sequence[str] | None = None, *, strength: float = 0.6,
+                       num_images: int = 1, steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5,
+                       generator: Generator = None, noise: torch.Tensor | None = None, sample_posterior: bool = True,
+                       sampler_options: dict[str, Any] | None = None, decode: bool = True,
+                       callback: Callable | None = None, progress: bool | None = None) -> StableDiffusionOutput:
+        """SDEdit (Meng et al. 2022): encode the image, noise it to the level ``strength`` of the way up, denoise.
+
+        As diffusers' img2img: ``int(steps * strength)`` of the ``steps`` levels are run; the image's latent is a
+        posterior sample drawn from the generator first (``sample_posterior=False``: the posterior mean), then the
+        noise (``noise`` overrides it). ``image``: one image for all prompts or one per prompt, sides multiples of
+        ``size_multiple``.
+        """
+        self._check_sampler(sampler, steps)
+        pixels = to_image_tensor(image)
+        check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "init image")
+        sigmas = self.sigmas(sampler, steps)[strength_start(steps, strength):]
+        gen = _as_generator(generator)
+        cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
+        init = self._encode(pixels * 2 - 1, gen if sample_posterior else None)
+        init = self._per_image(init, batch, num_images, "init image")
+        noise = self._noise(noise, tuple(init.shape), gen)
+        x = init + float(sigmas[0]) * noise
+        out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress)
+        return self._finish(out, decode)
+
+    @torch.no_grad()
+    def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str | Sequence[str] | None = "",
+                negative_prompt: str | Sequence[str] | None = None, *, strength: float = 1.0, num_images: int = 1,
+                steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, generator: Generator = None,
+                latents: torch.Tensor | None = None, sample_posterior: bool = True, keep_unmasked: bool = False,
+                sampler_options: dict[str, Any] | None = None, decode: bool = True, callback: Callable | None = None,
+                progress: bool | None = None) -> StableDiffusionOutput:
+        """Repaint where ``mask`` is white (>= 0.5), keep the rest; as diffusers' ``StableDiffusionInpaintPipeline``.
+
+        With an inpainting UNet (9 channels) the mask and the latent of the masked image (pixels to repaint set to
+        grey) are extra inputs at every step. With a text-to-image UNet the region to keep is re-imposed from the
+        original's latent, noised to each step's level, and pasted clean at the end (``_ReimposeKnownRegion``).
+        ``latents``: the initial unit-normal noise, also the noise of the re-imposed region. ``strength`` < 1 starts
+        from the image noised with it (diffusers starts from the noise alone when given ``latents``, whatever the
+        strength). ``keep_unmasked`` pastes the original pixels back outside the mask (the autoencoder
+        alters them slightly otherwise).
+        """
+        self._check_sampler(sampler, steps)
+        pixels = to_image_tensor(image)
+        masks = to_mask_tensor(mask)
+        if masks.shape[-2:] != pixels.shape[-2:]:
+            raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
+                             f"{pixels.shape[-1]}x{pixels.shape[-2]}; they must be the same size")
+        check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "image")
+        sigmas = self.sigmas(sampler, steps)[strength_start(steps, strength):]
+        full_strength = strength == 1.0
+        gen = _as_generator(generator)
+        post_gen = gen if sample_posterior else None
+        cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
+        h, w = pixels.shape[-2] // self.vae_factor, pixels.shape[-1] // self.vae_factor
+        shape = (batch, self.latent_channels, h, w)
+        # The generator in diffusers' order: image latent (text-to-image UNet, or strength < 1), noise, masked image.
+        image_latents = None
+        if not self.is_inpainting_model or not full_strength:
+            image_latents = self._per_image(self._encode(pixels * 2 - 1, post_gen), batch, num_images, "image")
+        noise = self._noise(latents, shape, gen)
+        masked_pixels = (pixels * 2 - 1) * (masks < 0.5)
+        if self.is_inpainting_model:
+            masked_latents = self._encode(masked_pixels, post_gen)
+        elif sample_posterior:
+            # diffusers encodes the masked image even for a 4-channel UNet, which does not use it; draw the same
+            # numbers so that later draws (ancestral samplers) match.
+            draw_noise((pixels.shape[0], self.latent_channels, h, w), gen)
+        latent_mask = self._per_image(F.interpolate(masks, size=(h, w)), batch, num_images, "mask").to(self.device)
+        if full_strength:
+            x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
+        else:
+            x = image_latents + float(sigmas[0]) * noise
+        wrap = None
+        if self.is_inpainting_model:
+            extra = torch.cat([latent_mask, self._per_image(masked_latents, batch, num_images, "image")], dim=1)
+            cond = dict(cond, concat=extra)
+            uncond = dict(uncond, concat=extra)
+        else:
+            def wrap(model: Callable) -> Callable:
+                return _ReimposeKnownRegion(model, image_latents, noise, latent_mask, float(sigmas[0]))
+        out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress,
+                           wrap)
+        if not self.is_inpainting_model:
+            out = (1 - latent_mask) * image_latents + latent_mask * out
+        result = self._finish(out, decode)
+        if keep_unmasked and result.images is not None:
+            repaint = self._per_image(masks, batch, num_images, "mask")
+            original = self._per_image(pixels, batch, num_images, "image")
+            result.images = repaint * result.images + (1 - repaint) * original
+        return result
+
+
+__all__ = ["PARAMETERIZATIONS", "StableDiffusionOutput", "StableDiffusionPipeline"]
