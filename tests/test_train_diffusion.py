@@ -12,6 +12,7 @@ from latentdiff.cli import main
 from latentdiff.config import to_dict
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.diffusion.samplers import sample as run_sampler
 from latentdiff.io.checkpoint import save_checkpoint
 from latentdiff.train.diffusion import step_generator
 from latentdiff.train.ema import EMA
@@ -309,3 +310,128 @@ def test_non_finite_losses_stop_diffusion_training_with_a_clear_message(first_st
     ckpts = tmp_path / "nan" / "checkpoints"
     for folder in ckpts.glob("step_*") if ckpts.exists() else []:
         assert all(torch.isfinite(v).all() for v in load_file(str(folder / "model.safetensors")).values())
+
+
+# ---------------------------------------------------------------------------------------------------- conditioning
+
+SCENE_CONFIGS = {  # the tiny first stage has f = 2: 16 px scenes give 8x8 latents, the size of the 8x8 low-res
+    "txt2img": ["model.conditioner.minilm.max_length=24"],
+    "seg2img": [],
+    "inpaint": ["model.conditioner.minilm.max_length=24"],
+    "upscale": [],
+}
+TEXT_TRANSFORMER = ["model.conditioner.text_encoder=transformer", "model.unet.context_dim=32",
+                    "model.conditioner.text.width=32", "model.conditioner.text.layers=1",
+                    "model.conditioner.text.heads=2"]
+
+
+@pytest.fixture(scope="module")
+def scenes_first_stage(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(in_channels=3, out_ch=3, resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                            z_channels=4, embed_dim=4, norm_groups=8)
+    root = tmp_path_factory.mktemp("ae_scenes")
+    save_checkpoint(root, 5, Autoencoder(cfg).state_dict(), {"task": "autoencoder", "model": to_dict(cfg)})
+    return root
+
+
+def scene_inputs(n: int) -> dict:
+    from torch.utils.data import default_collate
+
+    from latentdiff.data import DataConfig, build_dataset
+
+    data = build_dataset(DataConfig(name="fmnist_scenes", image_size=16, channels=3, limit=32), "test")
+    batch = default_collate([data[i] for i in range(n)])
+    mask = torch.zeros(n, 1, 16, 16)
+    mask[:, :, 2:10, 4:14] = 1
+    return {"caption": batch["caption"], "class_map": batch["class_map"], "image": batch["image"], "mask": mask}
+
+
+@pytest.mark.parametrize("name", list(SCENE_CONFIGS))
+def test_scene_configs_train_and_their_checkpoints_load_and_sample_with_guidance(name, scenes_first_stage, tmp_path):
+    from latentdiff.io.checkpoint import load_latent_diffusion
+
+    out = tmp_path / name
+    assert train(out, "train.steps=2", *SCENE_CONFIGS[name], config=f"configs/ldm-scenes-{name}.yaml",
+                 first_stage=scenes_first_stage) == 0
+    weights, state, config = latest(out)
+    assert config["model"]["conditioning"] == {"txt2img": "crossattn", "inpaint": "hybrid"}.get(name, "concat")
+    # The frozen MiniLM is not in the checkpoint, only which weights it was.
+    assert not any(k.startswith("cond_stage_model.") for k in weights)
+    minilm = config["model"]["conditioner"]["minilm"]
+    assert (len(minilm["weights_sha256"]) == 64) == (name in ("txt2img", "inpaint"))
+    cache = load_file(str(out / "latent_cache.safetensors"))
+    want_cached = {"txt2img": {"cond.input_ids"}, "seg2img": {"cond.class_map"}, "upscale": {"cond.lowres"},
+                   "inpaint": {"cond.input_ids", "cond.image"}}[name]
+    assert {k for k in cache if k.startswith("cond.")} == want_cached
+    if name in ("txt2img", "inpaint"):
+        captions = (out / "samples" / "captions.txt").read_text().splitlines()
+        assert len(captions) == 4 and all(captions)
+    model = load_latent_diffusion(out)
+    with torch.no_grad():  # weights for the zero-initialised layers, so that the conditioning shows
+        for p in model.unet.parameters():
+            if float(p.abs().max()) < 1e-2:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    inputs = scene_inputs(2)
+    got = model.sample(2, "ddim", 2, torch.Generator().manual_seed(0), cond=inputs, decode=False)
+    want = run_sampler(model.denoiser(), (2, 4, 8, 8), model.sigmas(2), "ddim", torch.Generator().manual_seed(0),
+                       extra_args=model.encode_conditioning(inputs, 2))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    guidance = 1.0 if name == "upscale" else 3.0  # the upscaler is trained without dropout: no guidance
+    guided = model.sample(2, "ddim", 2, torch.Generator().manual_seed(0), cond=inputs, guidance_scale=guidance)
+    assert guided.shape == (2, 3, 16, 16) and torch.isfinite(guided).all()
+
+
+def test_text_model_resume_is_bit_identical(scenes_first_stage, tmp_path):
+    common = ["train.device=cpu", *TEXT_TRANSFORMER, "model.conditioner.text_dropout=0.5"]
+    config = "configs/ldm-scenes-txt2img.yaml"
+    assert train(tmp_path / "full", "train.steps=4", *common, config=config, first_stage=scenes_first_stage) == 0
+    part = tmp_path / "part"
+    assert train(part, "train.steps=2", *common, config=config, first_stage=scenes_first_stage) == 0
+    assert main(["train", "--resume", str(part), "train.steps=4"]) == 0
+    (full_w, full_s, full_c), (part_w, part_s, part_c) = latest(tmp_path / "full"), latest(part)
+    vocab = full_c["model"]["conditioner"]["text"]["vocab"]
+    assert "sneaker" in vocab or "bag" in vocab
+    assert part_c["model"]["conditioner"]["text"]["vocab"] == vocab
+    assert any(k.startswith("cond_stage_model.transformer.") for k in full_w)
+    assert full_w.keys() == part_w.keys()
+    for k in full_w:
+        assert torch.equal(full_w[k], part_w[k]), k
+    for group in ("model", "cond_stage_model"):
+        for k in full_s[group]:
+            assert torch.equal(full_s[group][k], part_s[group][k]), (group, k)
+    # The saved conditioner is its EMA; the raw weights are in train_state.
+    for name, value in full_s["cond_ema"]["shadow"].items():
+        assert torch.equal(full_w[f"cond_stage_model.{name}"], value)
+    assert full_s["cond_ema"]["num_updates"] == 4
+
+
+def test_two_process_ddp_matches_one_process_for_a_jointly_trained_text_encoder(scenes_first_stage, tmp_path):
+    """The text encoder's gradients are averaged outside DDP (which wraps the UNet only), and the caption dropout
+    is drawn for the global batch: 2 processes x batch 2 end where 1 process x batch 4 does."""
+    import os
+    import subprocess
+    import sys
+
+    common = [*TINY, f"model.first_stage={scenes_first_stage}", "train.steps=3", "train.lr=1e-3", "train.device=cpu",
+              *TEXT_TRANSFORMER, "model.conditioner.text_dropout=0.5", "train.sample_every=100"]
+    config = "configs/ldm-scenes-txt2img.yaml"
+    single = tmp_path / "single"
+    assert main(["train", config, *common, "train.batch_size=4", f"train.out_dir={single}"]) == 0
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521", "-m",
+         "latentdiff.cli", "train", config, *common, "train.batch_size=2", f"train.out_dir={ddp}"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (_, s1, _), (_, s2, _) = latest(single), latest(ddp)
+    for k in s1["cond_stage_model"]:
+        torch.testing.assert_close(s1["cond_stage_model"][k], s2["cond_stage_model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    # As in the class-model DDP test: per-channel constants before the final GroupNorm (one channel per group
+    # here) have no true gradient, so Adam turns rounding noise into steps; the last block's transformer adds one.
+    last = max(int(k.split(".")[2]) for k in s1["model"] if k.startswith("diffusion_model.output_blocks."))
+    invariant = (f"output_blocks.{last}.0.out_layers.3.bias", f"output_blocks.{last}.0.skip_connection.bias",
+                 f"output_blocks.{last}.1.proj_out.bias")
+    for k in s1["model"]:
+        if not k.endswith(invariant):
+            torch.testing.assert_close(s1["model"][k], s2["model"][k], rtol=1e-4, atol=1e-5, msg=k)

@@ -6,9 +6,16 @@ z0 / scale_factor back to an image. The module's state dict uses CompVis' names:
 ``model.diffusion_model.*`` and the first stage under ``first_stage_model.*``.
 
 The conditioning is a dict with the optional keys of ``UNetModel.forward``: ``context`` (cross-attention tokens),
-``context_mask``, ``y`` (class labels) and ``concat`` (extra input channels). This file implements the modes
-"none" and "class" (labels through the UNet's label embedding, with one extra "null" class for classifier-free
-guidance); text and concat conditioning only need to fill the same dict.
+``context_mask``, ``y`` (class labels) and ``concat`` (extra input channels). Modes:
+
+- "none": unconditional;
+- "class": labels through the UNet's label embedding, with one extra "null" class for classifier-free guidance
+  (dropped with ``class_dropout``);
+- "crossattn", "concat", "hybrid" (both): a ``Conditioner`` (``config.conditioner``, see
+  ``latentdiff.conditioning.conditioner``) turns captions, class maps, images and labels into the dict, with
+  per-input dropout for guidance. It is the module's ``cond_stage_model`` (CompVis' name): its trainable weights
+  (a jointly trained text encoder, class-map token embeddings) train with the UNet and are saved under
+  ``cond_stage_model.*``; a frozen pretrained text encoder (MiniLM) is not saved but reloaded from its package.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.conditioning.conditioner import DROPOUT_INPUTS, INPUT_KEYS, Conditioner, ConditionerConfig
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.guidance import CFGDenoiser
 from latentdiff.diffusion.objectives import DiffusionLossConfig, diffusion_loss, sample_noise, sample_timesteps
@@ -32,8 +41,12 @@ from latentdiff.diffusion.unet import UNetConfig, UNetModel
 
 logger = logging.getLogger(__name__)
 
-CONDITIONING_MODES = ("none", "class")
+CONDITIONING_MODES = ("none", "class", "crossattn", "concat", "hybrid")
+CONDITIONER_MODES = ("crossattn", "concat", "hybrid")  # the modes a Conditioner drives
 COND_KEYS = ("context", "context_mask", "y", "concat")
+# Which dropout column (DROPOUT_INPUTS) a prepared conditioning tensor belongs to.
+_INPUT_COLUMN = {"input_ids": "caption", "caption": "caption", "class_map": "class_map", "image": "image",
+                 "lowres": "image", "mask": "image", "label": "label"}
 
 
 def _small_unet() -> UNetConfig:
@@ -56,6 +69,12 @@ class LatentDiffusionConfig:
     gets ``num_classes + 1`` label embeddings: index ``num_classes`` is the null class that replaces a label
     with probability ``class_dropout`` in training, which is the unconditional model for classifier-free
     guidance.
+
+    With ``conditioning`` "crossattn", "concat" or "hybrid", ``conditioner`` says which inputs condition the model
+    (``ConditionerConfig``); the mode must match what it produces (context tokens, concat channels, or both).
+    ``unet.context_dim`` (and ``unet.num_classes`` for conditioner labels) are filled in from it when unset;
+    ``unet.in_channels`` counts the concatenated channels (the latent's + the conditioner's) and
+    ``unet.out_channels`` the latent's.
     """
 
     first_stage: str = ""
@@ -67,9 +86,10 @@ class LatentDiffusionConfig:
     unet: UNetConfig = field(default_factory=_small_unet)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
-    conditioning: str = "none"  # "none" | "class"
+    conditioning: str = "none"  # "none" | "class" | "crossattn" | "concat" | "hybrid"
     num_classes: int = 0
     class_dropout: float = 0.1
+    conditioner: ConditionerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONING_MODES:
@@ -79,6 +99,12 @@ class LatentDiffusionConfig:
             raise ValueError(f"class_dropout must be in [0, 1], got {self.class_dropout}")
         if self.scale_factor < 0:
             raise ValueError(f"scale_factor must be positive, or 0 to compute it, got {self.scale_factor}")
+        if self.conditioning in CONDITIONER_MODES:
+            self._check_conditioner()
+            return
+        if self.conditioner is not None:
+            raise ValueError(f"model.conditioner is set but conditioning is {self.conditioning!r}; use one of "
+                             f"{', '.join(CONDITIONER_MODES)}")
         if self.conditioning == "class":
             if self.num_classes < 1:
                 raise ValueError("conditioning 'class' needs model.num_classes >= 1")
@@ -95,6 +121,44 @@ class LatentDiffusionConfig:
         if self.unet.out_channels != self.unet.in_channels:
             raise ValueError(f"model.unet.out_channels ({self.unet.out_channels}) must equal in_channels "
                              f"({self.unet.in_channels}): the UNet predicts a latent-shaped target")
+
+    def _check_conditioner(self) -> None:
+        c, mode, unet = self.conditioner, self.conditioning, self.unet
+        if c is None:
+            raise ValueError(f"conditioning {mode!r} needs model.conditioner (which inputs, which text encoder)")
+        if self.num_classes:
+            raise ValueError(f"model.num_classes is for conditioning 'class'; with {mode!r} labels are "
+                             "model.conditioner.num_classes")
+        want_context, want_concat = mode in ("crossattn", "hybrid"), mode in ("concat", "hybrid")
+        if c.has_context != want_context or c.has_concat != want_concat:
+            gives = " and ".join(k for k, v in (("cross-attention tokens", c.has_context),
+                                                ("concat channels", c.has_concat)) if v) or "only labels"
+            right = {(True, False): "crossattn", (False, True): "concat", (True, True): "hybrid"}.get(
+                (c.has_context, c.has_concat), "none of these")
+            raise ValueError(f"conditioning {mode!r} does not fit the conditioner, which gives {gives}: use "
+                             f"conditioning: {right}")
+        if c.has_context:
+            if not unet.use_spatial_transformer:
+                raise ValueError("cross-attention conditioning needs model.unet.use_spatial_transformer: true")
+            if not unet.context_dim:
+                unet.context_dim = c.context_dim
+            elif unet.context_dim != c.context_dim:
+                raise ValueError(f"model.unet.context_dim ({unet.context_dim}) must equal the conditioner's token "
+                                 f"width ({c.context_dim})")
+        elif unet.context_dim:
+            raise ValueError(f"model.unet.context_dim is {unet.context_dim} but the conditioner gives no "
+                             "cross-attention tokens; set model.unet.context_dim to null")
+        if c.num_classes:
+            if not unet.num_classes:
+                unet.num_classes = c.num_classes + 1  # the extra index is the null class
+            elif unet.num_classes != c.num_classes + 1:
+                raise ValueError(f"model.unet.num_classes must be conditioner.num_classes + 1 = {c.num_classes + 1} "
+                                 f"(the last embedding is the null class), got {unet.num_classes}")
+        elif unet.num_classes:
+            raise ValueError("model.unet.num_classes is set but the conditioner has no labels (num_classes: 0)")
+        if not want_concat and unet.out_channels != unet.in_channels:
+            raise ValueError(f"model.unet.out_channels ({unet.out_channels}) must equal in_channels "
+                             f"({unet.in_channels}) without concat conditioning")
 
     @property
     def pixel_space(self) -> bool:
@@ -145,6 +209,10 @@ class LatentDiffusion(nn.Module):
             config.scale_factor = 1.0
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.schedule = NoiseSchedule(config.schedule)
+        self.cond_stage_model: Conditioner | None = None
+        if config.conditioner is not None:
+            self.cond_stage_model = Conditioner(config.conditioner, config.image_size, self.image_channels,
+                                                self.latent_channels, config.image_size // self.downsample_factor)
 
     # ------------------------------------------------------------------------------------------ structure
 
@@ -153,8 +221,20 @@ class LatentDiffusion(nn.Module):
         latent = self.latent_channels
         where = (f"the first stage's embed_dim ({latent})" if not self.pixel_space
                  else f"the image channels ({latent}) in pixel space")
-        if c.unet.in_channels != latent:
+        if c.conditioner is not None and c.conditioner.has_concat:
+            if not c.image_size:
+                raise ValueError("concat conditioning needs model.image_size (or data.image_size) to size its inputs")
+            side = c.image_size // self.downsample_factor
+            extra = c.conditioner.concat_channels(self.image_channels, latent, c.image_size, side)
+            if c.unet.out_channels != latent:
+                raise ValueError(f"model.unet.out_channels ({c.unet.out_channels}) must equal {where}")
+            if c.unet.in_channels != latent + extra:
+                raise ValueError(f"model.unet.in_channels ({c.unet.in_channels}) must be {latent + extra}: {latent} "
+                                 f"latent channels ({where}) + {extra} concatenated by the conditioner")
+        elif c.unet.in_channels != latent:
             raise ValueError(f"model.unet.in_channels ({c.unet.in_channels}) and out_channels must equal {where}")
+        if c.conditioner is not None and not c.image_size:
+            raise ValueError("a conditioner needs model.image_size (or data.image_size)")
         if not self.pixel_space:
             fs = self.first_stage_model.config
             if c.channels and fs.in_channels != c.channels:
@@ -181,9 +261,15 @@ class LatentDiffusion(nn.Module):
     def latent_channels(self) -> int:
         if self.pixel_space:
             if not self.config.channels:
-                return self.config.unet.in_channels  # unknown image channels: trust the UNet
+                return self.config.unet.out_channels  # unknown image channels: trust the UNet
             return self.config.channels
         return self.first_stage_model.config.embed_dim
+
+    @property
+    def image_channels(self) -> int:
+        if self.config.channels:
+            return self.config.channels
+        return self.latent_channels if self.pixel_space else self.first_stage_model.config.in_channels
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -202,7 +288,13 @@ class LatentDiffusion(nn.Module):
         return self.config.num_classes
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The UNet's parameters, then the conditioner's trainable ones (a jointly trained text encoder...)."""
+        return [p for p in self.model.parameters() if p.requires_grad] + self.conditioner_parameters()
+
+    def conditioner_parameters(self) -> list[nn.Parameter]:
+        if self.cond_stage_model is None:
+            return []
+        return [p for p in self.cond_stage_model.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
@@ -300,6 +392,10 @@ class LatentDiffusion(nn.Module):
         cond = dict(cond or {})
         unknown = sorted(set(cond) - set(COND_KEYS))
         if unknown:
+            raw = sorted(set(unknown) & set(INPUT_KEYS))
+            if raw and self.cond_stage_model is None:
+                raise ValueError(f"this model (conditioning: {self.config.conditioning}) has no conditioner for the "
+                                 f"inputs {raw}")
             raise ValueError(f"unknown conditioning keys {unknown}; expected some of {', '.join(COND_KEYS)}")
         if self.config.conditioning == "class":
             y = cond.get("y")
@@ -315,26 +411,40 @@ class LatentDiffusion(nn.Module):
                     raise ValueError(f"class labels must be in [0, {self.config.num_classes - 1}] (or "
                                      f"{self.null_class}, the null class), got {sorted(set(y.tolist()))}")
                 cond["y"] = y
-        elif cond.get("y") is not None:
+        elif cond.get("y") is not None and self.config.conditioning == "none":
             raise ValueError("this model is unconditional (conditioning: none) but class labels were given")
         return cond
 
     def loss(self, z0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
              generator: torch.Generator | None = None,
              network: nn.Module | None = None,
-             draws: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             draws: dict[str, torch.Tensor] | None = None,
+             inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on scaled latents ``z0``: timesteps and noise (and class dropout) from ``generator``,
-        or given in ``draws`` (``draw_training_noise``'s "t", "noise" and "dropout", e.g. a rank's rows of the
-        global batch's draws under DDP).
+        or given in ``draws`` (``draw_training_noise``'s "t", "noise", "dropout", and the conditioner's
+        "cond_dropout" / "inpaint_box"; e.g. a rank's rows of the global batch's draws under DDP).
+
+        A model with a conditioner takes its inputs in ``inputs`` (a batch's captions, class maps, images, labels,
+        or ``Conditioner.prepare``'s tensors, e.g. from the latent cache); they are encoded here, with the
+        per-input dropout while training, so that a jointly trained text encoder gets its gradients. An inpainting
+        batch without masks gets the random boxes of ``draws["inpaint_box"]``. ``cond`` may instead hold a ready
+        UNet conditioning dict.
 
         ``network`` replaces ``self.model`` in the forward pass (the trainer passes its DDP wrapper of it).
         """
         n, device = z0.shape[0], z0.device
-        cond = self.prepare_cond(cond, n)
         if draws is None:
             draws = self.draw_training_noise(n, generator, with_posterior=False, latent_shape=tuple(z0.shape[1:]))
-        if self.config.conditioning == "class" and self.training:
-            cond["y"] = self.drop_class_labels(cond["y"], uniform=draws["dropout"])
+        if self.cond_stage_model is not None and (inputs is not None or cond is None):
+            drop = self.cond_stage_model.dropout_mask(draws["cond_dropout"]) if self.training else None
+            cond = self.encode_conditioning(inputs or {}, n, drop=drop, mask_uniform=draws.get("inpaint_box"))
+        else:
+            if inputs is not None:
+                raise ValueError(f"this model (conditioning: {self.config.conditioning}) has no conditioner for "
+                                 "the inputs given")
+            cond = self.prepare_cond(cond, n)
+            if self.config.conditioning == "class" and self.training:
+                cond["y"] = self.drop_class_labels(cond["y"], uniform=draws["dropout"])
         cond = {k: v.to(device) for k, v in cond.items()}
         t, noise = draws["t"].to(device), draws["noise"].to(device, torch.float32)
         z0 = z0.float()
@@ -346,11 +456,13 @@ class LatentDiffusion(nn.Module):
                             latent_shape: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
         """Every random number one training step needs for ``n`` samples, on the generator's device, in a fixed
         order: "posterior" (the KL posterior's N(0, I) noise, when it is sampled), "dropout" (U(0, 1) per label),
-        "t" (uniform timesteps) and "noise" (the diffusion noise, with offset noise if configured).
+        "t" (uniform timesteps), "noise" (the diffusion noise, with offset noise if configured) and, with a
+        conditioner, its "cond_dropout" (U(0, 1) per sample and input) and "inpaint_box" (inpainting masks).
 
         Drawing for the *global* batch and keeping a rank's rows (``[rank::world]``, as the batch sampler
         shards) gives every sample the same randomness whatever the number of processes, so W processes with
-        batch B train exactly like one with W * B.
+        batch B train exactly like one with W * B. The conditioner's numbers come last, so the draws of models
+        without one are what they always were.
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         shape = (n, *(latent_shape or self.latent_shape))
@@ -360,7 +472,75 @@ class LatentDiffusion(nn.Module):
         draws["dropout"] = torch.rand((n,), generator=generator, device=gen_device)
         draws["t"] = sample_timesteps(n, self.schedule, generator, gen_device)
         draws["noise"] = sample_noise(shape, generator, self.config.loss.offset_noise, gen_device, torch.float32)
+        if self.cond_stage_model is not None:
+            draws.update(self.cond_stage_model.draw(n, generator, gen_device))
         return draws
+
+    # ------------------------------------------------------------------------------------------ conditioner
+
+    @torch.no_grad()
+    def encode_condition_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> scaled latents for conditioning (masked images, low-res images): the posterior's mode, so
+        that the same image always gives the same conditioning."""
+        params = self.first_stage_parameters(x.to(next(self.model.parameters()).device))
+        if not self.pixel_space and self.first_stage_model.config.regularizer == "kl":
+            params = params.chunk(2, dim=1)[0]  # the mean of (mean, logvar)
+        return params * self._require_scale()
+
+    def encode_conditioning(self, inputs: dict[str, Any], n: int, drop: torch.Tensor | None = None,
+                            mask_uniform: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning dict from raw or prepared inputs (captions, class maps, images, labels; a
+        missing input counts as dropped). ``drop`` (n, 4) bool drops inputs (see ``Conditioner.forward``);
+        ``mask_uniform`` (n, 5) draws inpainting boxes for an inpainting batch that brings no mask."""
+        cs = self._conditioner()
+        prepared = _broadcast(cs.prepare(inputs), n)
+        if "image" in prepared and "mask" not in prepared and self.config.conditioner.image == "inpaint":
+            if mask_uniform is None:
+                raise ValueError("inpainting needs a mask (N, 1, H, W), 1 where to fill in, with the image")
+            prepared["mask"] = cs.training_masks(mask_uniform)
+        return cs(prepared, drop=drop, encode=self.encode_condition_image, n=n)
+
+    def _conditioner(self) -> Conditioner:
+        if self.cond_stage_model is None:
+            raise ValueError(f"this model (conditioning: {self.config.conditioning}) has no conditioner")
+        return self.cond_stage_model
+
+    def _guidance_pair(self, cond: dict[str, Any] | None, uncond: dict[str, Any] | None, n: int,
+                       need_uncond: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(cond, uncond) UNet dicts for a conditioner model from raw inputs (or ready UNet dicts).
+
+        The unconditional branch keeps the inputs trained without dropout and replaces the others by their
+        unconditional versions (the empty caption...); inputs given in ``uncond`` (a negative prompt as
+        ``{"caption": ...}``) replace those instead.
+        """
+        cs = self._conditioner()
+        cond = dict(cond or {})
+        if cond and set(cond) <= set(COND_KEYS):
+            ready = cond
+        else:
+            unknown = sorted(set(cond) - set(INPUT_KEYS))
+            if unknown:
+                raise ValueError(f"unknown conditioning inputs {unknown}; give some of {', '.join(INPUT_KEYS)} (or a "
+                                 f"ready UNet dict of {', '.join(COND_KEYS)})")
+            ready = self.encode_conditioning(cond, n)
+        if not need_uncond:
+            return ready, None
+        if uncond is not None and set(uncond) <= set(COND_KEYS) and uncond:
+            return ready, dict(uncond)
+        unknown = sorted(set(uncond or {}) - set(INPUT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown unconditional inputs {unknown}; give some of {', '.join(INPUT_KEYS)} (e.g. a "
+                             "negative prompt as uncond={'caption': ...}) or a ready UNet dict")
+        drop = cs.unconditional_mask(n)
+        override = cs.prepare(uncond or {})
+        for key in override:
+            drop[:, DROPOUT_INPUTS.index(_INPUT_COLUMN[key])] = False
+        if not bool(drop.any()) and not override:
+            return ready, None
+        prepared = {**_broadcast(cs.prepare(cond), n), **_broadcast(override, n)}
+        if "image" in prepared and "mask" not in prepared and cs.config.image == "inpaint":
+            raise ValueError("inpainting needs a mask (N, 1, H, W), 1 where to fill in, with the image")
+        return ready, cs(prepared, drop=drop, encode=self.encode_condition_image, n=n)
 
     def denoiser(self) -> DiscreteDenoiser:
         """D(x, sigma, **cond) -> x0 over this model's UNet, for the samplers."""
@@ -380,34 +560,56 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, generator: torch.Generator | None = None,
-               cond: dict[str, torch.Tensor] | None = None, guidance_scale: float = 1.0, karras: bool = False,
+               cond: dict[str, Any] | None = None, guidance_scale: float = 1.0, karras: bool = False,
                spacing: str = "trailing", decode: bool = True, disable_progress: bool | None = True,
-               **sampler_options: float) -> torch.Tensor:
+               uncond: dict[str, Any] | None = None, **sampler_options: float) -> torch.Tensor:
         """``n`` images in [-1, 1] (or latents with ``decode=False``) from ``steps`` steps of ``sampler``.
 
         The initial and sampler noise come from ``generator`` (create it on the CPU: the same seed then gives the
         same images on every device). ``cond["y"]`` holds class labels for a class model (default: the null
         class, i.e. unconditional samples); ``guidance_scale`` != 1 applies classifier-free guidance with the null
         class as the unconditional branch.
+
+        A model with a conditioner takes its inputs in ``cond``: ``{"caption": [...]}`` (one string is used for
+        all ``n``), ``class_map`` (N, H, W), ``lowres`` (N, C, s, s), ``image`` + ``mask`` (inpainting; mask 1
+        where to fill in), ``label``; or a ready UNet dict. Missing inputs are unconditional. The guidance branch
+        is ``uncond``: by default the inputs trained with dropout replaced by their unconditional versions (the
+        empty caption); ``uncond={"caption": "a negative prompt"}`` replaces the caption instead.
         """
         sampler_fn = get_sampler(sampler)
         device = next(self.model.parameters()).device
-        cond = self.prepare_cond(cond, n)
-        cond = {k: v.to(device) for k, v in cond.items()}
-        denoiser = self.denoiser()
-        if guidance_scale != 1.0:
-            if self.config.conditioning != "class":
-                raise ValueError("classifier-free guidance needs a conditional model; this one is unconditional")
-            uncond = dict(cond, y=torch.full((n,), self.null_class, dtype=torch.long, device=device))
-            model, extra = CFGDenoiser(denoiser), {"cond": cond, "uncond": uncond, "scale": guidance_scale}
-        else:
-            model, extra = denoiser, cond
         was_training = self.training
         self.eval()
         try:
+            denoiser = self.denoiser()
+            if self.cond_stage_model is not None:
+                cond, guide = self._guidance_pair(cond, uncond, n, need_uncond=guidance_scale != 1.0)
+                if guidance_scale != 1.0 and guide is None:
+                    raise ValueError("classifier-free guidance needs an unconditional branch, but this model was "
+                                     "trained without conditioning dropout; give uncond (e.g. a negative prompt)")
+            else:
+                cond = self.prepare_cond(cond, n)
+                guide = None
+                if guidance_scale != 1.0:
+                    if self.config.conditioning != "class":
+                        raise ValueError("classifier-free guidance needs a conditional model; this one is "
+                                         "unconditional")
+                    guide = (self.prepare_cond(uncond, n) if uncond is not None
+                             else dict(cond, y=torch.full((n,), self.null_class, dtype=torch.long)))
+            cond = {k: v.to(device) for k, v in cond.items()}
+            if guidance_scale != 1.0:
+                guide = {k: v.to(device) for k, v in guide.items()}
+                model, extra = CFGDenoiser(denoiser), {"cond": cond, "uncond": guide, "scale": guidance_scale}
+            else:
+                model, extra = denoiser, cond
             z = run_sampler(model, (n, *self.latent_shape), self.sigmas(steps, karras, spacing), sampler_fn,
                             generator=generator, extra_args=extra, device=device, disable=disable_progress,
                             **sampler_options)
             return self.decode(z).clamp(-1, 1) if decode else z
         finally:
             self.train(was_training)
+
+
+def _broadcast(prepared: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Inputs given once (one caption, one class map) repeated for a batch of ``n``."""
+    return {k: (v.expand(n, *v.shape[1:]) if len(v) == 1 and n > 1 else v) for k, v in prepared.items()}

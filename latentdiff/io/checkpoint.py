@@ -142,7 +142,8 @@ def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", 
     """Load a latent (or pixel-space) diffusion model, first stage included, from a native checkpoint.
 
     ``model.safetensors`` holds the weights the trainer saved for sampling (the EMA weights by default). With
-    ``ema=False`` the UNet's raw training weights are taken from ``train_state.pt`` beside it instead.
+    ``ema=False`` the UNet's (and a trained conditioner's) raw training weights are taken from ``train_state.pt``
+    beside it instead. A frozen pretrained text encoder (MiniLM) is not in the file: it is loaded from its package.
     """
     from latentdiff.config import ConfigError, from_dict
     from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
@@ -161,4 +162,6 @@ def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", 
         if state.get("model") is None:
             raise CheckpointError(f"{path}: train_state.pt holds no raw UNet weights")
         load_state_strict(model.model, state["model"], "UNet (raw weights)")
+        if getattr(model, "cond_stage_model", None) is not None and state.get("cond_stage_model") is not None:
+            load_state_strict(model.cond_stage_model, state["cond_stage_model"], "conditioner (raw weights)")
     return model.to(device).eval()

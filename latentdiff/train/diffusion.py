@@ -18,6 +18,19 @@ of a VQ model, or the images themselves (as uint8, exactly) in pixel space, with
 key made of the first-stage checkpoint (resolved path, size, mtime) and the data config, and is reused on
 resume or restart only when the key matches. Caching freezes the data: random flips are then applied once,
 not per epoch.
+
+Conditioning (``model.conditioner``): batches bring captions, class maps, images and labels; the conditioner
+turns them into the UNet's inputs inside ``LatentDiffusion.loss`` (so that a jointly trained text encoder learns),
+with the per-input dropout drawn with the rest of the step's randomness. The latent cache then also holds what
+``Conditioner.prepare`` makes of each item: token ids (captions are tokenised once), class maps (uint8), low-res
+images, and for inpainting the images themselves (uint8: an 8-bit copy, like the files real inpainting inputs come
+from; the masks are drawn per step, so the masked image is encoded each step). A frozen text encoder (MiniLM) is
+run each step on the cached ids rather than cached: its outputs would be ~100 KB per caption. The conditioner's
+trainable weights are optimised with the UNet, averaged by their own EMA, gradient-averaged across DDP ranks, and
+saved under ``cond_stage_model.*``. A jointly trained text encoder's word vocabulary is built from the training
+captions when the run starts (and saved in the config). Sample grids of conditional models use the first
+``sample_images`` items of ``sample_split`` (their captions, maps, images) as fixed inputs; the captions are
+written beside them (``samples/captions.txt``).
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ import json
 import logging
 import math
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +50,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from latentdiff.conditioning.text import build_vocabulary
 from latentdiff.config import save_yaml, to_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.data.transforms import save_image_grid
@@ -90,7 +104,8 @@ class DiffusionExperiment:
     grids and the saved ``model.safetensors`` use the EMA weights (the raw ones are always in train_state.pt).
     ``cache_latents``: encode the training set once (see the module docstring). Every ``train.sample_every``
     steps a grid of ``sample_images`` samples (``sampler``, ``sample_steps`` steps, guidance
-    ``sample_guidance`` for class models, one class per column) goes to ``samples/step_*.png``.
+    ``sample_guidance`` for class models, one class per column) goes to ``samples/step_*.png``; models with a
+    conditioner are conditioned on the first ``sample_images`` items of ``sample_split``.
     """
 
     task: str = "diffusion"
@@ -105,6 +120,7 @@ class DiffusionExperiment:
     sampler: str = "ddim"
     sample_steps: int = 50
     sample_guidance: float = 1.0
+    sample_split: str = "test"
 
     def __post_init__(self) -> None:
         m, d = self.model, self.data
@@ -125,8 +141,11 @@ class DiffusionExperiment:
             raise ValueError("sample_steps and sample_images must be at least 1")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.sample_guidance != 1.0 and m.conditioning != "class":
+        if self.sample_guidance != 1.0 and m.conditioning == "none":
             raise ValueError("sample_guidance needs a class-conditional model (model.conditioning: class)")
+        if self.sample_guidance != 1.0 and m.conditioner is not None and not any(m.conditioner.dropout_rates):
+            raise ValueError("sample_guidance needs an unconditional branch: give some conditioner input a dropout "
+                             "rate (e.g. model.conditioner.text_dropout: 0.1)")
 
 
 LOG_COLUMNS = ["loss", "loss_simple", "loss_simple_weighted", "loss_vlb", "grad_norm", "lr", "ema_decay",
@@ -155,15 +174,35 @@ def latent_cache_key(exp: DiffusionExperiment) -> str:
             source = {"first_stage": str(first), "missing": True}
     fs = exp.model.first_stage_config
     kind = "pixel" if exp.model.pixel_space else (fs.regularizer if fs is not None else "unknown")
-    return json.dumps({"version": CACHE_VERSION, "kind": kind, **source, "data": to_dict(exp.data)}, sort_keys=True)
+    key: dict[str, Any] = {"version": CACHE_VERSION, "kind": kind, **source, "data": to_dict(exp.data)}
+    if exp.model.conditioner is not None:  # only then: the keys of existing caches stay what they were
+        key["conditioner"] = exp.model.conditioner.cache_signature()
+    return json.dumps(key, sort_keys=True)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(127.5).sub_(1.0)  # the same ops as data.transforms.to_tensor: bit-identical
 
 
 class LatentCacheDataset(Dataset):
-    """Items ``{"params": first-stage parameters, "label": int}`` from an in-memory cache."""
+    """Items ``{"params": first-stage parameters, "label": int, **conditioning inputs}`` from an in-memory cache.
 
-    def __init__(self, params: torch.Tensor, labels: torch.Tensor) -> None:
+    ``extras`` are ``Conditioner.prepare``'s tensors per item (token ids, class maps, low-res images, images);
+    uint8 images come back in [-1, 1] and uint8 class maps as int64.
+    """
+
+    def __init__(self, params: torch.Tensor, labels: torch.Tensor,
+                 extras: dict[str, torch.Tensor] | None = None) -> None:
         self.params, self.labels = params, labels
         self.pixels_uint8 = params.dtype == torch.uint8
+        self.extras = dict(extras or {})
+        for name, values in self.extras.items():
+            if len(values) != len(params):
+                raise ValueError(f"latent cache: {name!r} has {len(values)} items, params {len(params)}")
 
     def __len__(self) -> int:
         return len(self.params)
@@ -171,24 +210,47 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         p = self.params[index]
         if self.pixels_uint8:
-            p = p.float().div_(127.5).sub_(1.0)  # the same ops as data.transforms.to_tensor: bit-identical
-        return {"params": p, "label": int(self.labels[index])}
+            p = _from_uint8(p)
+        item: dict[str, Any] = {"params": p, "label": int(self.labels[index])}
+        for name, values in self.extras.items():
+            value = values[index]
+            if value.dtype == torch.uint8:
+                value = _from_uint8(value) if name in ("image", "lowres") else value.long()
+            item[name] = value
+        return item
+
+
+def _cacheable_inputs(model: LatentDiffusion, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The conditioner's prepared inputs of a batch, in their compact cache form (labels are cached apart)."""
+    if model.cond_stage_model is None:
+        return {}
+    prepared = model.cond_stage_model.prepare(batch)
+    prepared.pop("label", None)
+    if "image" in prepared:
+        prepared["image"] = _to_uint8(prepared["image"])
+    if "class_map" in prepared and model.config.conditioner.num_map_classes <= 256:
+        prepared["class_map"] = prepared["class_map"].to(torch.uint8)
+    return {k: v.cpu() for k, v in prepared.items()}
 
 
 @torch.no_grad()
 def encode_dataset(model: LatentDiffusion, dataset: Dataset, device: torch.device, batch_size: int = 256,
-                   num_workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-stage parameters (see ``LatentDiffusion.first_stage_parameters``) and labels of every item."""
+                   num_workers: int = 0,
+                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """First-stage parameters (see ``LatentDiffusion.first_stage_parameters``), labels and the conditioner's
+    cacheable inputs (``Conditioner.prepare``; empty without a conditioner) of every item."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    params, labels = [], []
+    params, labels, extras = [], [], {}
     for batch in tqdm(loader, desc="encode latents", disable=not progress, dynamic_ncols=True):
         x = batch["image"].to(device)
         p = model.first_stage_parameters(x).float().cpu()
         if model.pixel_space:
-            p = ((p + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            p = _to_uint8(p)
         params.append(p)
         labels.append(torch.as_tensor(batch["label"], dtype=torch.long))
-    return torch.cat(params), torch.cat(labels)
+        for name, value in _cacheable_inputs(model, batch).items():
+            extras.setdefault(name, []).append(value)
+    return torch.cat(params), torch.cat(labels), {name: torch.cat(values) for name, values in extras.items()}
 
 
 def load_or_build_latent_cache(exp: DiffusionExperiment, model: LatentDiffusion, dataset: Dataset, run_dir: Path,
@@ -212,16 +274,19 @@ def load_or_build_latent_cache(exp: DiffusionExperiment, model: LatentDiffusion,
         else:
             if path.exists():
                 logger.info("the latent cache %s was made from another first stage or data: re-encoding", path)
-            params, labels = encode_dataset(model, dataset, env.device, num_workers=exp.train.num_workers)
+            params, labels, extras = encode_dataset(model, dataset, env.device, num_workers=exp.train.num_workers)
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            save_file({"params": params.contiguous(), "labels": labels}, str(tmp), metadata={"cache_key": key})
+            tensors = {"params": params.contiguous(), "labels": labels}
+            tensors.update({f"cond.{name}": value.contiguous() for name, value in extras.items()})
+            save_file(tensors, str(tmp), metadata={"cache_key": key})
             os.replace(tmp, path)
             logger.info("wrote the latent cache %s (%d items, %s per item)", path, len(params), tuple(params.shape[1:]))
     if env.distributed:
         dist.barrier()
     tensors = load_file(str(path))
-    return LatentCacheDataset(tensors["params"], tensors["labels"])
+    extras = {name[len("cond."):]: value for name, value in tensors.items() if name.startswith("cond.")}
+    return LatentCacheDataset(tensors["params"], tensors["labels"], extras)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -242,18 +307,88 @@ def _class_labels(exp: DiffusionExperiment, n: int) -> torch.Tensor | None:
     return torch.arange(n) % exp.model.num_classes
 
 
+def sample_inputs(model: LatentDiffusion, exp: DiffusionExperiment) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The fixed conditioning inputs of the sample grids: the first ``sample_images`` items of ``sample_split``
+    (their captions, class maps, low-res images, labels), prepared; for inpainting with masks drawn from a
+    generator seeded with ``train.seed``. Also returns the captions (empty without text)."""
+    if model.cond_stage_model is None:
+        return {}, []
+    n = exp.sample_images
+    dataset = build_dataset(exp.data, exp.sample_split)
+    if len(dataset) < n:
+        raise ValueError(f"sample_images is {n} but the {exp.sample_split!r} split has only {len(dataset)} items")
+    batch = default_collate([dataset[i] for i in range(n)])
+    inputs = model.cond_stage_model.prepare(batch)
+    if model.config.conditioner.image == "inpaint":
+        boxes = model.cond_stage_model.draw(n, torch.Generator().manual_seed(exp.train.seed))["inpaint_box"]
+        inputs["mask"] = model.cond_stage_model.training_masks(boxes)
+    captions = [str(c) for c in batch.get("caption", [])] if model.config.conditioner.text_encoder != "none" else []
+    return inputs, captions
+
+
 @torch.no_grad()
-def save_sample_grid(model: LatentDiffusion, exp: DiffusionExperiment, path: Path, ema: EMA | None = None) -> None:
-    """``exp.sample_images`` samples from a fixed seed (one class per column for class models), as a PNG."""
+def save_sample_grid(model: LatentDiffusion, exp: DiffusionExperiment, path: Path, ema: EMA | None = None,
+                     cond_ema: EMA | None = None, inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """``exp.sample_images`` samples from a fixed seed (one class per column for class models; conditioned on
+    ``inputs``, see ``sample_inputs``, for conditioner models), as a PNG."""
     n = exp.sample_images
     labels = _class_labels(exp, n)
-    cond = {"y": labels} if labels is not None else None
-    context = ema.average_parameters(model.model) if ema is not None else nullcontext()
-    with context:
+    cond = {"y": labels} if labels is not None else inputs
+    with ExitStack() as stack:
+        if ema is not None:
+            stack.enter_context(ema.average_parameters(model.model))
+        if cond_ema is not None:
+            stack.enter_context(cond_ema.average_parameters(model.cond_stage_model))
         images = model.sample(n, exp.sampler, exp.sample_steps, torch.Generator().manual_seed(exp.train.seed),
                               cond=cond, guidance_scale=exp.sample_guidance)
     nrow = min(n, exp.model.num_classes) if labels is not None else math.ceil(math.sqrt(n))
     save_image_grid(images.cpu(), path, nrow=nrow)
+
+
+def dataset_captions(dataset: Dataset) -> list[str]:
+    """Every caption of a captioned dataset, for building a text encoder's vocabulary.
+
+    Asks the dataset for captions without rendering images where it can (a ``caption(index)`` method; the scenes'
+    ``scene(index)`` layouts), else reads every item.
+    """
+    if callable(getattr(dataset, "caption", None)):
+        return [dataset.caption(i) for i in range(len(dataset))]
+    from latentdiff.data.scenes import FashionScenes, caption_for
+
+    if isinstance(dataset, FashionScenes):
+        return [caption_for(dataset.scene(i)[0]) for i in range(len(dataset))]
+    captions = []
+    for i in tqdm(range(len(dataset)), desc="read captions", dynamic_ncols=True):
+        item = dataset[i]
+        if "caption" not in item:
+            raise ValueError(f"{type(dataset).__name__} items have no 'caption': a text encoder needs captioned data")
+        captions.append(str(item["caption"]))
+    return captions
+
+
+def _build_vocabulary(exp: DiffusionExperiment, dataset: Dataset) -> None:
+    """Fill the jointly trained text encoder's vocabulary from the training captions, once, into the config."""
+    text = exp.model.conditioner.text
+    text.vocab = build_vocabulary(dataset_captions(dataset), text.vocab_min_count, text.vocab_max_size)
+    if not text.vocab:
+        raise ValueError(f"the training captions of {exp.data.name!r} give an empty vocabulary")
+    logger.info("text vocabulary: %d words from the training captions (%s ...)", len(text.vocab),
+                ", ".join(text.vocab[:8]))
+
+
+def _check_inputs(exp: DiffusionExperiment, dataset: Dataset) -> None:
+    """A conditioner's inputs must be in the data: one clear error before any encoding."""
+    c = exp.model.conditioner
+    if c is None:
+        return
+    item = dataset[0]
+    needed = {"caption": c.text_encoder != "none", "class_map": c.class_map != "none", "label": c.num_classes > 0}
+    missing = [key for key, used in needed.items() if used and key not in item]
+    if missing:
+        raise ValueError(f"the conditioner needs {', '.join(missing)} in every item, but {exp.data.name!r} has "
+                         f"only {', '.join(sorted(item))}")
+    if c.num_classes > 0 and int(item["label"]) < 0:
+        raise ValueError(f"conditioner.num_classes is set but {exp.data.name!r} has no class labels")
 
 
 def _check_labels(exp: DiffusionExperiment, dataset: Dataset) -> None:
@@ -279,6 +414,15 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         logger.warning("train.betas is (0.5, 0.9), TrainConfig's GAN default; diffusion models usually train "
                        "with (0.9, 0.999)")
 
+    train_set = None
+    if mc.conditioner is not None:  # built first: the conditioner's checks (and vocabulary) read the data
+        train_set = build_dataset(exp.data, "train")
+        _check_inputs(exp, train_set)
+        if mc.conditioner.text_encoder == "transformer" and not mc.conditioner.text.vocab:
+            if resume is not None:
+                raise ValueError("the run's config has no text vocabulary; it cannot be resumed")
+            _build_vocabulary(exp, train_set)
+
     ckpt_dir, state = None, None
     if resume is not None:
         ckpt_dir = resolve_checkpoint(resume).parent
@@ -287,6 +431,8 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         weights, ckpt_config = read_checkpoint(ckpt_dir)
         load_state_strict(model, weights, "latent diffusion model")
         load_state_strict(model.model, state["model"], "UNet (raw weights)")
+        if model.cond_stage_model is not None:
+            load_state_strict(model.cond_stage_model, state["cond_stage_model"], "conditioner (raw weights)")
         mc.scale_factor = float(ckpt_config["model"]["scale_factor"])
     else:
         if mc.first_stage_config is not None and not mc.first_stage:
@@ -296,26 +442,36 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         model = LatentDiffusion(mc, first_stage)
     model.to(env.device)
 
+    cond_params = model.conditioner_parameters()
+    if env.distributed and cond_params:
+        # DDP makes the UNet's initial weights rank 0's; the conditioner is outside it (each rank seeded apart).
+        for p in cond_params:
+            dist.broadcast(p.data, src=0)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay)
     ema = EMA(model.model, exp.ema_decay, exp.ema_warmup)
+    cond_ema = EMA(model.cond_stage_model, exp.ema_decay, exp.ema_warmup) if cond_params else None
     start_step, cpu_offset = 0, 0.0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
+        if cond_ema is not None:
+            cond_ema.load_state_dict(state["cond_ema"])
         start_step = int(state["step"])
         cpu_offset = float(state.get("cpu_seconds", 0.0))
         logger.info("resumed from %s at step %d", ckpt_dir, start_step)
 
-    train_set = build_dataset(exp.data, "train")
+    if train_set is None:
+        train_set = build_dataset(exp.data, "train")
     _check_labels(exp, train_set)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(exp, run_dir / "config.yaml")
         space = "pixel space" if model.pixel_space else f"latents {model.latent_shape} (f={model.downsample_factor})"
-        logger.info("training a %s diffusion model on %s, UNet %.2fM params, on %s (%d images), device %s, world %d",
-                    mc.conditioning, space, sum(p.numel() for p in model.trainable_parameters()) / 1e6,
-                    exp.data.name, len(train_set), env.device, env.world_size)
+        cond_note = f" + conditioner {sum(p.numel() for p in cond_params) / 1e6:.2f}M" if cond_params else ""
+        logger.info("training a %s diffusion model on %s, UNet %.2fM params%s, on %s (%d images), device %s, "
+                    "world %d", mc.conditioning, space, sum(p.numel() for p in model.model.parameters()) / 1e6,
+                    cond_note, exp.data.name, len(train_set), env.device, env.world_size)
     cached = exp.cache_latents
     if cached:
         if exp.data.random_flip:
@@ -330,6 +486,12 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
     ddp_net = DDP(model.model) if env.distributed else model.model
     batches = make_loader(train_data, cfg, env, start_step)
     guard = NonFiniteGuard(cfg.max_nonfinite)
+    grid_inputs: dict[str, torch.Tensor] = {}
+    if env.is_main and model.cond_stage_model is not None:
+        grid_inputs, grid_captions = sample_inputs(model, exp)
+        if grid_captions:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (run_dir / "samples" / "captions.txt").write_text("\n".join(grid_captions) + "\n")
     if state is not None:
         # Restored last: building datasets and loaders draws from the global generator too.
         set_rng_state(state["rng"], env.device)
@@ -340,9 +502,15 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         weights = model.state_dict()
         if exp.use_ema:
             weights.update({f"model.{name}": value for name, value in ema.shadow.items()})
+            if cond_ema is not None:
+                weights.update({f"cond_stage_model.{name}": value for name, value in cond_ema.shadow.items()})
         train_state = {"step": step, "model": model.model.state_dict(), "ema": ema.state_dict(),
                        "optimizer": opt.state_dict(), "rng": rng_state(env.device), "scale_factor": model.scale_factor,
                        "cpu_seconds": clock.total_cpu()}
+        if model.cond_stage_model is not None:
+            train_state["cond_stage_model"] = model.cond_stage_model.state_dict()
+            if cond_ema is not None:
+                train_state["cond_ema"] = cond_ema.state_dict()
         save_checkpoint(run_dir, step, weights, to_dict(exp), train_state, keep=cfg.keep_checkpoints)
 
     clock = RunClock(cpu_offset)
@@ -365,18 +533,24 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
             _set_scale_factor(model, latents, env)
         z0 = latents * model.scale_factor
         cond = {"y": batch["label"].to(env.device)} if mc.conditioning == "class" else None
+        # The conditioner reads its inputs from the batch: raw (captions, images) or cached (token ids...).
+        inputs = batch if model.cond_stage_model is not None else None
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         with autocast_context(env.device, cfg.precision):
-            loss, logs = model.loss(z0, cond, network=ddp_net, draws=draws)
+            loss, logs = model.loss(z0, cond, network=ddp_net, draws=draws, inputs=inputs)
         opt.zero_grad(set_to_none=True)
         ok = guard.check(loss, step)
         if ok:
             loss.backward()
+            if env.distributed and cond_params:
+                _average_gradients(cond_params, env.world_size)
             if cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip))
             opt.step()
             ema.update(model.model)
+            if cond_ema is not None:
+                cond_ema.update(model.cond_stage_model)
         step += 1
         progress.update(1)
         if ok:
@@ -389,7 +563,8 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
             log.write(step, means)
             progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
         if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            save_sample_grid(model, exp, run_dir / "samples" / f"step_{step:07d}.png", ema if exp.use_ema else None)
+            save_sample_grid(model, exp, run_dir / "samples" / f"step_{step:07d}.png", ema if exp.use_ema else None,
+                             cond_ema if exp.use_ema else None, grid_inputs)
         out_of_time = time_is_up(cfg, clock, env)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             checkpoint(step)
@@ -398,7 +573,20 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
             break
     progress.close()
     if env.is_main:
-        save_sample_grid(model, exp, run_dir / "samples.png", ema if exp.use_ema else None)
+        save_sample_grid(model, exp, run_dir / "samples.png", ema if exp.use_ema else None,
+                         cond_ema if exp.use_ema else None, grid_inputs)
         logger.info("finished at step %d in %.1f min; checkpoint in %s", step, clock.wall() / 60,
                     run_dir / "checkpoints")
     return run_dir
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce the mean gradient of parameters outside the DDP wrapper (the conditioner's), in one call."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
