@@ -10,6 +10,13 @@ from pathlib import Path
 
 logger = logging.getLogger("latentdiff")
 
+# The models the task verbs use without --model: native runs of configs/ldm-<name>.yaml, where <name> is the
+# folder's name. The bundled weights will ship in models/; until then the folders may be missing.
+DEFAULT_MODEL = "models/scenes-txt2img"
+DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": DEFAULT_MODEL,
+                  "seg2img": "models/scenes-seg2img", "upscale": "models/scenes-upscale"}
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # Errors a user can cause and fix: reported in one line, without a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
                                                  ImportError)
@@ -64,25 +71,44 @@ def _sample(args: argparse.Namespace) -> None:
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
     model = load_latent_diffusion(args.checkpoint, select_device(args.device), ema=not args.no_ema)
-    classes = args.classes or []
-    conditional = model.config.conditioning == "class"
-    if classes and not conditional:
-        raise ValueError("--class given, but this model is unconditional (conditioning: none)")
-    if args.guidance != 1.0 and not conditional:
-        raise ValueError("--guidance needs a class-conditional model; this one is unconditional")
-    cond, nrow = None, args.nrow or math.ceil(math.sqrt(args.n))
-    if conditional:
-        k = model.config.num_classes
-        bad = [c for c in classes if not 0 <= c < k]
+    mode, conditioner = model.config.conditioning, model.config.conditioner
+    classes, prompts = args.classes or [], args.prompts or []
+    has_text = conditioner is not None and conditioner.text_encoder != "none"
+    num_classes = conditioner.num_classes if conditioner is not None else model.config.num_classes
+    if classes and not num_classes:
+        kind = "unconditional" if mode == "none" else "not class-conditional"
+        raise ValueError(f"--class given, but this model is {kind} (conditioning: {mode})")
+    if (prompts or args.negative is not None) and not has_text:
+        raise ValueError(f"--prompt/--negative given, but this model has no text conditioning (conditioning: {mode}); "
+                         "leave them out")
+    if args.guidance != 1.0 and not (num_classes or prompts or args.negative is not None):
+        if mode == "none":
+            raise ValueError("--guidance needs a class-conditional model; this one is unconditional")
+        if has_text:
+            raise ValueError("--guidance needs --prompt (or --negative) with a text model")
+        raise ValueError(f"--guidance: `sample` gives this model (conditioning: {mode} on "
+                         f"{', '.join(conditioner.inputs)}) none of its inputs; use seg2img, upscale or inpaint")
+    cond: dict = {}
+    uncond = {"caption": args.negative} if args.negative is not None else None
+    nrow = args.nrow or math.ceil(math.sqrt(args.n))
+    if num_classes:
+        bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
-            raise ValueError(f"--class {bad[0]} is out of range: this model has classes 0 to {k - 1}")
-        # Without --class, one class per column; with several, they cycle over the images.
-        labels = classes or list(range(k))
-        cond = {"y": torch.tensor([labels[i % len(labels)] for i in range(args.n)])}
-        if not classes and not args.nrow:
-            nrow = min(args.n, k)
-    images = model.sample(args.n, args.sampler, args.steps, torch.Generator().manual_seed(args.seed), cond=cond,
-                          guidance_scale=args.guidance, karras=args.karras, disable_progress=False)
+            raise ValueError(f"--class {bad[0]} is out of range: this model has classes 0 to {num_classes - 1}")
+        # Without --class (and without a prompt), one class per column; with several, they cycle over the images.
+        labels = classes or ([] if prompts else list(range(num_classes)))
+        if labels:
+            cond["y" if mode == "class" else "label"] = torch.tensor([labels[i % len(labels)] for i in range(args.n)])
+            if not classes and not args.nrow:
+                nrow = min(args.n, num_classes)
+    if prompts:
+        # Several prompts cycle over the images: one prompt per column.
+        cond["caption"] = [prompts[i % len(prompts)] for i in range(args.n)]
+        if len(prompts) > 1 and not args.nrow:
+            nrow = min(args.n, len(prompts))
+    images = model.sample(args.n, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
+                          cond=cond or None, uncond=uncond, guidance_scale=args.guidance, karras=args.karras,
+                          disable_progress=False)
     path = save_image_grid(images.cpu(), args.output, nrow=nrow)
     print(f"wrote {args.n} samples to {path}")
 
@@ -105,11 +131,26 @@ def _pipeline_options(args: argparse.Namespace) -> dict:
     from latentdiff.device import select_device
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    options = {"device": select_device(args.device), "dtype": dtypes[args.dtype],
-               "attention_slice": args.attention_slice or None, "vae_tile": args.vae_tile or None}
-    if args.prediction_type:
+    options = {"device": select_device(args.device), "dtype": dtypes[getattr(args, "dtype", "fp32")],
+               "attention_slice": args.attention_slice or None, "vae_tile": getattr(args, "vae_tile", None) or None}
+    if getattr(args, "prediction_type", None):
         options["prediction_type"] = args.prediction_type
     return options
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    """--model, else the verb's bundled model (models/...), looked for here and in the source tree."""
+    if args.model is not None:
+        return args.model
+    default = DEFAULT_MODELS[args.command]
+    for candidate in (Path(default), _REPO_ROOT / default):
+        if candidate.exists():
+            return str(candidate)
+    name = Path(default).name
+    raise ValueError(f"no --model given, and the bundled model {default} is not there yet (its weights will ship in "
+                     f"models/): train it with `latentdiff train configs/ldm-{name}.yaml` (after "
+                     f"configs/kl-f4-scenes.yaml, its first stage) and pass --model runs/ldm-{name}, or give "
+                     "--model PATH")
 
 
 def _check_generation_args(args: argparse.Namespace) -> None:
@@ -119,29 +160,40 @@ def _check_generation_args(args: argparse.Namespace) -> None:
     get_sampler(args.sampler)
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
-    if args.model is None:
-        raise ValueError("give the model with --model PATH (a Stable Diffusion .safetensors/.ckpt file, a diffusers "
-                         "folder or a native checkpoint)")
     for name in ("height", "width"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
-    if args.vae_tile and args.vae_tile < 4:
+    if getattr(args, "vae_tile", None) and args.vae_tile < 4:
         raise ValueError("--vae-tile is in latent pixels and must be at least 4")
     if args.attention_slice is not None and args.attention_slice < 0:
         raise ValueError("--attention-slice must be a positive number of queries (0: off)")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    args.model = _model_path(args)
 
 
-def _load_for_generation(args: argparse.Namespace):
-    from latentdiff.pipelines import load_pipeline
+def _load_for_generation(args: argparse.Namespace, native_only: str | None = None):
+    """The pipeline for --model, checked against the prompt; ``native_only`` names a verb that runs only on models
+    trained here."""
+    from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
 
     pipe = load_pipeline(args.model, **_pipeline_options(args))
+    native = isinstance(pipe, LatentDiffusionPipeline)
+    if native_only and not native:
+        raise ValueError(f"{native_only} runs on latentdiff models (run folders of `latentdiff train`); {args.model} "
+                         "is a Stable Diffusion model")
+    why = pipe.describe_conditioning() if native else "its UNet has no cross-attention"
     if args.prompt and not pipe.has_text_conditioning:
-        raise ValueError(f"{args.model} has no text conditioning (its UNet has no cross-attention); leave out the "
-                         "prompt")
+        raise ValueError(f"{args.model} has no text conditioning ({why}); leave out the prompt")
     if args.negative and not pipe.has_text_conditioning:
-        raise ValueError(f"{args.model} has no text conditioning; --negative does not apply")
+        raise ValueError(f"{args.model} has no text conditioning ({why}); --negative does not apply")
     return pipe
+
+
+def _guidance(args: argparse.Namespace, pipe) -> float:
+    return pipe.default_guidance if args.guidance is None else args.guidance
 
 
 def _read_image(path: str, multiple: int, what: str, mask: bool = False):
@@ -156,6 +208,17 @@ def _read_image(path: str, multiple: int, what: str, mask: bool = False):
               f"{resized.shape[-1]}x{resized.shape[-2]} (sides must be multiples of {multiple} for this model)",
               file=sys.stderr)
     return resized
+
+
+def _read_input(pipe, path: str, what: str, mask: bool = False):
+    """An input image for ``pipe``: resized to fit a Stable Diffusion model (with a note); as it is for a native
+    model, which checks it against its one training size."""
+    from latentdiff.pipelines import LatentDiffusionPipeline
+    from latentdiff.pipelines.images import to_image_tensor
+
+    if isinstance(pipe, LatentDiffusionPipeline):
+        return to_image_tensor(path, channels=1 if mask else pipe.image_channels)
+    return _read_image(path, pipe.size_multiple, what, mask=mask)
 
 
 def _save_images(images, output: str, separate: bool) -> list[Path]:
@@ -180,34 +243,33 @@ def _report(paths: list[Path], n: int) -> None:
     print(f"wrote {n} image{'s' if n > 1 else ''} to {where}")
 
 
+def _common(args: argparse.Namespace, pipe) -> dict:
+    """The sampling options every task takes."""
+    return {"num_images": args.n, "steps": args.steps, "sampler": args.sampler, "guidance_scale": _guidance(args, pipe),
+            "generator": args.seed, "progress": True}
+
+
 def _generate(args: argparse.Namespace) -> None:
     _check_generation_args(args)
     pipe = _load_for_generation(args)
-    result = pipe.text_to_image(args.prompt, args.negative, num_images=args.n, height=args.height, width=args.width,
-                                steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
-                                generator=args.seed, progress=True)
+    result = pipe.text_to_image(args.prompt, args.negative, height=args.height, width=args.width,
+                                **_common(args, pipe))
     _report(_save_images(result.images, args.output, args.separate), args.n)
 
 
 def _img2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    if not 0 < args.strength <= 1:
-        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     from latentdiff.pipelines.images import to_image_tensor
 
     to_image_tensor(args.init)  # a missing or unreadable file fails before the model loads
     pipe = _load_for_generation(args)
-    image = _read_image(args.init, pipe.size_multiple, "init image")
-    result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, num_images=args.n,
-                                 steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
-                                 generator=args.seed, progress=True)
+    image = _read_input(pipe, args.init, "init image")
+    result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
     _report(_save_images(result.images, args.output, args.separate), args.n)
 
 
 def _inpaint(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    if not 0 < args.strength <= 1:
-        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     from latentdiff.pipelines.images import to_image_tensor
 
     image, mask = to_image_tensor(args.image), to_image_tensor(args.mask, channels=1)
@@ -215,36 +277,64 @@ def _inpaint(args: argparse.Namespace) -> None:
         raise ValueError(f"the mask {args.mask} is {mask.shape[-1]}x{mask.shape[-2]} but the image {args.image} is "
                          f"{image.shape[-1]}x{image.shape[-2]}; they must be the same size")
     pipe = _load_for_generation(args)
-    image = _read_image(args.image, pipe.size_multiple, "image")
-    mask = _read_image(args.mask, pipe.size_multiple, "mask", mask=True)
-    result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength, num_images=args.n,
-                          steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
-                          generator=args.seed, keep_unmasked=args.keep_unmasked, progress=True)
+    image = _read_input(pipe, args.image, "image")
+    mask = _read_input(pipe, args.mask, "mask", mask=True)
+    result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength,
+                          keep_unmasked=args.keep_unmasked, **_common(args, pipe))
     _report(_save_images(result.images, args.output, args.separate), args.n)
 
 
-def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size: bool = True) -> None:
+def _seg2img(args: argparse.Namespace) -> None:
+    _check_generation_args(args)
+    from latentdiff.pipelines.images import read_class_map
+
+    class_map = read_class_map(args.map)  # a missing or non-index image fails before the model loads
+    pipe = _load_for_generation(args, native_only="seg2img")
+    result = pipe.segmentation_to_image(class_map, args.prompt, args.negative, **_common(args, pipe))
+    _report(_save_images(result.images, args.output, args.separate), args.n)
+
+
+def _upscale(args: argparse.Namespace) -> None:
+    _check_generation_args(args)
+    from latentdiff.pipelines.images import to_image_tensor
+
+    to_image_tensor(args.lowres)
+    pipe = _load_for_generation(args, native_only="upscale")
+    lowres = _read_input(pipe, args.lowres, "low-res image")
+    result = pipe.upscale(lowres, args.prompt, args.negative, **_common(args, pipe))
+    _report(_save_images(result.images, args.output, args.separate), args.n)
+
+
+def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size: bool = True,
+                            stable_diffusion: bool = True) -> None:
+    verb = p.prog.split()[-1]
     p.add_argument("-n", type=int, default=1, help="images per prompt (default 1; several are written as a grid)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (default: the empty prompt)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; 1: off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: off; default 7.5 for Stable Diffusion, and a native "
+                        "model's sample_guidance from its training config)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on any device (default 0)")
-    p.add_argument("--model", metavar="PATH",
-                   help="Stable Diffusion weights: a .safetensors/.ckpt single file, a diffusers folder or a native "
-                        "checkpoint")
+    what = ("a native run folder (`latentdiff train`), checkpoint folder or model.safetensors, or Stable Diffusion "
+            "weights: a .safetensors/.ckpt single file or a diffusers folder") if stable_diffusion else (
+            "a native run folder (`latentdiff train`), checkpoint folder or model.safetensors")
+    p.add_argument("--model", metavar="PATH", help=f"{what} (default: {DEFAULT_MODELS[verb]})")
     if size:
         p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training size)")
         p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training size)")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
-                   help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
+    if stable_diffusion:
+        p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                       help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="weights' precision (bf16 runs on the CPU; default fp32)")
+    if stable_diffusion:
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="Stable Diffusion weights' precision (bf16 runs on the CPU; default fp32)")
     p.add_argument("--attention-slice", type=int, default=None, metavar="Q",
                    help="attend Q queries at a time to save memory (default: all at once)")
-    p.add_argument("--vae-tile", type=int, default=None, metavar="T",
-                   help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
+    if stable_diffusion:
+        p.add_argument("--vae-tile", type=int, default=None, metavar="T",
+                       help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
     p.add_argument("--separate", action="store_true", help="with -n > 1, one file per image (OUT-0.png, ...)")
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
 
@@ -289,9 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale for class models (1: none)")
+                   help="classifier-free guidance scale for class and text models (1: none)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", action="extend", metavar="C",
                    help="class label(s) for a class model, cycled over the images (default: one class per column)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                   help="caption for a text model; repeat for several, cycled over the images (one per column)")
+    p.add_argument("--negative", default=None, metavar="TEXT",
+                   help="negative prompt for a text model's guidance (default: the empty caption)")
     p.add_argument("--karras", action="store_true", help="Karras et al. noise levels instead of the schedule's own")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
@@ -317,10 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="also write the JSON here")
     p.set_defaults(func=_eval_nll)
 
-    p = sub.add_parser("generate", help="text-to-image with a Stable Diffusion model",
-                       description=f"Generate images from a prompt with Stable Diffusion (v1.x, v2.x). Samplers: "
-                                   f"{sampler_names}. Given the same weights, sampler, seed and prompt, the images "
-                                   "are those of diffusers' StableDiffusionPipeline.")
+    p = sub.add_parser("generate", help="text-to-image with a native text model or Stable Diffusion",
+                       description=f"Generate images from a prompt with a text-conditioned model trained here (a run "
+                                   f"folder of `latentdiff train`, e.g. configs/ldm-scenes-txt2img.yaml) or with "
+                                   f"Stable Diffusion (v1.x, v2.x). Samplers: {sampler_names}. With Stable "
+                                   "Diffusion weights, sampler, seed and prompt, the images are those of diffusers' "
+                                   "StableDiffusionPipeline; with a native model, those of `latentdiff sample "
+                                   "--prompt`.")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
                    help="the prompt (leave out for a model without text)")
     _add_generation_options(p, sampler_names)
@@ -328,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("img2img", help="redraw an image guided by a prompt (SDEdit)",
                        description="Noise INIT to --strength of the way and denoise it with the prompt, as "
-                                   "diffusers' StableDiffusionImg2ImgPipeline.")
+                                   "diffusers' StableDiffusionImg2ImgPipeline. A native model encodes INIT with its "
+                                   "first stage's posterior mean; INIT must have the model's image size.")
     p.add_argument("init", metavar="INIT", help="the starting image")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
     p.add_argument("--strength", type=float, default=0.6,
@@ -338,8 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inpaint", help="repaint the white part of a mask guided by a prompt",
                        description="Repaint where MASK is white and keep the rest, as diffusers' "
-                                   "StableDiffusionInpaintPipeline: with an inpainting model (9-channel UNet) or "
-                                   "any text-to-image model (the kept region is re-imposed at every step).")
+                                   "StableDiffusionInpaintPipeline: with an inpainting model (a 9-channel SD UNet, or "
+                                   "a native model trained with conditioner.image: inpaint) or any text-to-image "
+                                   "model (the kept region is re-imposed at every step, and pasted back in latents "
+                                   "at the end).")
     p.add_argument("image", metavar="IMAGE", help="the image")
     p.add_argument("mask", metavar="MASK", help="same size as IMAGE; white = repaint, black = keep")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
@@ -349,6 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paste the original pixels back outside the mask (the autoencoder alters them slightly)")
     _add_generation_options(p, sampler_names, size=False)
     p.set_defaults(func=_inpaint)
+
+    p = sub.add_parser("seg2img", help="an image whose layout follows a class map (semantic synthesis)",
+                       description="Generate images from a class map with a native model trained with class-map "
+                                   "conditioning (configs/ldm-scenes-seg2img.yaml). MAP is a PNG whose pixel values "
+                                   "are class indices: a palette PNG (the palette index is the class; colours are "
+                                   "only for viewing) or a greyscale one (the grey value is the class), of the "
+                                   "model's image size, with classes below the model's num_map_classes. For the "
+                                   "Fashion-MNIST scenes: 0 background, 1 + the Fashion-MNIST class on the items.")
+    p.add_argument("map", metavar="MAP", help="the class map PNG")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
+                   help="a prompt, for a model that also takes text")
+    _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)
+    p.set_defaults(func=_seg2img)
+
+    p = sub.add_parser("upscale", help="super-resolution of a low-res image",
+                       description="Upscale LOWRES with a native model trained with low-res conditioning "
+                                   "(configs/ldm-scenes-upscale.yaml): LOWRES must have the model's lowres_size, the "
+                                   "output has its image size.")
+    p.add_argument("lowres", metavar="LOWRES", help="the low-res image")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
+                   help="a prompt, for a model that also takes text")
+    _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)
+    p.set_defaults(func=_upscale)
 
     from latentdiff.io.formats import add_convert_parser
 

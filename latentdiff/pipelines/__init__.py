@@ -1,9 +1,15 @@
-"""Pipelines: thin compositions of the models for each task (text-to-image, image-to-image, inpainting).
+"""Pipelines: thin compositions of the models for each task (text-to-image, image-to-image, inpainting,
+class map to image, super-resolution).
 
-``load_pipeline(path)`` looks at what a checkpoint holds and returns the pipeline that runs it. Today that is
-Stable Diffusion (an original single file, a diffusers folder, or a native checkpoint written by
-``latentdiff.io.formats``); any other model is refused with a line that says what it is. A new kind of model is
-one more ``_identify`` branch and loader.
+``load_pipeline(path)`` looks at what a checkpoint holds and returns the pipeline that runs it:
+
+- a model trained here (a run folder, checkpoint folder or ``model.safetensors`` written by ``latentdiff train``):
+  ``LatentDiffusionPipeline`` (``latentdiff.pipelines.native``), whatever its conditioning;
+- Stable Diffusion (an original single file, a diffusers folder, or a native checkpoint converted by
+  ``latentdiff.io.formats``, whose config says ``stable_diffusion``): ``StableDiffusionPipeline``.
+
+Any other model is refused with a line that says what it is. A new kind of model is one more ``_identify`` branch
+and loader.
 """
 
 from __future__ import annotations
@@ -13,7 +19,15 @@ from typing import Any
 
 from latentdiff.io.checkpoint import CheckpointError
 from latentdiff.io.formats import StableDiffusionComponents, load_stable_diffusion_weights
+from latentdiff.pipelines.native import (
+    LatentDiffusionOutput,
+    LatentDiffusionPipeline,
+    is_native_diffusion_config,
+    read_native_config,
+)
 from latentdiff.pipelines.stable_diffusion import StableDiffusionOutput, StableDiffusionPipeline
+
+Pipeline = StableDiffusionPipeline | LatentDiffusionPipeline
 
 
 def _identify(comps: StableDiffusionComponents) -> str | None:
@@ -36,12 +50,14 @@ def _identify(comps: StableDiffusionComponents) -> str | None:
     return None
 
 
-def load_pipeline(path: str | Path, **options: Any) -> StableDiffusionPipeline:
+def load_pipeline(path: str | Path, **options: Any) -> Pipeline:
     """The pipeline for the checkpoint at ``path``; ``options`` go to its constructor (device, dtype, ...).
 
     Raises ``CheckpointError`` naming the problem when the path is missing, unreadable or not a model a pipeline
-    here runs.
+    here runs (``ValueError`` for an option the model does not take).
     """
+    if is_native_diffusion_config(read_native_config(path)):
+        return LatentDiffusionPipeline.from_checkpoint(path, **options)
     comps = load_stable_diffusion_weights(path, ema=options.pop("ema", True))
     problem = _identify(comps)
     if problem is not None:
@@ -49,4 +65,5 @@ def load_pipeline(path: str | Path, **options: Any) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_components(comps, **options)
 
 
-__all__ = ["StableDiffusionOutput", "StableDiffusionPipeline", "load_pipeline"]
+__all__ = ["LatentDiffusionOutput", "LatentDiffusionPipeline", "Pipeline", "StableDiffusionOutput",
+           "StableDiffusionPipeline", "load_pipeline"]

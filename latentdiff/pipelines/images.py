@@ -3,6 +3,11 @@
 Pixels go into the pipelines as float tensors in [0, 1] (the autoencoder sees ``2x - 1``) and come out the same
 way. Masks follow diffusers' ``StableDiffusionInpaintPipeline``: one channel, white (1) = repaint, black (0) = keep,
 binarised at 0.5.
+
+Class maps (semantic synthesis) are PNGs whose pixel values are class indices: a palette PNG (mode "P": each
+pixel's palette index is its class, so the colours are only for viewing) or a greyscale one (mode "L", or 16/32-bit
+"I;16"/"I": the grey value is the class). For the Fashion-MNIST scenes, 0 is the background and 1 + c the
+Fashion-MNIST class c (11 classes). ``save_class_map`` writes a palette PNG with distinct colours.
 """
 
 from __future__ import annotations
@@ -113,10 +118,57 @@ def resize_to_multiple(images: torch.Tensor, multiple: int, resample: str = "bic
     return out.clamp(0, 1)
 
 
+CLASS_MAP_MODES = ("P", "L", "I;16", "I")  # PIL modes whose pixel values are class indices
+
+
+def read_class_map(path: str | Path) -> torch.Tensor:
+    """A class-map PNG (see the module docstring) as (1, H, W) int64 class indices."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class map not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            values = np.asarray(img) if mode in CLASS_MAP_MODES else None
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from e
+    if values is None:
+        raise ValueError(f"{path} is a colour image (mode {mode}); a class map is a palette or greyscale PNG whose "
+                         "pixel values are class indices (0 background, 1 + class on the objects)")
+    return torch.from_numpy(values.astype(np.int64))[None]
+
+
+def _palette(n: int) -> list[int]:
+    """``n`` RGB colours: black first (the background), then well separated hues."""
+    colours = [(0, 0, 0)]
+    for i in range(1, n):
+        hue = (i * 0.618033988749895) % 1.0  # golden-ratio steps spread the hues
+        shade = 1.0 if (i // 8) % 2 == 0 else 0.6
+        r, g, b = (max(0.0, min(1.0, abs((hue * 6 + k) % 6 - 3) - 1)) for k in (0, 4, 2))
+        colours.append(tuple(round(255 * shade * c) for c in (r, g, b)))
+    return [c for rgb in colours for c in rgb]
+
+
+def save_class_map(class_map: torch.Tensor | np.ndarray, path: str | Path) -> Path:
+    """Write (H, W) (or (1, H, W)) class indices below 256 as a palette PNG that ``read_class_map`` reads back."""
+    values = np.asarray(class_map.cpu() if isinstance(class_map, torch.Tensor) else class_map)
+    values = values[0] if values.ndim == 3 and values.shape[0] == 1 else values
+    if values.ndim != 2 or values.min() < 0 or values.max() > 255:
+        raise ValueError(f"a class map to save is (H, W) class indices in [0, 255], got shape {values.shape}")
+    image = Image.fromarray(values.astype(np.uint8))  # "L"; a palette makes it "P"
+    image.putpalette(_palette(256))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
 def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
     """(N, C, H, W) in [0, 1] -> PIL images (uint8, rounded as diffusers' ``numpy_to_pil``)."""
     arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-__all__ = ["ImageInput", "check_size", "resize_to_multiple", "to_image_tensor", "to_mask_tensor", "to_pil_images"]
+__all__ = ["CLASS_MAP_MODES", "ImageInput", "check_size", "read_class_map", "resize_to_multiple", "save_class_map",
+           "to_image_tensor", "to_mask_tensor", "to_pil_images"]

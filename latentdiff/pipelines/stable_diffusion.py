@@ -142,6 +142,8 @@ class StableDiffusionPipeline:
     (default a quarter tile) and see as much context around them.
     """
 
+    default_guidance = 7.5  # the guidance scale the command line uses when none is given (diffusers' default)
+
     def __init__(self, unet: UNetModel, vae: Autoencoder, text_encoder: CLIPTextModel | None = None,
                  tokenizer: CLIPTokenizer | None = None, *, scale_factor: float = SD_SCALE_FACTOR,
                  prediction_type: str = "epsilon", schedule: NoiseSchedule | None = None,
