@@ -443,8 +443,8 @@ def test_conditioner_needs_a_conditioner_mode():
         LatentDiffusionConfig(conditioner=text_config())
     with pytest.raises(ValueError, match="needs model.conditioner"):
         LatentDiffusionConfig(conditioning="crossattn")
-    with pytest.raises(ValueError, match="must be one of none, minilm, transformer"):
-        ConditionerConfig(text_encoder="clip")
+    with pytest.raises(ValueError, match="must be one of none, minilm, transformer, clip"):
+        ConditionerConfig(text_encoder="t5")
     with pytest.raises(ValueError, match="no inputs"):
         ConditionerConfig()
 

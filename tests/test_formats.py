@@ -584,7 +584,8 @@ def test_native_checkpoints(tmp_path: Path, clip_text) -> None:
     assert_same(back.vae, comps.vae)
     assert_same(back.text_encoder, comps.text_encoder)
     config = json.loads((step_dir / "config.json").read_text())
-    assert config["task"] == "diffusion" and config["model"]["conditioning"] == "text"
+    assert config["task"] == "diffusion" and config["model"]["conditioning"] == "crossattn"
+    assert config["model"]["conditioner"]["text_encoder"] == "clip"
     # A VAE alone is an autoencoder checkpoint that load_autoencoder reads.
     vae_only = StableDiffusionComponents(vae=random_weights(TINY_VAE, 13), vae_config=TINY_VAE)
     save_native(vae_only, tmp_path / "vae_run")

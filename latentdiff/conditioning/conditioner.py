@@ -5,7 +5,9 @@ Inputs (a batch's keys) and where they go, as in the LDM paper (Rombach et al. 2
 ``caption`` -> a text encoder -> ``context`` (cross-attention tokens) and ``context_mask``
     ``text_encoder: minilm``: the frozen pretrained all-MiniLM-L6-v2 (``conditioning.bert``, 384 wide);
     ``text_encoder: transformer``: a small transformer trained jointly with the UNet from scratch, with a word
-    vocabulary built from the training captions (``conditioning.text``), as the LDM paper's text-to-image model.
+    vocabulary built from the training captions (``conditioning.text``), as the LDM paper's text-to-image model;
+    ``text_encoder: clip``: a frozen CLIP text encoder (``conditioning.clip``; Stable Diffusion's), whose weights
+    are part of the checkpoint. It gives no ``context_mask``: SD's UNet attends to all 77 positions, padding too.
 ``class_map`` (H, W) class indices (a segmentation) ->
     ``class_map: concat``: one-hot, resized to the latent size (nearest, or ``area``: the fraction of each class
     in a latent cell), appended to the UNet's input channels (LDM's semantic synthesis);
@@ -35,7 +37,8 @@ Two stages, so that a latent cache can hold what is deterministic: ``prepare(bat
 maps, low-res images, images to inpaint, labels; cacheable), and ``forward(inputs, drop, ...)`` -> the cond dict.
 In a checkpoint the conditioner is ``cond_stage_model`` (CompVis' name); its text encoder is ``transformer``
 (``cond_stage_model.transformer.*``, as CompVis' BERTEmbedder and SD v1's CLIP). The frozen MiniLM has no weights
-there: see ``MiniLMTextEncoder``.
+there: see ``MiniLMTextEncoder``. The frozen CLIP has: ``cond_stage_model.transformer.text_model.*`` in Hugging
+Face ``CLIPTextModel`` names, which is exactly where an original SD v1 file keeps it (``FrozenCLIPTextEncoder``).
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.text import TextTransformer, TextTransformerConfig
 
 logger = logging.getLogger(__name__)
 
-TEXT_ENCODERS = ("none", "minilm", "transformer")
+TEXT_ENCODERS = ("none", "minilm", "transformer", "clip")
 CLASS_MAP_MODES = ("none", "concat", "crossattn")
 IMAGE_MODES = ("none", "lowres", "inpaint")
 LOWRES_SPACES = ("pixels", "latents")
@@ -81,11 +85,39 @@ class MiniLMConfig:
 
 
 @dataclass
+class CLIPEncoderConfig:
+    """The frozen CLIP text encoder (``text_encoder: clip``): its architecture, how prompts are tokenized.
+
+    ``model`` is the ``CLIPTextConfig`` (width, layers, heads, activation, ``output_layer`` "last" for SD v1 or
+    "penultimate" for SD v2...); the defaults are SD v1's. ``pad_token_id`` fills each prompt after its end token:
+    49407 (the end token itself) for SD v1, 0 for SD v2's OpenCLIP; the UNet attends to the padding, so it must be
+    what the model was trained with. ``tokenizer`` is a tokenizer folder (``vocab.json`` + ``merges.txt``) or
+    CLIP's merge file; "" is the copy inside ``open_clip_torch``. Prompts are cut to
+    ``min(77, model.context_length)`` tokens.
+    """
+
+    model: CLIPTextConfig = field(default_factory=CLIPTextConfig.sd_v1)
+    pad_token_id: int = 49407
+    tokenizer: str = ""
+
+    def __post_init__(self) -> None:
+        if self.pad_token_id < 0:
+            raise ValueError(f"clip.pad_token_id must be a token id (>= 0), got {self.pad_token_id}")
+        if self.model.context_length < 2:
+            raise ValueError("clip.model.context_length must leave room for the start and end tokens")
+
+    @property
+    def max_length(self) -> int:
+        return min(77, self.model.context_length)
+
+
+@dataclass
 class ConditionerConfig:
     """Which inputs condition the model and how; see the module docstring. Rates are probabilities in [0, 1]."""
 
-    text_encoder: str = "none"  # "none" | "minilm" | "transformer"
+    text_encoder: str = "none"  # "none" | "minilm" | "transformer" | "clip"
     minilm: MiniLMConfig = field(default_factory=MiniLMConfig)
+    clip: CLIPEncoderConfig = field(default_factory=CLIPEncoderConfig)
     text: TextTransformerConfig = field(default_factory=TextTransformerConfig)
     text_dropout: float = 0.1
     class_map: str = "none"  # "none" | "concat" | "crossattn"
@@ -148,6 +180,8 @@ class ConditionerConfig:
             return 384  # all-MiniLM-L6-v2's hidden size (checked against its config when built)
         if self.text_encoder == "transformer":
             return self.text.width
+        if self.text_encoder == "clip":
+            return self.clip.model.width
         if self.class_map == "crossattn":
             return self.class_map_width
         return None
@@ -177,6 +211,9 @@ class ConditionerConfig:
             signature["minilm"] = {"max_length": cfg.minilm.max_length, "path": cfg.minilm.path}
         elif cfg.text_encoder == "transformer":
             signature["text"] = {"vocab": cfg.text.vocab, "max_length": cfg.text.max_length}
+        elif cfg.text_encoder == "clip":
+            signature["clip"] = {"tokenizer": cfg.clip.tokenizer, "pad_token_id": cfg.clip.pad_token_id,
+                                 "max_length": cfg.clip.max_length}
         if cfg.image == "lowres":
             signature["lowres_size"] = cfg.lowres_size
         return signature
@@ -218,6 +255,37 @@ def _as_list(captions: str | Sequence[str]) -> list[str]:
     return [captions] if isinstance(captions, str) else [str(c) for c in captions]
 
 
+class FrozenCLIPTextEncoder(CLIPTextModel):
+    """The CLIP text encoder as the conditioner uses it: frozen (eval mode, no gradients), with its tokenizer.
+
+    It *is* the ``CLIPTextModel``, so its weights are ``text_model.*`` and, as the conditioner's ``transformer``,
+    ``cond_stage_model.transformer.text_model.*`` in a checkpoint: the names of an original SD v1 file (CompVis'
+    ``FrozenCLIPEmbedder`` holds a Hugging Face ``CLIPTextModel`` as ``transformer``). Unlike the MiniLM, the
+    weights travel with the checkpoint: every SD model has its own copy, and none can be downloaded here. Like
+    SD, it is run without an attention mask and gives no context mask (``encode_ids`` returns None for it).
+    """
+
+    def __init__(self, config: CLIPEncoderConfig) -> None:
+        super().__init__(config.model)
+        from latentdiff.conditioning.tokenizer import CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer(config.tokenizer or None, pad_token_id=config.pad_token_id,
+                                       max_length=config.max_length)
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenCLIPTextEncoder:
+        return super().train(False)  # frozen: always in eval mode
+
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(self.tokenizer(prompts))  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Token ids (N, L) -> (states (N, L, width) in float32, None: every position is attended to)."""
+        device = self.text_model.embeddings.token_embedding.weight.device
+        return self.encode(input_ids.to(device)).float(), None
+
+
 class Conditioner(nn.Module):
     """Batch -> ``{"context", "context_mask", "concat", "y"}`` (the keys the config uses), with CFG dropout.
 
@@ -240,6 +308,8 @@ class Conditioner(nn.Module):
             self.transformer = encoder
         elif cfg.text_encoder == "transformer":
             self.transformer = TextTransformer(cfg.text)
+        elif cfg.text_encoder == "clip":
+            self.transformer = FrozenCLIPTextEncoder(cfg.clip)
         if self.transformer is not None:
             empty, _ = self.transformer.tokenize([""])
             self.register_buffer("empty_ids", empty, persistent=False)
@@ -393,7 +463,7 @@ class Conditioner(nn.Module):
         if drop.shape != (n, len(DROPOUT_INPUTS)):
             raise ValueError(f"drop must be ({n}, {len(DROPOUT_INPUTS)}), got {tuple(drop.shape)}")
         contexts: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []  # None: all of that context is attended to (CLIP)
         concats: list[torch.Tensor] = []
         size = (self.latent_size, self.latent_size)
         if self.transformer is not None:
@@ -429,7 +499,10 @@ class Conditioner(nn.Module):
         cond: dict[str, torch.Tensor] = {}
         if contexts:
             cond["context"] = torch.cat(contexts, dim=1)
-            cond["context_mask"] = torch.cat(masks, dim=1)
+            if any(m is not None for m in masks):
+                cond["context_mask"] = torch.cat([torch.ones(c.shape[:2], dtype=torch.bool, device=c.device)
+                                                  if m is None else m for c, m in zip(contexts, masks, strict=True)],
+                                                 dim=1)
         if concats:
             cond["concat"] = torch.cat(concats, dim=1)
         if cfg.num_classes > 0:
@@ -491,6 +564,7 @@ class Conditioner(nn.Module):
 
 
 __all__ = [
-    "CLASS_MAP_MODES", "DROPOUT_INPUTS", "IMAGE_MODES", "INPUT_KEYS", "TEXT_ENCODERS", "Conditioner",
-    "ConditionerConfig", "MiniLMConfig", "inpaint_boxes", "lowres_unshuffle_factor",
+    "CLASS_MAP_MODES", "DROPOUT_INPUTS", "IMAGE_MODES", "INPUT_KEYS", "TEXT_ENCODERS", "CLIPEncoderConfig",
+    "Conditioner", "ConditionerConfig", "FrozenCLIPTextEncoder", "MiniLMConfig", "inpaint_boxes",
+    "lowres_unshuffle_factor",
 ]

@@ -15,7 +15,8 @@ The conditioning is a dict with the optional keys of ``UNetModel.forward``: ``co
   ``latentdiff.conditioning.conditioner``) turns captions, class maps, images and labels into the dict, with
   per-input dropout for guidance. It is the module's ``cond_stage_model`` (CompVis' name): its trainable weights
   (a jointly trained text encoder, class-map token embeddings) train with the UNet and are saved under
-  ``cond_stage_model.*``; a frozen pretrained text encoder (MiniLM) is not saved but reloaded from its package.
+  ``cond_stage_model.*``; a frozen pretrained text encoder (MiniLM) is not saved but reloaded from its package,
+  while a frozen CLIP (Stable Diffusion's) is saved, under ``cond_stage_model.transformer.*`` as SD v1 files do.
 """
 
 from __future__ import annotations
@@ -562,8 +563,14 @@ class LatentDiffusion(nn.Module):
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, generator: torch.Generator | None = None,
                cond: dict[str, Any] | None = None, guidance_scale: float = 1.0, karras: bool = False,
                spacing: str = "trailing", decode: bool = True, disable_progress: bool | None = True,
-               uncond: dict[str, Any] | None = None, **sampler_options: float) -> torch.Tensor:
+               uncond: dict[str, Any] | None = None, sigmas: torch.Tensor | None = None,
+               **sampler_options: float) -> torch.Tensor:
         """``n`` images in [-1, 1] (or latents with ``decode=False``) from ``steps`` steps of ``sampler``.
+
+        ``sigmas`` gives the noise levels explicitly (decreasing), instead of ``steps``/``karras``/``spacing``:
+        e.g. Stable Diffusion's, ``latentdiff.pipelines.timesteps.sampler_sigmas``. When they end above 0 (DDIM and
+        PLMS stop at alphas_cumprod[0], as CompVis' do) the result is that level's variance-preserving latent
+        x / sqrt(1 + sigma^2), as CompVis returns it.
 
         The initial and sampler noise come from ``generator`` (create it on the CPU: the same seed then gives the
         same images on every device). ``cond["y"]`` holds class labels for a class model (default: the null
@@ -602,9 +609,12 @@ class LatentDiffusion(nn.Module):
                 model, extra = CFGDenoiser(denoiser), {"cond": cond, "uncond": guide, "scale": guidance_scale}
             else:
                 model, extra = denoiser, cond
-            z = run_sampler(model, (n, *self.latent_shape), self.sigmas(steps, karras, spacing), sampler_fn,
-                            generator=generator, extra_args=extra, device=device, disable=disable_progress,
-                            **sampler_options)
+            if sigmas is None:
+                sigmas = self.sigmas(steps, karras, spacing)
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+            z = run_sampler(model, (n, *self.latent_shape), sigmas, sampler_fn, generator=generator,
+                            extra_args=extra, device=device, disable=disable_progress, **sampler_options)
+            z = z / math.sqrt(1 + float(sigmas[-1]) ** 2)  # 1 unless the last level is above 0
             return self.decode(z).clamp(-1, 1) if decode else z
         finally:
             self.train(was_training)

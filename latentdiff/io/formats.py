@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -52,6 +52,10 @@ from latentdiff.io.diffusers_names import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
+
+if TYPE_CHECKING:
+    from latentdiff.conditioning.conditioner import ConditionerConfig
+    from latentdiff.diffusion.schedule import ScheduleConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,10 @@ POSITION_IDS = "text_model.embeddings.position_ids"
 _LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
 DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 DIFFUSERS_BIN_FILES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+# Parts of a CLIP checkpoint that the text encoder does not use (a CLIPTextModelWithProjection's projection...).
+CLIP_UNUSED_PREFIXES = ("text_projection", "logit_scale", "visual_projection", "vision_model")
+CLIP_PAD_TOKENS = {"hf": 49407, "openclip": 0}  # SD v1 pads with the end token, SD v2 (OpenCLIP) with "!"
+PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
 
 
 @dataclass
@@ -103,8 +111,12 @@ class StableDiffusionComponents:
     prediction_type: str = "epsilon"  # diffusers' name; weights cannot tell eps (SD 1.x, 2-base) from v (2-768-v)
     image_size: int | None = None  # pixels; unknown for original files
     tokenizer_dir: Path | None = None  # a diffusers tokenizer/ folder to carry along
+    pad_token_id: int | None = None  # the tokenizer's padding id when the source says (a native model's config)
     source: str = ""  # "original", "diffusers" or "native"
     ema: bool = False  # the UNet weights are the checkpoint's EMA copy
+    # Native models only: their noise schedule and conditioner (None for the other formats, which are SD's).
+    schedule: ScheduleConfig | None = None
+    conditioner: ConditionerConfig | None = None
 
     def to(self, dtype: torch.dtype) -> StableDiffusionComponents:
         """A copy with every floating-point tensor cast to ``dtype``."""
@@ -680,17 +692,39 @@ def _load_native(path: Path, text_encoder: bool) -> StableDiffusionComponents:
         comps.vae, comps.vae_config = vae, _config_from(model.get("first_stage_config"), AutoencoderConfig,
                                                         "model.first_stage_config")
         check_state_dict(comps.vae, model_state_shapes(comps.vae_config), "VAE")
+    from latentdiff.conditioning.conditioner import ConditionerConfig
+    from latentdiff.diffusion.objectives import DiffusionLossConfig
+    from latentdiff.diffusion.schedule import ScheduleConfig
+
+    comps.schedule = _config_from(model.get("schedule"), ScheduleConfig, "model.schedule")
+    comps.conditioner = _config_from(model.get("conditioner"), ConditionerConfig, "model.conditioner")
+    clip = comps.conditioner.clip if comps.conditioner and comps.conditioner.text_encoder == "clip" else None
+    # cond_stage_model.transformer.* is a CLIP only with a clip conditioner (or in the first native files, which
+    # had no conditioner); a jointly trained text transformer keeps its own weights under the same name.
     text = {k[len(CLIP_PREFIX):]: v for k, v in weights.items() if k.startswith(CLIP_PREFIX)}
-    if text and text_encoder:
+    if text and text_encoder and (clip is not None or comps.conditioner is None):
         comps.text_encoder = text
         comps.text_encoder_layout = extra.get("text_encoder_layout", "hf")
         comps.text_encoder_config = extra.get("text_encoder_config")
         comps.text_encoder_output_layer = extra.get("text_encoder_output_layer", "last")
+        if clip is not None:
+            comps.text_encoder_config = comps.text_encoder_config or _hf_clip_config(clip.model)
+            comps.text_encoder_output_layer = clip.model.output_layer
+            comps.pad_token_id = clip.pad_token_id
     if model.get("scale_factor"):
         comps.scale_factor = float(model["scale_factor"])
     comps.image_size = model.get("image_size") or extra.get("image_size")
-    comps.prediction_type = extra.get("prediction_type", comps.prediction_type)
+    loss = _config_from(model.get("loss"), DiffusionLossConfig, "model.loss")
+    diffusers_names = {ours: theirs for theirs, ours in PARAMETERIZATIONS.items()}
+    comps.prediction_type = extra.get("prediction_type") or (
+        diffusers_names[loss.parameterization] if loss is not None else comps.prediction_type)
     return comps
+
+
+def _hf_clip_config(config: Any) -> dict[str, Any]:
+    """A Hugging Face ``CLIPTextConfig`` dict for our ``CLIPTextConfig`` (all its layers, as the weights hold)."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config.to_hf(),
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -878,13 +912,75 @@ def _unet_sample_size(comps: StableDiffusionComponents) -> int:
     return (comps.image_size or 512) // factor  # SD v1's 512 px when the source does not say
 
 
+def _pad_token_id(comps: StableDiffusionComponents) -> int:
+    """What the model's prompts are padded with: as the source says, its tokenizer folder's, else by layout."""
+    if comps.pad_token_id is not None:
+        return comps.pad_token_id
+    if comps.tokenizer_dir is not None and Path(comps.tokenizer_dir).is_dir():
+        from latentdiff.conditioning.tokenizer import CLIPTokenizer
+
+        return CLIPTokenizer(comps.tokenizer_dir).pad_token_id
+    return CLIP_PAD_TOKENS.get(comps.text_encoder_layout or "hf", CLIP_PAD_TOKENS["hf"])
+
+
+_CONDITIONING_MODES = {(True, False): "crossattn", (False, True): "concat", (True, True): "hybrid"}
+
+
+def native_conditioning(comps: StableDiffusionComponents) -> tuple[str, ConditionerConfig | None]:
+    """The ``LatentDiffusionConfig.conditioning`` mode and conditioner of a Stable Diffusion model.
+
+    A UNet with cross-attention reads a frozen CLIP text encoder (``text_encoder: clip``, with the text encoder's
+    architecture, output layer and padding; SD's 10% caption dropout); a UNet that takes ``2 * latent + 1``
+    channels is an inpainting model (``image: inpaint``: the mask and the masked image's latent are concatenated,
+    as SD's 9-channel UNet). A native source keeps its own conditioner. Raises ``CheckpointError`` for a UNet with
+    cross-attention but no text encoder, and for a conditioner with trained weights the components do not carry.
+    """
+    from latentdiff.conditioning.clip import CLIPTextConfig
+    from latentdiff.conditioning.conditioner import CLIPEncoderConfig, ConditionerConfig
+
+    unet, latent = comps.unet_config, comps.vae_config.embed_dim
+    no_text = CheckpointError("the UNet cross-attends to text but there is no text encoder to save with it; a native "
+                              "diffusion checkpoint holds the whole model (convert to 'original' or 'diffusers' to "
+                              "keep the UNet alone)")
+    if comps.conditioner is not None:  # a native model's own
+        c = comps.conditioner
+        if c.text_encoder == "transformer" or c.class_map == "crossattn":
+            raise CheckpointError("this model's conditioner has trained weights of its own (a text transformer or "
+                                  "class-map embeddings) that only its native checkpoint holds; copy that instead")
+        if c.text_encoder == "clip" and comps.text_encoder is None:
+            raise no_text
+        return _CONDITIONING_MODES[c.has_context, c.has_concat], c
+    inpaint = unet.in_channels == 2 * latent + 1 and unet.out_channels == latent
+    clip = None
+    if unet.context_dim:
+        if comps.text_encoder is None:
+            raise no_text
+        text = {k: v for k, v in comps.text_encoder.items() if not k.startswith(CLIP_UNUSED_PREFIXES)}
+        try:
+            model = CLIPTextConfig.from_hf(comps.text_encoder_config or infer_clip_text_config(text),
+                                           output_layer=comps.text_encoder_output_layer)
+        except ValueError as e:
+            raise CheckpointError(f"the text encoder's config does not describe a CLIP text encoder ({e})") from e
+        if model.width != unet.context_dim:
+            raise CheckpointError(f"the text encoder is {model.width} wide but the UNet's cross-attention reads "
+                                  f"{unet.context_dim}")
+        clip = CLIPEncoderConfig(model=model, pad_token_id=_pad_token_id(comps))
+    if clip is None and not inpaint:
+        return "none", None
+    conditioner = ConditionerConfig(text_encoder="clip" if clip else "none", image="inpaint" if inpaint else "none",
+                                    **({"clip": clip} if clip else {}))
+    return _CONDITIONING_MODES[clip is not None, inpaint], conditioner
+
+
 def save_native(comps: StableDiffusionComponents, run_dir: str | Path, step: int = 0) -> Path:
     """Write a native checkpoint (``run_dir/checkpoints/step_N/``) through ``save_checkpoint``.
 
     A VAE alone is an autoencoder checkpoint (``load_autoencoder`` reads it). A UNet needs its VAE: the two (and
-    the text encoder, under ``cond_stage_model.transformer.`` in ``CLIPTextModel`` names) form a diffusion
-    checkpoint whose ``model`` config is a ``LatentDiffusionConfig``; ``conditioning`` is "text" for a UNet with
-    cross-attention.
+    the text encoder, under ``cond_stage_model.transformer.`` in ``CLIPTextModel`` names, the place of an original
+    SD v1 file) form a diffusion checkpoint that ``load_latent_diffusion`` loads: its ``model`` config is a
+    ``LatentDiffusionConfig`` whose conditioner (``native_conditioning``) is the frozen CLIP text encoder for a UNet
+    with cross-attention ("crossattn"), plus the inpainting inputs for a 9-channel UNet ("hybrid"). A model with a
+    conditioner needs an image size: the source's, else SD's 512 (768 for v-prediction).
     """
     from latentdiff.diffusion.objectives import DiffusionLossConfig
     from latentdiff.diffusion.schedule import ScheduleConfig
@@ -901,15 +997,25 @@ def save_native(comps: StableDiffusionComponents, run_dir: str | Path, step: int
     if comps.vae is None:
         raise CheckpointError("a native diffusion checkpoint holds the UNet with its first stage, and this source "
                               "has no VAE; convert to 'original' or 'diffusers' instead")
-    parameterization = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}.get(comps.prediction_type, "eps")
+    parameterization = PARAMETERIZATIONS.get(comps.prediction_type, "eps")
+    conditioning, conditioner = native_conditioning(comps)
+    image_size = comps.image_size or 0
+    if conditioner is not None and not image_size:
+        image_size = 768 if comps.prediction_type == "v_prediction" else 512
     model = {"first_stage": "", "first_stage_config": to_dict(comps.vae_config), "sample_posterior": True,
-             "scale_factor": comps.scale_factor, "image_size": comps.image_size or 0,
+             "scale_factor": comps.scale_factor, "image_size": image_size,
              "channels": comps.vae_config.in_channels, "unet": to_dict(comps.unet_config),
-             "schedule": to_dict(ScheduleConfig()), "loss": to_dict(DiffusionLossConfig(parameterization)),
-             "conditioning": "text" if comps.unet_config.context_dim else "none"}
+             "schedule": to_dict(comps.schedule or ScheduleConfig()),
+             "loss": to_dict(DiffusionLossConfig(parameterization)), "conditioning": conditioning,
+             "conditioner": to_dict(conditioner) if conditioner is not None else None}
     weights = {UNET_PREFIX + k: v for k, v in comps.unet.items()}
     weights.update({VAE_PREFIX + k: v for k, v in comps.vae.items()})
-    weights.update({CLIP_PREFIX + k: v for k, v in (comps.text_encoder or {}).items()})
+    if conditioner is not None and conditioner.text_encoder == "clip":
+        unused = sorted(k for k in comps.text_encoder if k.startswith(CLIP_UNUSED_PREFIXES))
+        if unused:
+            logger.info("leaving out %d text-encoder weights the conditioning does not use (%s)", len(unused),
+                        ", ".join(unused[:4]))
+        weights.update({CLIP_PREFIX + k: v for k, v in comps.text_encoder.items() if k not in unused})
     config = {"task": "diffusion", "model": model, "stable_diffusion": extra}
     return save_checkpoint(run_dir, step, _plain(weights), config, keep=0)
 
@@ -964,6 +1070,6 @@ def run_convert(args: argparse.Namespace) -> None:
 __all__ = [
     "FORMATS", "StableDiffusionComponents", "add_convert_parser", "check_state_dict", "convert", "ema_key",
     "infer_autoencoder_config", "infer_clip_text_config", "infer_unet_config", "load_stable_diffusion_weights",
-    "read_state_dict", "run_convert", "safe_torch_load", "save_diffusers", "save_native", "save_original",
-    "split_original", "to_original_state_dict",
+    "native_conditioning", "read_state_dict", "run_convert", "safe_torch_load", "save_diffusers", "save_native",
+    "save_original", "split_original", "to_original_state_dict",
 ]
