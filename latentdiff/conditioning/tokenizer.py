@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 
+from latentdiff.conditioning import package_folders
+
 logger = logging.getLogger(__name__)
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -77,17 +79,12 @@ def default_vocab_path() -> Path:
     ``find_spec`` of a top-level name locates the package without running its ``__init__`` (which needs
     torchvision), so installing open_clip_torch with ``--no-deps`` is enough.
     """
-    spec = importlib.util.find_spec("open_clip")
-    folders: list[str] = []
-    if spec is not None:
-        folders = list(spec.submodule_search_locations or [])
-        if spec.origin:
-            folders.append(str(Path(spec.origin).parent))
+    installed, folders = package_folders("open_clip")
     for folder in folders:
         candidate = Path(folder) / VOCAB_FILE_NAME
         if candidate.is_file():
             return candidate
-    where = "is not installed" if spec is None else f"has no {VOCAB_FILE_NAME} in {folders}"
+    where = "is not installed" if not installed else f"has no {VOCAB_FILE_NAME} in {folders}"
     raise FileNotFoundError(
         f"the CLIP BPE vocabulary ({VOCAB_FILE_NAME}) was not found: the open_clip package {where}. Install it "
         "with `pip install --no-deps open_clip_torch`, or pass the path of the file (or of a tokenizer folder "

@@ -49,6 +49,7 @@ from latentdiff.pipelines.stable_diffusion import (
     Generator,
     StableDiffusionOutput,
     _as_generator,
+    _per_image,
     _prompts,
     _ReimposeKnownRegion,
 )
@@ -274,17 +275,6 @@ class LatentDiffusionPipeline:
             negatives = [p for p in negatives for _ in range(num_images)]
         return [p for p in prompts for _ in range(num_images)], negatives, len(prompts) * num_images
 
-    def _per_image(self, tensor: torch.Tensor, batch: int, images_per_prompt: int, what: str) -> torch.Tensor:
-        """One input for all images, or one per prompt (repeated for that prompt's images)."""
-        if tensor.shape[0] == batch:
-            return tensor
-        if tensor.shape[0] == 1:
-            return tensor.expand(batch, *tensor.shape[1:])
-        if tensor.shape[0] * images_per_prompt == batch:
-            return tensor.repeat_interleave(images_per_prompt, 0)
-        raise ValueError(f"{tensor.shape[0]} {what}s for {batch // images_per_prompt} prompts; give one {what}, "
-                         "or one per prompt")
-
     def _default_inputs(self, inputs: dict[str, torch.Tensor], batch: int, task: str) -> dict[str, torch.Tensor]:
         """Fill in what a task does not give: an inpainting model generating a whole image gets the full mask; an
         input trained without dropout (so without an unconditional version) is required."""
@@ -371,7 +361,7 @@ class LatentDiffusionPipeline:
         guidance = self._guidance(guidance_scale)
         gen = _as_generator(generator)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images)
-        inputs = {k: self._per_image(v, batch, num_images, k.replace("_", " ")) for k, v in inputs.items()}
+        inputs = {k: _per_image(v, batch, num_images, k.replace("_", " ")) for k, v in inputs.items()}
         inputs = self._default_inputs(inputs, batch, task)
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
@@ -480,7 +470,7 @@ class LatentDiffusionPipeline:
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images)
         inputs = self._default_inputs({}, batch, "redraw an image without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
-        init = self._per_image(self.encode_images(pixels), batch, num_images, "init image")
+        init = _per_image(self.encode_images(pixels), batch, num_images, "init image")
         x = init + float(sigmas[0]) * self._noise(noise, tuple(init.shape), gen)
         out = self._sample(x, sigmas, cond, uncond, guidance, sampler, gen, sampler_options, callback, progress)
         return self._finish(out, decode)
@@ -511,12 +501,12 @@ class LatentDiffusionPipeline:
         full_strength = strength == 1.0
         gen = _as_generator(generator)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images)
-        pixels_b = self._per_image(pixels, batch, num_images, "image")
-        masks_b = self._per_image(masks, batch, num_images, "mask")
+        pixels_b = _per_image(pixels, batch, num_images, "image")
+        masks_b = _per_image(masks, batch, num_images, "mask")
         inputs = {"image": pixels_b * 2 - 1, "mask": masks_b} if self.is_inpainting_model else {}
         inputs = self._default_inputs(inputs, batch, "inpaint without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
-        image_latents = self._per_image(self.encode_images(pixels), batch, num_images, "image")
+        image_latents = _per_image(self.encode_images(pixels), batch, num_images, "image")
         noise = self._noise(latents, tuple(image_latents.shape), gen)
         if full_strength:
             x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)

@@ -131,6 +131,18 @@ class _ReimposeKnownRegion:
         return self.model(x, sigma, **extra)
 
 
+def _per_image(tensor: torch.Tensor, batch: int, images_per_prompt: int, what: str) -> torch.Tensor:
+    """One input (image, mask, map) for all images, or one per prompt (repeated for that prompt's images)."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    if tensor.shape[0] * images_per_prompt == batch:
+        return tensor.repeat_interleave(images_per_prompt, 0)
+    raise ValueError(f"{tensor.shape[0]} {what}s for {batch // images_per_prompt} prompts; give one {what}, "
+                     "or one per prompt")
+
+
 class StableDiffusionPipeline:
     """Stable Diffusion v1.x / v2.x (eps or v-prediction) and the 9-channel inpainting model, on our modules.
 
@@ -364,17 +376,6 @@ class StableDiffusionPipeline:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
 
-    def _per_image(self, tensor: torch.Tensor, batch: int, images_per_prompt: int, what: str) -> torch.Tensor:
-        """One image (or mask) for all, or one per prompt (repeated for that prompt's images)."""
-        if tensor.shape[0] == batch:
-            return tensor
-        if tensor.shape[0] == 1:
-            return tensor.expand(batch, *tensor.shape[1:])
-        if tensor.shape[0] * images_per_prompt == batch:
-            return tensor.repeat_interleave(images_per_prompt, 0)
-        raise ValueError(f"{tensor.shape[0]} {what}s for {batch // images_per_prompt} prompts; give one {what}, "
-                         "or one per prompt")
-
     # ---- tasks ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -430,7 +431,7 @@ class StableDiffusionPipeline:
         gen = _as_generator(generator)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         init = self._encode(pixels * 2 - 1, gen if sample_posterior else None)
-        init = self._per_image(init, batch, num_images, "init image")
+        init = _per_image(init, batch, num_images, "init image")
         noise = self._noise(noise, tuple(init.shape), gen)
         x = init + float(sigmas[0]) * noise
         out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress)
@@ -470,7 +471,7 @@ class StableDiffusionPipeline:
         # The generator in diffusers' order: image latent (text-to-image UNet, or strength < 1), noise, masked image.
         image_latents = None
         if not self.is_inpainting_model or not full_strength:
-            image_latents = self._per_image(self._encode(pixels * 2 - 1, post_gen), batch, num_images, "image")
+            image_latents = _per_image(self._encode(pixels * 2 - 1, post_gen), batch, num_images, "image")
         noise = self._noise(latents, shape, gen)
         masked_pixels = (pixels * 2 - 1) * (masks < 0.5)
         if self.is_inpainting_model:
@@ -479,14 +480,14 @@ class StableDiffusionPipeline:
             # diffusers encodes the masked image even for a 4-channel UNet, which does not use it; draw the same
             # numbers so that later draws (ancestral samplers) match.
             draw_noise((pixels.shape[0], self.latent_channels, h, w), gen)
-        latent_mask = self._per_image(F.interpolate(masks, size=(h, w)), batch, num_images, "mask").to(self.device)
+        latent_mask = _per_image(F.interpolate(masks, size=(h, w)), batch, num_images, "mask").to(self.device)
         if full_strength:
             x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
         else:
             x = image_latents + float(sigmas[0]) * noise
         wrap = None
         if self.is_inpainting_model:
-            extra = torch.cat([latent_mask, self._per_image(masked_latents, batch, num_images, "image")], dim=1)
+            extra = torch.cat([latent_mask, _per_image(masked_latents, batch, num_images, "image")], dim=1)
             cond = dict(cond, concat=extra)
             uncond = dict(uncond, concat=extra)
         else:
@@ -498,8 +499,8 @@ class StableDiffusionPipeline:
             out = (1 - latent_mask) * image_latents + latent_mask * out
         result = self._finish(out, decode)
         if keep_unmasked and result.images is not None:
-            repaint = self._per_image(masks, batch, num_images, "mask")
-            original = self._per_image(pixels, batch, num_images, "image")
+            repaint = _per_image(masks, batch, num_images, "mask")
+            original = _per_image(pixels, batch, num_images, "image")
             result.images = repaint * result.images + (1 - repaint) * original
         return result
 
