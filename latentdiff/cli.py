@@ -153,6 +153,16 @@ def _model_path(args: argparse.Namespace) -> str:
                      "--model PATH")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from latentdiff.io.checkpoint import export_model
+
+    settings = {} if args.guidance is None else {"sample_guidance": args.guidance}
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+    path = export_model(args.src, args.dst, args.dtype, settings)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
+
+
 def _check_generation_args(args: argparse.Namespace) -> None:
     """Checks that need no model: they fail before a large checkpoint is read."""
     from latentdiff.diffusion.samplers import get_sampler
@@ -472,6 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt, for a model that also takes text")
     _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)
     p.set_defaults(func=_upscale)
+
+    p = sub.add_parser("export", help="write a trained model's sampling weights (no training state) to a folder",
+                       description="Copy the weights a model samples with (the EMA weights the trainer saved) from "
+                                   "a run folder, checkpoint folder or model.safetensors to DST/model.safetensors + "
+                                   "config.json, optionally stored in float16 to halve the file. This is how the "
+                                   "bundled models in models/ are made.")
+    p.add_argument("src", metavar="SRC", help="a run folder (its latest checkpoint), checkpoint folder or file")
+    p.add_argument("dst", metavar="DST", help="the output folder")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="storage dtype of the floating-point weights (loaded back as float32; default float32)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the default guidance scale stored with the model (sample_guidance)")
+    p.set_defaults(func=_export)
 
     from latentdiff.io.formats import add_convert_parser
 

@@ -97,6 +97,45 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return weights, config
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
+                 settings: dict[str, Any] | None = None) -> Path:
+    """Write the weights a model samples with (a run's latest checkpoint, a checkpoint folder or file) to the
+    folder ``dst`` as ``model.safetensors`` + ``config.json``, without the training state: what a model that
+    ships with the project, or is handed to someone, needs.
+
+    ``dtype`` stores the floating-point tensors in float16 or bfloat16 to halve the file; the loaders cast them
+    back to the model's float32 parameters (``load_state_dict`` copies across dtypes), so only the storage is
+    rounded. ``settings`` are top-level config entries to record or override (``sample_guidance``, say, the
+    guidance scale the pipelines use when a call gives none). The source's step and training config stay in
+    the config, and ``exported_from`` names the source."""
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    file = resolve_checkpoint(src)
+    weights, config = read_checkpoint(file)
+    target = EXPORT_DTYPES[dtype]
+    nonfinite = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if nonfinite:
+        raise CheckpointError(f"{file} holds NaN or infinite weights ({', '.join(nonfinite[:4])}); not exported")
+    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    if target != torch.float32:
+        big = sorted(k for k, v in weights.items() if v.is_floating_point()
+                     and not torch.isfinite(v.to(target)).all())
+        if big:
+            raise CheckpointError(f"{', '.join(big[:4])} overflow {dtype}; export in float32")
+    config = dict(config, **(settings or {}))
+    config["exported_from"] = {"checkpoint": str(file), "step": config.get("step"), "dtype": dtype}
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"latentdiff_config": json.dumps(config), "step": str(config.get("step"))})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    _atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2))
+    return out / WEIGHTS_NAME
+
+
 def load_state_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that names every missing, unexpected and mis-shaped key in one clear error."""
     own = module.state_dict()
