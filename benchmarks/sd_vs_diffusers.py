@@ -431,6 +431,8 @@ def main() -> None:
                     status = result.get("error") or f"{result['median_s']:.4f} s, peak {result['peak_mb']:.0f} MB"
                     print(f"  {impl:>9} {dtype} {label(phase, size, args.steps)}: {status}", file=sys.stderr,
                           flush=True)
+                    if args.json:  # after every measurement, so that a run cut short keeps what it measured
+                        write_json(args, info, results)
     resets = {r.get("peak_reset") for r in results if "error" not in r}
     peak_note = ("peaks exclude model building (high-water mark reset)" if resets == {True}
                  else "peaks INCLUDE model building (the high-water mark could not be reset)")
@@ -439,11 +441,14 @@ def main() -> None:
           f"median of {args.repeats} runs (txt2img: {args.txt2img_repeats}) after a warm-up\n")
     print(table(results, args.steps))
     if args.json:
-        for r in results:
-            r.pop("probe", None)
-        args.json.write_text(json.dumps({"versions": info, "args": {k: str(v) if isinstance(v, Path) else v
-                                                                    for k, v in vars(args).items()},
-                                         "results": results}, indent=2) + "\n")
+        write_json(args, info, results)
+
+
+def write_json(args: argparse.Namespace, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    rows = [{k: v for k, v in r.items() if k != "probe"} for r in results]
+    args.json.write_text(json.dumps({"versions": info, "args": {k: str(v) if isinstance(v, Path) else v
+                                                                for k, v in vars(args).items()},
+                                     "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
