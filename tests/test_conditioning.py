@@ -456,6 +456,10 @@ def test_shipped_scene_configs_fit_the_kl_f4_scenes_first_stage_at_full_size(nam
 
     ae_config = from_dict(AutoencoderConfig, read_yaml("configs/kl-f4-scenes.yaml")["model"])
     exp = load_config(DiffusionExperiment, read_yaml(f"configs/ldm-scenes-{name}.yaml"))
+    if exp.model.conditioner.text_encoder == "transformer":  # the trainer builds the vocabulary from the captions
+        from latentdiff.conditioning.text import build_vocabulary
+
+        exp.model.conditioner.text.vocab = build_vocabulary(["a red bag on the left", "a blue boot"])
     model = LatentDiffusion(exp.model, first_stage=Autoencoder(ae_config))
     model.config.scale_factor = 1.0
     assert model.latent_shape == (4, 8, 8) and exp.data.name == "fmnist_scenes"

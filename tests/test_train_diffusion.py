@@ -315,10 +315,13 @@ def test_non_finite_losses_stop_diffusion_training_with_a_clear_message(first_st
 # ---------------------------------------------------------------------------------------------------- conditioning
 
 SCENE_CONFIGS = {  # the tiny first stage has f = 2: 16 px scenes give 8x8 latents, the size of the 8x8 low-res
-    "txt2img": ["model.conditioner.minilm.max_length=24"],
-    "seg2img": [],
-    "inpaint": ["model.conditioner.minilm.max_length=24"],
-    "upscale": [],
+    # id: (configs/ldm-scenes-<name>.yaml, overrides)
+    "txt2img": ("txt2img", []),
+    "txt2img-minilm": ("txt2img", ["model.conditioner.text_encoder=minilm", "model.unet.context_dim=384",
+                                   "model.conditioner.minilm.max_length=24"]),
+    "seg2img": ("seg2img", []),
+    "inpaint": ("inpaint", []),
+    "upscale": ("upscale", []),
 }
 TEXT_TRANSFORMER = ["model.conditioner.text_encoder=transformer", "model.unet.context_dim=32",
                     "model.conditioner.text.width=32", "model.conditioner.text.layers=1",
@@ -347,19 +350,25 @@ def scene_inputs(n: int) -> dict:
     return {"caption": batch["caption"], "class_map": batch["class_map"], "image": batch["image"], "mask": mask}
 
 
-@pytest.mark.parametrize("name", list(SCENE_CONFIGS))
-def test_scene_configs_train_and_their_checkpoints_load_and_sample_with_guidance(name, scenes_first_stage, tmp_path):
+@pytest.mark.parametrize("key", list(SCENE_CONFIGS))
+def test_scene_configs_train_and_their_checkpoints_load_and_sample_with_guidance(key, scenes_first_stage, tmp_path):
     from latentdiff.io.checkpoint import load_latent_diffusion
 
-    out = tmp_path / name
-    assert train(out, "train.steps=2", *SCENE_CONFIGS[name], config=f"configs/ldm-scenes-{name}.yaml",
+    name, overrides = SCENE_CONFIGS[key]
+    out = tmp_path / key
+    assert train(out, "train.steps=2", *overrides, config=f"configs/ldm-scenes-{name}.yaml",
                  first_stage=scenes_first_stage) == 0
     weights, state, config = latest(out)
     assert config["model"]["conditioning"] == {"txt2img": "crossattn", "inpaint": "hybrid"}.get(name, "concat")
-    # The frozen MiniLM is not in the checkpoint, only which weights it was.
-    assert not any(k.startswith("cond_stage_model.") for k in weights)
-    minilm = config["model"]["conditioner"]["minilm"]
-    assert (len(minilm["weights_sha256"]) == 64) == (name in ("txt2img", "inpaint"))
+    conditioner = config["model"]["conditioner"]
+    text_weights = any(k.startswith("cond_stage_model.") for k in weights)
+    if key == "txt2img-minilm":  # the frozen MiniLM is not in the checkpoint, only which weights it was
+        assert not text_weights and len(conditioner["minilm"]["weights_sha256"]) == 64
+    elif name in ("txt2img", "inpaint"):  # the jointly trained encoder is, with its vocabulary in the config
+        assert conditioner["text_encoder"] == "transformer" and text_weights
+        assert "sneaker" in conditioner["text"]["vocab"] or "bag" in conditioner["text"]["vocab"]
+    else:
+        assert conditioner["text_encoder"] == "none" and not text_weights
     cache = load_file(str(out / "latent_cache.safetensors"))
     want_cached = {"txt2img": {"cond.input_ids"}, "seg2img": {"cond.class_map"}, "upscale": {"cond.lowres"},
                    "inpaint": {"cond.input_ids", "cond.image"}}[name]
