@@ -159,7 +159,7 @@ def _export(args: argparse.Namespace) -> None:
     settings = {} if args.guidance is None else {"sample_guidance": args.guidance}
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-    path = export_model(args.src, args.dst, args.dtype, settings)
+    path = export_model(args.src, args.dst, args.dtype, settings, args.first_stage)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
 
 
@@ -494,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of the floating-point weights (loaded back as float32; default float32)")
     p.add_argument("--guidance", type=float, default=None,
                    help="the default guidance scale stored with the model (sample_guidance)")
+    p.add_argument("--first-stage", metavar="AE", default=None,
+                   help="take the decoder of this autoencoder run (fine-tuned with train_only: decoder; its encoder "
+                        "must be the model's, which is checked)")
     p.set_defaults(func=_export)
 
     from latentdiff.io.formats import add_convert_parser

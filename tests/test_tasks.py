@@ -291,6 +291,29 @@ def test_export_refuses_nan_weights_and_bad_dtypes(runs, tmp_path, capsys) -> No
     assert run_cli(capsys, "export", tmp_path / "nowhere", tmp_path / "out")[0] == 2
 
 
+def test_export_swaps_in_a_fine_tuned_decoder_and_refuses_another_encoder(runs, tmp_path, capsys) -> None:
+    ae_file = resolve_checkpoint(Path(json.loads((resolve_checkpoint(runs["txt2img"]).parent / "config.json")
+                                                 .read_text())["model"]["first_stage"]))
+    with safe_open(str(ae_file), framework="pt") as f:
+        metadata = f.metadata()
+    ae = load_file(str(ae_file))
+    g = torch.Generator().manual_seed(0)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) if k.startswith("decoder.") else v for k, v in ae.items()}
+    save_checkpoint(tmp_path / "tuned", 9, tuned, json.loads(metadata["latentdiff_config"]))
+    code, _, err = run_cli(capsys, "export", runs["txt2img"], tmp_path / "out", "--first-stage", tmp_path / "tuned")
+    assert code == 0, err
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, v in tuned.items():
+        assert torch.equal(out["first_stage_model." + k], v), k
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["exported_from"]["first_stage_step"] == 9
+    other = dict(tuned, **{k: v + 1 for k, v in ae.items() if k.startswith("encoder.conv_in.")})
+    save_checkpoint(tmp_path / "other", 9, other, json.loads(metadata["latentdiff_config"]))
+    code, _, err = run_cli(capsys, "export", runs["txt2img"], tmp_path / "out2", "--first-stage", tmp_path / "other")
+    assert code == 2 and "has another encoder than the one this model was trained on" in err
+    assert "encoder.conv_in" in err and not (tmp_path / "out2").exists()
+
+
 def _sd_model(folder: Path) -> Path:
     """A tiny Stable Diffusion model (unconditional UNet + VAE) in the native format that `convert` writes."""
     from latentdiff.diffusion.unet import UNetConfig, UNetModel

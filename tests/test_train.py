@@ -182,3 +182,32 @@ def test_running_means_and_time_limit():
     assert clock(cpu=31).total_cpu() >= 131.0
     with pytest.raises(ValueError, match="time_limit_clock"):
         time_is_up(TrainConfig(time_limit_minutes=0.5, time_limit_clock="gpu"), clock(), env)
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder_bit_identical(tmp_path):
+    assert run_train(tmp_path, "base", "train.steps=3")[0] == 0
+    base = tmp_path / "base"
+    code, out = run_train(tmp_path, "ft", "train.steps=3", f"init_from={base}", "train_only=decoder",
+                          "train.lr=1e-2")
+    assert code == 0
+    before, after = latest_weights(base), latest_weights(out)
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["train_only=decoder"], "set init_from to its checkpoint"),
+    (["train_only=encoder"], "train_only must be 'all' or 'decoder'"),
+    (["init_from={base}", "model.ch=32"], "has another architecture (model.ch differ)"),
+    (["init_from={nowhere}"], "checkpoint not found"),
+])
+def test_init_from_errors(tmp_path, capsys, extra, message):
+    assert run_train(tmp_path, "base", "train.steps=1")[0] == 0
+    names = {"base": tmp_path / "base", "nowhere": tmp_path / "nowhere"}
+    code, _ = run_train(tmp_path, "bad", "train.steps=1", *[e.format(**names) for e in extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err

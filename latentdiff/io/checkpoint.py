@@ -100,8 +100,35 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+FIRST_STAGE_PREFIX = "first_stage_model."
+ENCODER_PARTS = ("encoder.", "quant_conv.")
+
+
+def swap_decoder(weights: dict[str, torch.Tensor], config: dict[str, Any], first_stage: str | Path) -> dict[str, Any]:
+    """Put the decoder of the autoencoder ``first_stage`` into a diffusion model's ``weights`` (in place), after
+    checking that its encoder is bit for bit the one the model was trained on: a fine-tuned decoder
+    (``train_only: decoder``) decodes the same latents better; another encoder would mean another latent space.
+    Returns what to record about it."""
+    ae_weights, ae_config = read_checkpoint(first_stage)
+    if ae_config.get("task", "autoencoder") != "autoencoder":
+        raise CheckpointError(f"{first_stage} is a {ae_config.get('task')!r} checkpoint, not an autoencoder")
+    if config.get("task") != "diffusion":
+        raise CheckpointError("--first-stage swaps the decoder of a diffusion model; this is an autoencoder")
+    ours = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in weights.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    if set(ours) != set(ae_weights) or any(ours[k].shape != ae_weights[k].shape for k in ours):
+        raise CheckpointError(f"{first_stage} is not the same autoencoder architecture as the model's first stage")
+    changed = sorted(k for k in ours if k.startswith(ENCODER_PARTS) and not torch.equal(ours[k], ae_weights[k]))
+    if changed:
+        raise CheckpointError(f"{first_stage} has another encoder than the one this model was trained on "
+                              f"({', '.join(changed[:3])} differ): its latents would not be the model's. Only a "
+                              "decoder fine-tuned with train_only: decoder can be swapped in")
+    for k, v in ae_weights.items():
+        weights[FIRST_STAGE_PREFIX + k] = v
+    return {"first_stage": str(resolve_checkpoint(first_stage)), "first_stage_step": ae_config.get("step")}
+
+
 def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
-                 settings: dict[str, Any] | None = None) -> Path:
+                 settings: dict[str, Any] | None = None, first_stage: str | Path | None = None) -> Path:
     """Write the weights a model samples with (a run's latest checkpoint, a checkpoint folder or file) to the
     folder ``dst`` as ``model.safetensors`` + ``config.json``, without the training state: what a model that
     ships with the project, or is handed to someone, needs.
@@ -110,11 +137,13 @@ def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
     back to the model's float32 parameters (``load_state_dict`` copies across dtypes), so only the storage is
     rounded. ``settings`` are top-level config entries to record or override (``sample_guidance``, say, the
     guidance scale the pipelines use when a call gives none). The source's step and training config stay in
-    the config, and ``exported_from`` names the source."""
+    the config, and ``exported_from`` names the source. ``first_stage``: an autoencoder whose decoder replaces
+    the model's (see :func:`swap_decoder`)."""
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     file = resolve_checkpoint(src)
     weights, config = read_checkpoint(file)
+    swapped = swap_decoder(weights, config, first_stage) if first_stage else {}
     target = EXPORT_DTYPES[dtype]
     nonfinite = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if nonfinite:
@@ -126,7 +155,7 @@ def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
         if big:
             raise CheckpointError(f"{', '.join(big[:4])} overflow {dtype}; export in float32")
     config = dict(config, **(settings or {}))
-    config["exported_from"] = {"checkpoint": str(file), "step": config.get("step"), "dtype": dtype}
+    config["exported_from"] = {"checkpoint": str(file), "step": config.get("step"), "dtype": dtype, **swapped}
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_NAME + ".tmp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,17 @@ class AutoencoderExperiment:
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Start from this native autoencoder checkpoint's weights (a new run, unlike --resume); "" starts from scratch.
+    init_from: str = ""
+    # "all", or "decoder": the encoder and quant_conv stay frozen, so the latent space (and every diffusion model
+    # trained in it) is unchanged while the decoder improves, as Stable Diffusion's fine-tuned VAE decoders.
+    train_only: str = "all"
 
     def __post_init__(self) -> None:
+        if self.train_only not in ("all", "decoder"):
+            raise ValueError(f"train_only must be 'all' or 'decoder', got {self.train_only!r}")
+        if self.train_only == "decoder" and not self.init_from:
+            raise ValueError("train_only: decoder fine-tunes a trained decoder: set init_from to its checkpoint")
         if self.data.channels != self.model.in_channels or self.data.channels != self.model.out_ch:
             raise ValueError(f"data.channels ({self.data.channels}) must equal model.in_channels "
                              f"({self.model.in_channels}) and model.out_ch ({self.model.out_ch})")
@@ -61,6 +71,23 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, DDP) else module
 
 
+def init_from(model: torch.nn.Module, exp: AutoencoderExperiment) -> None:
+    """Load ``exp.init_from``'s weights into ``model``; its architecture must be ``exp.model``."""
+    from latentdiff.io.checkpoint import CheckpointError, read_checkpoint
+
+    weights, config = read_checkpoint(exp.init_from)
+    if config.get("task", "autoencoder") != "autoencoder":
+        raise CheckpointError(f"init_from {exp.init_from} is a {config.get('task')!r} checkpoint, not an autoencoder")
+    ours = json.loads(json.dumps(to_dict(exp.model)))  # tuples as lists, as the stored config has them
+    if config.get("model") != ours:
+        theirs = config.get("model") or {}
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise CheckpointError(f"init_from {exp.init_from} has another architecture (model.{', model.'.join(differ)} "
+                              "differ); copy its model section into this config")
+    load_state_strict(model, weights, "autoencoder")
+    logger.info("initialised from %s (step %s)", exp.init_from, config.get("step"))
+
+
 def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = None) -> Path:
     """Train (or resume) the run described by ``exp``; returns the run directory."""
     cfg = exp.train
@@ -70,7 +97,13 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
     torch.manual_seed(cfg.seed + env.rank)
     run_dir = Path(cfg.out_dir)
 
-    model = Autoencoder(exp.model).to(env.device)
+    model = Autoencoder(exp.model)
+    if exp.init_from and resume is None:
+        init_from(model, exp)
+    if exp.train_only == "decoder":
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
+    model = model.to(env.device)
     loss_fn = AutoencoderLoss(exp.loss, exp.model.out_ch).to(env.device)
     disc = loss_fn.discriminator
     opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
