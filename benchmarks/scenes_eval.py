@@ -346,7 +346,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=1)
         if model is not None:
             p.add_argument("--model", type=Path, default=MODELS[model])
-            p.add_argument("--steps", type=int, default=20)
+            p.add_argument("--steps", type=int, default=25)  # the CLI verbs' default
             p.add_argument("--sampler", default="dpmpp_2m")
             p.add_argument("--guidance", type=float, default=scale)
             p.add_argument("--batch-size", type=int, default=100)

@@ -233,6 +233,16 @@ def test_upscale_conditions_on_the_lowres_image(runs, files, tmp_path, capsys) -
     a = pipe.upscale(low, steps=3, generator=0).images
     b = pipe.upscale(1 - low, steps=3, generator=0).images
     assert a.shape == (1, 3, SIZE, SIZE) and not torch.equal(a, b)
+    # A batch of low-res images without a prompt: one output each, the same as one at a time with its noise.
+    both = pipe.upscale(torch.cat([low, 1 - low]), steps=3, latents=torch.randn(2, 4, 8, 8,
+                        generator=torch.Generator().manual_seed(0))).images
+    assert both.shape == (2, 3, SIZE, SIZE) and not torch.equal(both[0], both[1])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    one = pipe.upscale(1 - low, steps=3, latents=noise[1:]).images
+    torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-5)
+    maps = read_class_map(files["map"]).reshape(1, SIZE, SIZE).repeat(3, 1, 1)
+    seg = load_pipeline(runs["seg2img"]).segmentation_to_image(maps, steps=2, generator=0).images
+    assert seg.shape == (3, 3, SIZE, SIZE)
     common = ["upscale", files["lowres"], "--model", runs["upscale"], "--steps", 3]
     assert run_cli(capsys, *common, "-o", tmp_path / "a.png")[0] == 0
     assert run_cli(capsys, *common, "-o", tmp_path / "b.png")[0] == 0

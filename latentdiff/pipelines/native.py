@@ -255,12 +255,17 @@ class LatentDiffusionPipeline:
         return F.max_pool2d(masks, factor) if factor > 1 else masks
 
     def _prompt_batch(self, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None,
-                      num_images: int) -> tuple[list[str] | None, list[str] | None, int]:
-        """(captions, negatives, batch): one caption per image, prompts in order, each ``num_images`` times."""
+                      num_images: int, inputs: int = 1) -> tuple[list[str] | None, list[str] | None, int]:
+        """(captions, negatives, batch): one caption per image, prompts in order, each ``num_images`` times.
+        ``inputs``: how many images (maps, low-res images, images to repaint) the call gave; one prompt (or none)
+        with several of them is that prompt for each."""
         if num_images < 1:
             raise ValueError(f"the number of images must be at least 1, got {num_images}")
         prompts = _prompts(prompt) if prompt is not None else [""]
         negatives = _prompts(negative_prompt) if negative_prompt is not None else None
+        if len(prompts) == 1 and inputs > 1:
+            prompts = prompts * inputs
+            negatives = negatives * inputs if negatives is not None and len(negatives) == 1 else negatives
         if not self.has_text_conditioning:
             if [p for p in prompts + (negatives or []) if p]:
                 raise ValueError(f"{self.source} has no text conditioning ({self.describe_conditioning()}); "
@@ -360,7 +365,8 @@ class LatentDiffusionPipeline:
         self._check_sampler(sampler, steps)
         guidance = self._guidance(guidance_scale)
         gen = _as_generator(generator)
-        captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images)
+        given = max((v.shape[0] for v in inputs.values()), default=1)
+        captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, given)
         inputs = {k: _per_image(v, batch, num_images, k.replace("_", " ")) for k, v in inputs.items()}
         inputs = self._default_inputs(inputs, batch, task)
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
@@ -467,7 +473,7 @@ class LatentDiffusionPipeline:
         sigmas = self.model.sigmas(steps)
         sigmas = sigmas[strength_start(len(sigmas) - 1, strength):]
         gen = _as_generator(generator)
-        captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images)
+        captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, pixels.shape[0])
         inputs = self._default_inputs({}, batch, "redraw an image without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
         init = _per_image(self.encode_images(pixels), batch, num_images, "init image")
@@ -500,7 +506,8 @@ class LatentDiffusionPipeline:
         sigmas = sigmas[strength_start(len(sigmas) - 1, strength):]
         full_strength = strength == 1.0
         gen = _as_generator(generator)
-        captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images)
+        captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images,
+                                                        max(pixels.shape[0], masks.shape[0]))
         pixels_b = _per_image(pixels, batch, num_images, "image")
         masks_b = _per_image(masks, batch, num_images, "mask")
         inputs = {"image": pixels_b * 2 - 1, "mask": masks_b} if self.is_inpainting_model else {}
