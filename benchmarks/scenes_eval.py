@@ -105,10 +105,13 @@ def frechet(images: torch.Tensor) -> float:
     return float(EfficientNetFrechetDistance.compute(reference_stats(), stats))
 
 
-def pipeline(path: Path):
+def pipeline(path: Path, args: argparse.Namespace | None = None):
     from latentdiff.pipelines.native import LatentDiffusionPipeline
 
-    return LatentDiffusionPipeline.from_checkpoint(path)
+    pipe = LatentDiffusionPipeline.from_checkpoint(path)
+    if args is not None and getattr(args, "guidance", None) is None:
+        args.guidance = pipe.default_guidance  # recorded with the results
+    return pipe
 
 
 def generate(fn, n: int, batch_size: int, **kwargs) -> tuple[torch.Tensor, float]:
@@ -162,7 +165,7 @@ def _txt2img_images(pipe, batch: dict, args: argparse.Namespace, guidance: float
 
 
 def txt2img(args: argparse.Namespace) -> None:
-    check, pipe = checker(), pipeline(args.model)
+    check, pipe = checker(), pipeline(args.model, args)
     result = {}
     for split in ("test", "test_heldout"):
         batch = scenes(split, args.n)
@@ -177,7 +180,7 @@ def txt2img(args: argparse.Namespace) -> None:
 
 
 def guidance(args: argparse.Namespace) -> None:
-    check, pipe = checker(), pipeline(args.model)
+    check, pipe = checker(), pipeline(args.model, args)
     seen, unseen = scenes("test", args.n), scenes("test_heldout", args.n)
     rows = []
     for scale in args.scales:
@@ -198,7 +201,7 @@ def guidance(args: argparse.Namespace) -> None:
 def seg2img(args: argparse.Namespace) -> None:
     from latentdiff.data.scenes import decode_attributes
 
-    check, pipe = checker(), pipeline(args.model)
+    check, pipe = checker(), pipeline(args.model, args)
     batch = scenes("test", args.n)
     maps = batch["class_map"]
 
@@ -232,7 +235,7 @@ def inpaint(args: argparse.Namespace) -> None:
     from latentdiff.data.scenes import SceneLayout, decode_attributes
     from latentdiff.eval.metrics import psnr
 
-    check, pipe = checker(), pipeline(args.model)
+    check, pipe = checker(), pipeline(args.model, args)
     pool = scenes("test", args.n * 3)
     rows = [i for i in range(len(pool["caption"])) if int(pool["num_items"][i]) == 2][: args.n]
     batch = {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows]) for k, v in pool.items()}
@@ -247,7 +250,7 @@ def inpaint(args: argparse.Namespace) -> None:
     def fn(start: int, stop: int) -> torch.Tensor:
         return pipe.inpaint(pixels[start:stop], masks[start:stop, None], captions[start:stop], steps=args.steps,
                             sampler=args.sampler, guidance_scale=args.guidance, generator=args.seed + start,
-                            progress=False).images
+                            keep_unmasked=args.keep_unmasked, progress=False).images
 
     images, seconds = generate(fn, len(rows), args.batch_size)
     keep = (1 - masks)[:, None].expand_as(images)
@@ -275,7 +278,7 @@ def inpaint(args: argparse.Namespace) -> None:
 def upscale(args: argparse.Namespace) -> None:
     from latentdiff.eval.metrics import psnr
 
-    pipe = pipeline(args.model)
+    pipe = pipeline(args.model, args)
     batch = scenes("test", args.n)
     hr = batch["image"]
     s = pipe.lowres_size
@@ -336,9 +339,9 @@ def _plot_guidance(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True)
-    defaults = {"real": (None, 0.0), "txt2img": ("txt2img", 3.0), "guidance": ("txt2img", 3.0),
-                "seg2img": ("seg2img", 1.0), "inpaint": ("inpaint", 3.0), "upscale": ("upscale", 1.0)}
-    for name, (model, scale) in defaults.items():
+    defaults = {"real": None, "txt2img": "txt2img", "guidance": "txt2img", "seg2img": "seg2img",
+                "inpaint": "inpaint", "upscale": "upscale"}
+    for name, model in defaults.items():
         p = sub.add_parser(name)
         p.add_argument("--n", type=int, default=1000)
         p.add_argument("--out", default=str(ROOT / "docs" / "scenes-eval.jsonl"))
@@ -348,11 +351,14 @@ def main() -> None:
             p.add_argument("--model", type=Path, default=MODELS[model])
             p.add_argument("--steps", type=int, default=25)  # the CLI verbs' default
             p.add_argument("--sampler", default="dpmpp_2m")
-            p.add_argument("--guidance", type=float, default=scale)
+            p.add_argument("--guidance", type=float, default=None,
+                           help="default: the model's own (sample_guidance), as the CLI verbs use")
             p.add_argument("--batch-size", type=int, default=100)
             p.add_argument("--grid", default=str(ROOT / "runs" / "scenes-eval" / f"{name}.png"))
+        if name == "inpaint":
+            p.add_argument("--keep-unmasked", action="store_true", help="paste the input back outside the mask")
         if name == "guidance":
-            p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+            p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
             p.add_argument("--plot", default=str(ROOT / "docs" / "scenes-guidance.png"))
         p.set_defaults(func=globals()[name])
     args = parser.parse_args()

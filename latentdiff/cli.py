@@ -13,7 +13,7 @@ logger = logging.getLogger("latentdiff")
 # The models the task verbs use without --model: native runs of configs/ldm-<name>.yaml, where <name> is the
 # folder's name. The bundled weights will ship in models/; until then the folders may be missing.
 DEFAULT_MODEL = "models/scenes-txt2img"
-DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": DEFAULT_MODEL,
+DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": "models/scenes-inpaint",
                   "seg2img": "models/scenes-seg2img", "upscale": "models/scenes-upscale"}
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,10 +147,10 @@ def _model_path(args: argparse.Namespace) -> str:
         if candidate.exists():
             return str(candidate)
     name = Path(default).name
-    raise ValueError(f"no --model given, and the bundled model {default} is not there yet (its weights will ship in "
-                     f"models/): train it with `latentdiff train configs/ldm-{name}.yaml` (after "
-                     f"configs/kl-f4-scenes.yaml, its first stage) and pass --model runs/ldm-{name}, or give "
-                     "--model PATH")
+    raise ValueError(f"no --model given, and the bundled model {default} is missing (it ships in the source tree's "
+                     f"models/, which an install from a wheel does not have): give --model PATH, or train it with "
+                     f"`latentdiff train configs/ldm-{name}.yaml` (after configs/kl-f4-scenes.yaml, its first "
+                     f"stage) and pass --model runs/ldm-{name}")
 
 
 def _export(args: argparse.Namespace) -> None:
