@@ -255,7 +255,8 @@ def inpaint(args: argparse.Namespace) -> None:
     images, seconds = generate(fn, len(rows), args.batch_size)
     keep = (1 - masks)[:, None].expand_as(images)
     mse = ((images - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
-    unmasked_psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+    unmasked_psnr = 10 * torch.log10(4.0 / mse)  # inf where the region came back exactly (--keep-unmasked)
+    pooled = float(mse.mean())
     checks = check.check(images, attrs)
     filled = [checks[i][int(which[i])] for i in range(len(rows))]
     # The autoencoder alone on the same region: the floor the unmasked region is measured against.
@@ -263,7 +264,7 @@ def inpaint(args: argparse.Namespace) -> None:
     rmse = ((recon - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
     result = {"unmasked_psnr_mean_db": float(unmasked_psnr.mean()),
               "unmasked_psnr_min_db": float(unmasked_psnr.min()),
-              "unmasked_psnr_pooled_db": float(10 * math.log10(4.0 / float(mse.mean()))),
+              "unmasked_psnr_pooled_db": 10 * math.log10(4.0 / pooled) if pooled > 0 else math.inf,
               "autoencoder_unmasked_psnr_mean_db": float((10 * torch.log10(4.0 / rmse.clamp_min(1e-10))).mean()),
               "whole_image_psnr_db": float(psnr(images, batch["image"]).mean()),
               "filled_attribute_accuracy": sum(c.ok for c in filled) / len(filled),

@@ -13,7 +13,7 @@ logger = logging.getLogger("latentdiff")
 # The models the task verbs use without --model: native runs of configs/ldm-<name>.yaml, where <name> is the
 # folder's name. The bundled weights will ship in models/; until then the folders may be missing.
 DEFAULT_MODEL = "models/scenes-txt2img"
-DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": "models/scenes-inpaint",
+DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": DEFAULT_MODEL,
                   "seg2img": "models/scenes-seg2img", "upscale": "models/scenes-upscale"}
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -478,11 +478,14 @@ def test_cli_generate_img2img_inpaint(tmp_path: Path, capsys, models, v1) -> Non
     assert code == 0 and Image.open(tmp_path / "inp.png").size == (SIZE, SIZE)
 
 
-def test_cli_errors_are_one_line(tmp_path: Path, capsys, models) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, capsys, models, monkeypatch) -> None:
     model = models["v1"]
     one_error_line(*run_cli(capsys, "generate", PROMPT, "--sampler", "lms", "--model", model)[::2], "unknown sampler")
     one_error_line(*run_cli(capsys, "generate", PROMPT, "--model", tmp_path / "nothing")[::2], "not found")
-    one_error_line(*run_cli(capsys, "generate", PROMPT)[::2], "--model")
+    with monkeypatch.context() as m:  # where the bundled model is missing (an install without models/)
+        m.setattr(cli, "_REPO_ROOT", tmp_path)
+        m.chdir(tmp_path)
+        one_error_line(*run_cli(capsys, "generate", PROMPT)[::2], "--model")
     one_error_line(*run_cli(capsys, "generate", PROMPT, "--height", 30, "--steps", 1, "--model", model)[::2],
                    "multiples of 4")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
