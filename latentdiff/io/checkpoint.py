@@ -150,8 +150,7 @@ def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
         raise CheckpointError(f"{file} holds NaN or infinite weights ({', '.join(nonfinite[:4])}); not exported")
     tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     if target != torch.float32:
-        big = sorted(k for k, v in weights.items() if v.is_floating_point()
-                     and not torch.isfinite(v.to(target)).all())
+        big = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
         if big:
             raise CheckpointError(f"{', '.join(big[:4])} overflow {dtype}; export in float32")
     config = dict(config, **(settings or {}))

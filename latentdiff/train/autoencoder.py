@@ -17,7 +17,14 @@ from latentdiff.config import save_yaml, to_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.data.transforms import save_image_grid
 from latentdiff.device import autocast_context
-from latentdiff.io.checkpoint import load_state_strict, load_train_state, resolve_checkpoint, save_checkpoint
+from latentdiff.io.checkpoint import (
+    CheckpointError,
+    load_state_strict,
+    load_train_state,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from latentdiff.train.loop import (
     MetricLog,
     NonFiniteGuard,
@@ -73,8 +80,6 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def init_from(model: torch.nn.Module, exp: AutoencoderExperiment) -> None:
     """Load ``exp.init_from``'s weights into ``model``; its architecture must be ``exp.model``."""
-    from latentdiff.io.checkpoint import CheckpointError, read_checkpoint
-
     weights, config = read_checkpoint(exp.init_from)
     if config.get("task", "autoencoder") != "autoencoder":
         raise CheckpointError(f"init_from {exp.init_from} is a {config.get('task')!r} checkpoint, not an autoencoder")
@@ -114,8 +119,6 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
     start_step, cpu_offset = 0, 0.0
     if resume is not None:
         ckpt = resolve_checkpoint(resume).parent
-        from latentdiff.io.checkpoint import read_checkpoint
-
         weights, _ = read_checkpoint(ckpt)
         load_state_strict(model, weights, "autoencoder")
         state = load_train_state(ckpt)
