@@ -250,7 +250,8 @@ def inpaint(args: argparse.Namespace) -> None:
     def fn(start: int, stop: int) -> torch.Tensor:
         return pipe.inpaint(pixels[start:stop], masks[start:stop, None], captions[start:stop], steps=args.steps,
                             sampler=args.sampler, guidance_scale=args.guidance, generator=args.seed + start,
-                            keep_unmasked=args.keep_unmasked, progress=False).images
+                            keep_unmasked=args.keep_unmasked, mask_decoder=not args.no_mask_decoder,
+                            progress=False).images
 
     images, seconds = generate(fn, len(rows), args.batch_size)
     keep = (1 - masks)[:, None].expand_as(images)
@@ -259,13 +260,22 @@ def inpaint(args: argparse.Namespace) -> None:
     pooled = float(mse.mean())
     checks = check.check(images, attrs)
     filled = [checks[i][int(which[i])] for i in range(len(rows))]
-    # The autoencoder alone on the same region: the floor the unmasked region is measured against.
-    recon = pipe.decode_latents(pipe.encode_images(pixels)) * 2 - 1
-    rmse = ((recon - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
+    # The autoencoder alone on the same region: the floor the unmasked region is measured against (the plain
+    # decoder's; and the mask decoder's, given the same masks, when the first stage has one).
+    latents = pipe.encode_images(pixels)
+
+    def region_psnr(recon: torch.Tensor) -> float:
+        rmse = ((recon * 2 - 1 - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
+        return float((10 * torch.log10(4.0 / rmse.clamp_min(1e-10))).mean())
+
+    floors = {"autoencoder_unmasked_psnr_mean_db": region_psnr(pipe.decode_latents(latents))}
+    if pipe.has_mask_decoder:
+        floors["mask_decoder_unmasked_psnr_mean_db"] = region_psnr(pipe.decode_latents(latents, pixels,
+                                                                                      masks[:, None]))
     result = {"unmasked_psnr_mean_db": float(unmasked_psnr.mean()),
               "unmasked_psnr_min_db": float(unmasked_psnr.min()),
               "unmasked_psnr_pooled_db": 10 * math.log10(4.0 / pooled) if pooled > 0 else math.inf,
-              "autoencoder_unmasked_psnr_mean_db": float((10 * torch.log10(4.0 / rmse.clamp_min(1e-10))).mean()),
+              **floors, "mask_decoder": pipe.has_mask_decoder and not args.no_mask_decoder,
               "whole_image_psnr_db": float(psnr(images, batch["image"]).mean()),
               "filled_attribute_accuracy": sum(c.ok for c in filled) / len(filled),
               "filled_class_accuracy": sum(c.class_ok for c in filled) / len(filled),
@@ -358,6 +368,8 @@ def main() -> None:
             p.add_argument("--grid", default=str(ROOT / "runs" / "scenes-eval" / f"{name}.png"))
         if name == "inpaint":
             p.add_argument("--keep-unmasked", action="store_true", help="paste the input back outside the mask")
+            p.add_argument("--no-mask-decoder", action="store_true",
+                           help="decode with the plain decoder even if the first stage has a mask decoder")
         if name == "guidance":
             p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
             p.add_argument("--plot", default=str(ROOT / "docs" / "scenes-guidance.png"))

@@ -289,8 +289,9 @@ def _inpaint(args: argparse.Namespace) -> None:
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.image, "image")
     mask = _read_input(pipe, args.mask, "mask", mask=True)
+    extra = {"mask_decoder": False} if args.no_mask_decoder and getattr(pipe, "has_mask_decoder", False) else {}
     result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength,
-                          keep_unmasked=args.keep_unmasked, **_common(args, pipe))
+                          keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
     _report(_save_images(result.images, args.output, args.separate), args.n)
 
 
@@ -457,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 repaints the masked region from noise; less keeps some of it (default 1)")
     p.add_argument("--keep-unmasked", action="store_true",
                    help="paste the original pixels back outside the mask (the autoencoder alters them slightly)")
+    p.add_argument("--no-mask-decoder", action="store_true",
+                   help="decode with the plain decoder even if the model's first stage has a mask-conditioned "
+                        "inpainting decoder (which sees the kept pixels; the default when there is one)")
     _add_generation_options(p, sampler_names, size=False)
     p.set_defaults(func=_inpaint)
 

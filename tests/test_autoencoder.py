@@ -50,6 +50,34 @@ def test_non_divisible_input_and_wrong_channels_are_clear_errors():
         model.decode(torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("regularizer", ["kl", "vq"])
+def test_mask_decoder_starts_as_the_plain_decoder_and_never_sees_the_masked_pixels(regularizer):
+    torch.manual_seed(0)
+    model = Autoencoder(tiny(regularizer, ch_mult=(1, 2, 2), mask_decoder=True)).eval()
+    for k, v in model.decoder.state_dict().items():  # as train_only: mask_decoder initialises it
+        model.mask_decoder.decoder.state_dict()[k].copy_(v)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:24, 4:20] = 1
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        plain = model.decode(z)
+        assert torch.equal(model.decode_masked(z, x, mask), plain)  # zero-initialised: exactly the plain decoder
+        for out in model.mask_decoder.cond_out:
+            torch.nn.init.normal_(out.weight, std=0.1)
+        masked = model.decode_masked(z, x, mask)
+        assert (masked - plain).abs().mean() > 1e-3  # now the known pixels matter ...
+        changed = x.clone()
+        changed[:, :, 8:24, 4:20] = torch.rand(2, 3, 16, 16)  # ... but not the ones under the mask
+        assert torch.equal(model.decode_masked(z, changed, mask), masked)
+        assert torch.equal(model(x, sample_posterior=False, mask=mask).reconstruction,
+                           model.decode_masked(model(x, sample_posterior=False).latent, x, mask))
+    with pytest.raises(ValueError, match=r"need images \(2, 3, 32, 32\) and masks \(2, 1, 32, 32\)"):
+        model.decode_masked(z, x, mask[:, :, :16])
+    with pytest.raises(ValueError, match="has no mask-conditioned decoder"):
+        Autoencoder(tiny(regularizer)).decode_masked(z, x, mask)
+
+
 def test_sd_kl_f8_config_has_the_original_names_and_size():
     data = read_yaml("configs/sd-kl-f8.yaml")
     from latentdiff.train.autoencoder import AutoencoderExperiment

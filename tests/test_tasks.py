@@ -324,6 +324,47 @@ def test_export_swaps_in_a_fine_tuned_decoder_and_refuses_another_encoder(runs, 
     assert "encoder.conv_in" in err and not (tmp_path / "out2").exists()
 
 
+def test_export_adds_a_mask_decoder_that_inpainting_uses(runs, files, tmp_path, capsys) -> None:
+    ae_file = resolve_checkpoint(Path(json.loads((resolve_checkpoint(runs["txt2img"]).parent / "config.json")
+                                                 .read_text())["model"]["first_stage"]))
+    with safe_open(str(ae_file), framework="pt") as f:
+        ae_config = json.loads(f.metadata()["latentdiff_config"])
+    plain = load_file(str(ae_file))
+    masked_config = dict(ae_config, model=dict(ae_config["model"], mask_decoder=True))
+    model = Autoencoder(AutoencoderConfig(**masked_config["model"]))
+    g = torch.Generator().manual_seed(1)
+    weights = dict(plain)
+    for k, v in model.mask_decoder.state_dict().items():  # as if trained: cond_out no longer zero
+        weights["mask_decoder." + k] = (plain["decoder." + k[8:]].clone() if k.startswith("decoder.")
+                                        else 0.1 * torch.randn(v.shape, generator=g))
+    save_checkpoint(tmp_path / "masked_ae", 5, weights, masked_config)
+    code, _, err = run_cli(capsys, "export", runs["txt2img"], tmp_path / "out", "--first-stage", tmp_path / "masked_ae")
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model"]["first_stage_config"]["mask_decoder"] is True
+    before = LatentDiffusionPipeline.from_checkpoint(runs["txt2img"])
+    after = LatentDiffusionPipeline.from_checkpoint(tmp_path / "out")
+    assert after.has_mask_decoder and not before.has_mask_decoder
+    image, mask = to_image_tensor(files["image"]), to_mask_tensor(files["mask"])
+    kw = dict(steps=2, generator=0, progress=False)
+    with_it = after.inpaint(image, mask, PROMPT, **kw).images
+    without = after.inpaint(image, mask, PROMPT, mask_decoder=False, **kw).images
+    assert torch.equal(without, before.inpaint(image, mask, PROMPT, **kw).images)  # plain decoder: as before
+    assert (with_it - without).abs().mean() > 1e-3
+    # The same latents, decoded with the known pixels: what the mask decoder is asked for.
+    latents = after.inpaint(image, mask, PROMPT, decode=False, **kw).latents
+    assert torch.equal(with_it, after.decode_latents(latents, image, mask))
+    # the CLI flag picks the plain decoder
+    code, _, err = run_cli(capsys, "inpaint", files["image"], files["mask"], PROMPT, "--model", tmp_path / "out",
+                           "--steps", "2", "--seed", "0", "--no-mask-decoder", "-o", tmp_path / "plain.png")
+    assert code == 0, err
+    # a mask-decoder autoencoder with another encoder is refused like any other
+    other = dict(weights, **{k: v + 1 for k, v in plain.items() if k.startswith("encoder.conv_in.")})
+    save_checkpoint(tmp_path / "other", 5, other, masked_config)
+    code, _, err = run_cli(capsys, "export", runs["txt2img"], tmp_path / "out2", "--first-stage", tmp_path / "other")
+    assert code == 2 and "has another encoder" in err
+
+
 def _sd_model(folder: Path) -> Path:
     """A tiny Stable Diffusion model (unconditional UNet + VAE) in the native format that `convert` writes."""
     from latentdiff.diffusion.unet import UNetConfig, UNetModel

@@ -199,9 +199,27 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_bit_identical(tmp_path):
     assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
 
 
+def test_mask_decoder_training_changes_only_the_mask_decoder(tmp_path):
+    assert run_train(tmp_path, "base", "train.steps=3")[0] == 0
+    base = tmp_path / "base"
+    code, out = run_train(tmp_path, "masked", "train.steps=3", f"init_from={base}", "train_only=mask_decoder",
+                          "model.mask_decoder=true", "train.lr=1e-2")
+    assert code == 0
+    before, after = latest_weights(base), latest_weights(out)
+    assert set(after) - set(before) and all(k.startswith("mask_decoder.") for k in set(after) - set(before))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # encoder, plain decoder: untouched
+    cond_out = [k for k in after if k.startswith("mask_decoder.cond_out.") and k.endswith(".weight")]
+    assert cond_out and all(after[k].abs().sum() > 0 for k in cond_out)  # trained away from their zero start
+    copied = [k for k in after if k.startswith("mask_decoder.decoder.")]
+    assert sum(not torch.equal(after[k], before[k[len("mask_decoder."):]]) for k in copied) > len(copied) // 2
+    grid = out / "reconstructions.png"
+    assert grid.is_file()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["train_only=decoder"], "set init_from to its checkpoint"),
-    (["train_only=encoder"], "train_only must be 'all' or 'decoder'"),
+    (["train_only=encoder"], "train_only must be one of all, decoder, mask_decoder"),
+    (["init_from={base}", "train_only=mask_decoder"], "train_only: mask_decoder needs model.mask_decoder: true"),
     (["init_from={base}", "model.ch=32"], "has another architecture (model.ch differ)"),
     (["init_from={nowhere}"], "checkpoint not found"),
 ])

@@ -43,6 +43,9 @@ class AutoencoderConfig:
     restart_dead_codes: bool = True
     dead_code_threshold: float = 0.01
     restart_every: int = 50
+    # A second decoder for inpainting that also sees the known pixels and the mask (MaskConditionedDecoder):
+    # the kept region comes back as the input instead of as the latent code's reconstruction.
+    mask_decoder: bool = False
 
     def __post_init__(self) -> None:
         if self.regularizer not in ("kl", "vq"):
@@ -137,7 +140,9 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``residuals``: optional features added after each level's blocks (``residuals[level]`` has that level's
+        channels and resolution; MaskConditionedDecoder's)."""
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(range(self.num_resolutions)):
@@ -146,10 +151,61 @@ class Decoder(nn.Module):
                 h = block(h)
                 if len(stage.attn) > 0:
                     h = stage.attn[i](h)
+            if residuals is not None:
+                h = h + residuals[level]
             if level != 0:
                 h = stage.upsample(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
+
+
+class MaskConditionedDecoder(nn.Module):
+    """A decoder for inpainting that also sees the known pixels: an "asymmetric" first stage (Zhu et al. 2023,
+    "Designing a Better Asymmetric VQGAN for StableDiffusion").
+
+    A latent decoder can only return the kept region of an inpainted image as well as the latent code describes
+    it: the autoencoder's reconstruction error, there and along the mask's edge. This one adds a small encoder of
+    the masked image (the known pixels, zeros where the mask is 1) and the mask; its features at each resolution
+    enter the decoder after that level's blocks through zero-initialised 1x1 convolutions, so before training it
+    is exactly the plain decoder it was copied from. Trained with random masks on the reconstruction loss (the
+    encoder and the plain decoder frozen: ``train_only: mask_decoder``), it learns to copy the known pixels and to
+    blend the generated region into them. The latent space does not change, so every diffusion model trained on
+    the first stage can use it.
+    """
+
+    def __init__(self, *, ch: int, out_ch: int, in_channels: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_resolutions: tuple[int, ...], resolution: int, z_channels: int, dropout: float = 0.0,
+                 resamp_with_conv: bool = True, norm_groups: int = 32) -> None:
+        super().__init__()
+        self.decoder = Decoder(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                               attn_resolutions=attn_resolutions, resolution=resolution, z_channels=z_channels,
+                               dropout=dropout, resamp_with_conv=resamp_with_conv, norm_groups=norm_groups)
+        self.cond_in = nn.Conv2d(in_channels + 1, ch, 3, padding=1)
+        self.cond_down = nn.ModuleList()
+        self.cond_out = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block = ResnetBlock(block_in, ch * mult, dropout, num_groups=norm_groups)
+            block_in = ch * mult
+            if level != len(ch_mult) - 1:
+                stage.downsample = Downsample(block_in, resamp_with_conv)
+            self.cond_down.append(stage)
+            out = nn.Conv2d(block_in, block_in, 1)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.cond_out.append(out)
+
+    def forward(self, z: torch.Tensor, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``z`` after post_quant_conv; ``masked_image`` in [-1, 1] with zeros where ``mask`` (N, 1, H, W) is 1."""
+        h = self.cond_in(torch.cat([masked_image, mask], dim=1))
+        residuals = []
+        for level, stage in enumerate(self.cond_down):
+            h = stage.block(h)
+            residuals.append(self.cond_out[level](h))
+            if level != len(self.cond_down) - 1:
+                h = stage.downsample(h)
+        return self.decoder(z, residuals)
 
 
 @dataclass
@@ -188,6 +244,8 @@ class Autoencoder(nn.Module):
                                             restart_dead_codes=c.restart_dead_codes,
                                             dead_code_threshold=c.dead_code_threshold, restart_every=c.restart_every)
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
+        if c.mask_decoder:
+            self.mask_decoder = MaskConditionedDecoder(out_ch=c.out_ch, in_channels=c.in_channels, **arch)
 
     @property
     def downsample_factor(self) -> int:
@@ -223,6 +281,21 @@ class Autoencoder(nn.Module):
             raise ValueError(f"expected latents of shape (N, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
 
+    def decode_masked(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode with the mask-conditioned decoder (``mask_decoder: true``): ``image`` (N, C, H, W) in [-1, 1] is
+        known where ``mask`` (N, 1, H, W) is 0 (1 = repainted); what the mask covers is not looked at."""
+        if not self.config.mask_decoder:
+            raise ValueError("this autoencoder has no mask-conditioned decoder (mask_decoder: false)")
+        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
+            raise ValueError(f"expected latents of shape (N, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
+        f = self.downsample_factor
+        size = (z.shape[0], z.shape[2] * f, z.shape[3] * f)
+        if image.shape != (size[0], self.config.in_channels, *size[1:]) or mask.shape != (size[0], 1, *size[1:]):
+            raise ValueError(f"latents {tuple(z.shape)} need images {(size[0], self.config.in_channels, *size[1:])} "
+                             f"and masks {(size[0], 1, *size[1:])}; got {tuple(image.shape)} and {tuple(mask.shape)}")
+        mask = mask.to(image.dtype)
+        return self.mask_decoder(self.post_quant_conv(z), image * (1 - mask), mask)
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Decode VQ code indices (N, h, w)."""
         if self.config.regularizer != "vq":
@@ -230,13 +303,19 @@ class Autoencoder(nn.Module):
         return self.decode(self.quantize.lookup(indices))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> AutoencoderOutput:
+                generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> AutoencoderOutput:
+        """Encode and decode ``x``; with ``mask`` (N, 1, H, W; 1 = unknown) through the mask-conditioned decoder,
+        which sees ``x`` where the mask is 0 (how it is trained)."""
         h = self.encode_pre_quant(x)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return self.decode(z) if mask is None else self.decode_masked(z, x, mask)
+
         if self.config.regularizer == "kl":
             posterior = DiagonalGaussian(h)
             z = posterior.sample(generator) if sample_posterior else posterior.mode()
             kl = posterior.kl().mean()
-            return AutoencoderOutput(self.decode(z), z, kl, posterior=posterior, stats={"kl": kl.detach()})
+            return AutoencoderOutput(decode(z), z, kl, posterior=posterior, stats={"kl": kl.detach()})
         q = self.quantize(h)
         stats = {"perplexity": q.perplexity.detach(), "codebook_usage": q.usage.detach()}
-        return AutoencoderOutput(self.decode(q.quantized), q.quantized, q.loss, indices=q.indices, stats=stats)
+        return AutoencoderOutput(decode(q.quantized), q.quantized, q.loss, indices=q.indices, stats=stats)

@@ -357,16 +357,25 @@ class LatentDiffusion(nn.Module):
         z = self.latents_from_parameters(self.first_stage_parameters(x), generator)
         return z * self._require_scale()
 
+    @property
+    def has_mask_decoder(self) -> bool:
+        """Whether the first stage has a mask-conditioned inpainting decoder (``mask_decoder: true``)."""
+        return not self.pixel_space and bool(getattr(self.first_stage_model.config, "mask_decoder", False))
+
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, image: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled latents -> images (unclamped). A VQ first stage snaps the latents to its codebook first, as
-        CompVis does for VQ-based LDMs."""
+        CompVis does for VQ-based LDMs. With ``image`` (in [-1, 1]) and ``mask`` (1 = repainted), a first stage
+        with a mask decoder decodes with the known pixels (``Autoencoder.decode_masked``)."""
         z = z / self._require_scale()
         if self.pixel_space:
             return z
         fs = self.first_stage_model
         if fs.config.regularizer == "vq":
             z = fs.quantize(z).quantized
+        if image is not None and mask is not None:
+            return fs.decode_masked(z, image.to(z.dtype), mask.to(z.dtype))
         return fs.decode(z)
 
     # ------------------------------------------------------------------------------------------ diffusion

@@ -108,22 +108,36 @@ def swap_decoder(weights: dict[str, torch.Tensor], config: dict[str, Any], first
     """Put the decoder of the autoencoder ``first_stage`` into a diffusion model's ``weights`` (in place), after
     checking that its encoder is bit for bit the one the model was trained on: a fine-tuned decoder
     (``train_only: decoder``) decodes the same latents better; another encoder would mean another latent space.
-    Returns what to record about it."""
+    A mask-conditioned inpainting decoder (``train_only: mask_decoder``) comes along too, and ``config``'s
+    first-stage config then says so. Returns what to record about it."""
     ae_weights, ae_config = read_checkpoint(first_stage)
     if ae_config.get("task", "autoencoder") != "autoencoder":
         raise CheckpointError(f"{first_stage} is a {ae_config.get('task')!r} checkpoint, not an autoencoder")
     if config.get("task") != "diffusion":
         raise CheckpointError("--first-stage swaps the decoder of a diffusion model; this is an autoencoder")
     ours = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in weights.items() if k.startswith(FIRST_STAGE_PREFIX)}
-    if set(ours) != set(ae_weights) or any(ours[k].shape != ae_weights[k].shape for k in ours):
+    # The mask decoder is an addition: only the rest must match the model's first stage.
+    theirs = {k: v for k, v in ae_weights.items() if not k.startswith("mask_decoder.")}
+    ours_plain = {k: v for k, v in ours.items() if not k.startswith("mask_decoder.")}
+    fs_config = dict(config.get("model", {}).get("first_stage_config") or {})
+    ae_model = dict(ae_config.get("model") or {})
+    same_arch = ({k: v for k, v in fs_config.items() if k != "mask_decoder"}
+                 == {k: v for k, v in ae_model.items() if k != "mask_decoder"}) if fs_config else True
+    if (set(ours_plain) != set(theirs) or any(ours_plain[k].shape != theirs[k].shape for k in ours_plain)
+            or not same_arch):
         raise CheckpointError(f"{first_stage} is not the same autoencoder architecture as the model's first stage")
     changed = sorted(k for k in ours if k.startswith(ENCODER_PARTS) and not torch.equal(ours[k], ae_weights[k]))
     if changed:
         raise CheckpointError(f"{first_stage} has another encoder than the one this model was trained on "
                               f"({', '.join(changed[:3])} differ): its latents would not be the model's. Only a "
                               "decoder fine-tuned with train_only: decoder can be swapped in")
+    for k in [k for k in weights if k.startswith(FIRST_STAGE_PREFIX + "mask_decoder.")]:
+        del weights[k]
     for k, v in ae_weights.items():
         weights[FIRST_STAGE_PREFIX + k] = v
+    if fs_config:
+        fs_config["mask_decoder"] = bool(ae_model.get("mask_decoder", False))
+        config["model"] = dict(config["model"], first_stage_config=fs_config)
     return {"first_stage": str(resolve_checkpoint(first_stage)), "first_stage_step": ae_config.get("step")}
 
 

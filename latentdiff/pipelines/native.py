@@ -20,7 +20,9 @@ model (``conditioner.image: inpaint``) passes the image and the mask as its cond
 region to keep is re-imposed at every step from the original's latent noised to that level, and pasted back clean
 at the end (``_ReimposeKnownRegion``, as for a 4-channel Stable Diffusion UNet). In both, the latent mask is the
 pixel mask max-pooled to the latent grid (a latent cell that touches the mask is repainted), as the inpainting
-conditioner makes it; ``keep_unmasked`` pastes the original pixels back outside the mask.
+conditioner makes it. A first stage with a mask-conditioned decoder (``mask_decoder: true``, an "asymmetric"
+autoencoder) decodes the result with the known pixels, so the kept region comes back as the input rather than as
+the latent's reconstruction; ``keep_unmasked`` pastes the original pixels back outside the mask.
 
 Native models are trained at one image size: inputs must have it (the low-res image the conditioner's
 ``lowres_size``), except that a model conditioned on text (and labels) alone also generates at other sizes that
@@ -242,11 +244,22 @@ class LatentDiffusionPipeline:
         with attention_slicing(self.attention_slice):
             return self.model.encode_condition_image(pixels.to(self.device)).float()
 
+    @property
+    def has_mask_decoder(self) -> bool:
+        """Whether the first stage has a mask-conditioned decoder, which ``inpaint`` uses by default."""
+        return self.model.has_mask_decoder
+
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) in [0, 1] on the CPU from latents (times the scale factor)."""
+    def decode_latents(self, latents: torch.Tensor, image: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) in [0, 1] on the CPU from latents (times the scale factor). ``image`` (in [0, 1])
+        and ``mask`` (1 = repainted): decode with the first stage's mask decoder, which sees the known pixels."""
         with attention_slicing(self.attention_slice):
-            images = self.model.decode(latents.to(self.device))
+            if image is not None and mask is not None:
+                images = self.model.decode(latents.to(self.device), image.to(self.device) * 2 - 1,
+                                           mask.to(self.device))
+            else:
+                images = self.model.decode(latents.to(self.device))
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     def latent_mask(self, masks: torch.Tensor) -> torch.Tensor:
@@ -486,14 +499,16 @@ class LatentDiffusionPipeline:
                 negative_prompt: str | Sequence[str] | None = None, *, strength: float = 1.0, num_images: int = 1,
                 steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float | None = None,
                 generator: Generator = None, latents: torch.Tensor | None = None, keep_unmasked: bool = False,
-                sampler_options: dict[str, Any] | None = None, decode: bool = True, callback: Callable | None = None,
-                progress: bool | None = None) -> LatentDiffusionOutput:
+                mask_decoder: bool = True, sampler_options: dict[str, Any] | None = None, decode: bool = True,
+                callback: Callable | None = None, progress: bool | None = None) -> LatentDiffusionOutput:
         """Repaint where ``mask`` is white (>= 0.5) and keep the rest (see the module docstring).
 
         With a model that is not an inpainting model, the kept latent cells of the result are exactly the image's
         latent (its posterior mean), so the kept pixels are the original up to the autoencoder's error;
-        ``keep_unmasked`` pastes the original pixels there. ``latents``: the initial unit-normal noise, also the
-        noise of the re-imposed region. ``strength`` < 1 starts from the image noised to that level.
+        ``keep_unmasked`` pastes the original pixels there. A first stage with a mask-conditioned decoder
+        (``has_mask_decoder``) decodes with the known pixels, unless ``mask_decoder`` is False. ``latents``: the
+        initial unit-normal noise, also the noise of the re-imposed region. ``strength`` < 1 starts from the image
+        noised to that level.
         """
         self._check_sampler(sampler, steps)
         pixels = self._images(image, "image")
@@ -528,7 +543,10 @@ class LatentDiffusionPipeline:
                            wrap)
         if not self.is_inpainting_model:
             out = (1 - repaint) * image_latents + repaint * out
-        result = self._finish(out, decode)
+        if decode and mask_decoder and self.has_mask_decoder:
+            result = LatentDiffusionOutput(self.decode_latents(out, pixels_b, masks_b), out.float().cpu())
+        else:
+            result = self._finish(out, decode)
         if keep_unmasked and result.images is not None:
             result.images = masks_b * result.images + (1 - masks_b) * pixels_b
         return result

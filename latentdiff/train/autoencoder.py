@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from latentdiff.autoencoder.losses import AutoencoderLoss, AutoencoderLossConfig
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.conditioning.conditioner import inpaint_boxes
 from latentdiff.config import save_yaml, to_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.data.transforms import save_image_grid
@@ -54,14 +55,24 @@ class AutoencoderExperiment:
     # Start from this native autoencoder checkpoint's weights (a new run, unlike --resume); "" starts from scratch.
     init_from: str = ""
     # "all", or "decoder": the encoder and quant_conv stay frozen, so the latent space (and every diffusion model
-    # trained in it) is unchanged while the decoder improves, as Stable Diffusion's fine-tuned VAE decoders.
+    # trained in it) is unchanged while the decoder improves, as Stable Diffusion's fine-tuned VAE decoders; or
+    # "mask_decoder": only the mask-conditioned inpainting decoder (model.mask_decoder: true) trains, copied from
+    # init_from's decoder, on random box masks (mask_full_prob of them cover everything, as SD inpainting's).
     train_only: str = "all"
+    mask_full_prob: float = 0.1
+    mask_min_box: float = 0.25  # box sides, as fractions of the image side
+    mask_max_box: float = 0.75
 
     def __post_init__(self) -> None:
-        if self.train_only not in ("all", "decoder"):
-            raise ValueError(f"train_only must be 'all' or 'decoder', got {self.train_only!r}")
-        if self.train_only == "decoder" and not self.init_from:
-            raise ValueError("train_only: decoder fine-tunes a trained decoder: set init_from to its checkpoint")
+        if self.train_only not in TRAIN_ONLY:
+            raise ValueError(f"train_only must be one of {', '.join(TRAIN_ONLY)}, got {self.train_only!r}")
+        if self.train_only != "all" and not self.init_from:
+            raise ValueError(f"train_only: {self.train_only} fine-tunes a trained autoencoder: set init_from to its "
+                             "checkpoint")
+        if self.train_only == "mask_decoder" and not self.model.mask_decoder:
+            raise ValueError("train_only: mask_decoder needs model.mask_decoder: true")
+        if not 0.0 < self.mask_min_box <= self.mask_max_box <= 1.0 or not 0.0 <= self.mask_full_prob <= 1.0:
+            raise ValueError("mask_min_box / mask_max_box must satisfy 0 < min <= max <= 1, mask_full_prob be in [0, 1]")
         if self.data.channels != self.model.in_channels or self.data.channels != self.model.out_ch:
             raise ValueError(f"data.channels ({self.data.channels}) must equal model.in_channels "
                              f"({self.model.in_channels}) and model.out_ch ({self.model.out_ch})")
@@ -70,6 +81,7 @@ class AutoencoderExperiment:
             raise ValueError(f"data.image_size {self.data.image_size} is not divisible by the downsampling factor {f}")
 
 
+TRAIN_ONLY = ("all", "decoder", "mask_decoder")
 LOG_COLUMNS = ["loss", "rec", "pixel", "perceptual", "kl", "vq", "perplexity", "codebook_usage", "g_loss",
                "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "seconds", "cpu_seconds"]
 
@@ -84,13 +96,24 @@ def init_from(model: torch.nn.Module, exp: AutoencoderExperiment) -> None:
     if config.get("task", "autoencoder") != "autoencoder":
         raise CheckpointError(f"init_from {exp.init_from} is a {config.get('task')!r} checkpoint, not an autoencoder")
     ours = json.loads(json.dumps(to_dict(exp.model)))  # tuples as lists, as the stored config has them
-    if config.get("model") != ours:
-        theirs = config.get("model") or {}
+    theirs = dict(config.get("model") or {})
+    theirs.setdefault("mask_decoder", False)  # checkpoints from before the field existed
+    # A plain autoencoder may start a mask-decoder run: its decoder is copied into the mask decoder.
+    add_mask_decoder = exp.train_only == "mask_decoder" and not theirs.get("mask_decoder", False)
+    if add_mask_decoder:
+        theirs["mask_decoder"] = True
+    if theirs != ours:
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CheckpointError(f"init_from {exp.init_from} has another architecture (model.{', model.'.join(differ)} "
                               "differ); copy its model section into this config")
+    if add_mask_decoder:
+        weights = dict(weights)
+        for k, v in model.mask_decoder.state_dict().items():
+            plain = k[len("decoder."):] if k.startswith("decoder.") else None
+            weights["mask_decoder." + k] = weights["decoder." + plain].clone() if plain is not None else v
     load_state_strict(model, weights, "autoencoder")
-    logger.info("initialised from %s (step %s)", exp.init_from, config.get("step"))
+    logger.info("initialised from %s (step %s)%s", exp.init_from, config.get("step"),
+                "; its decoder copied into the mask decoder" if add_mask_decoder else "")
 
 
 def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = None) -> Path:
@@ -108,6 +131,11 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
     if exp.train_only == "decoder":
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)
+    elif exp.train_only == "mask_decoder":
+        model.requires_grad_(False)
+        model.mask_decoder.requires_grad_(True)
+    last_layer = (model.mask_decoder.decoder.conv_out.weight if exp.train_only == "mask_decoder"
+                  else model.last_layer)
     model = model.to(env.device)
     loss_fn = AutoencoderLoss(exp.loss, exp.model.out_ch).to(env.device)
     disc = loss_fn.discriminator
@@ -141,6 +169,8 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
                     env.world_size)
     log = MetricLog(run_dir, LOG_COLUMNS, resume_step=start_step if resume else None) if env.is_main else None
     fixed = torch.stack([test_set[i]["image"] for i in range(min(8, len(test_set)))]).to(env.device)
+    fixed_masks = (draw_masks(exp, fixed.shape[0], fixed.shape[-1], torch.Generator().manual_seed(0)).to(env.device)
+                   if exp.train_only == "mask_decoder" else None)
 
     ddp_model = DDP(model) if env.distributed else model
     ddp_disc = DDP(disc) if env.distributed and disc is not None else disc
@@ -176,11 +206,11 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
         # Generator (autoencoder) step; the discriminator is frozen so its weights get no gradient here.
         if disc is not None:
             disc.requires_grad_(False)
+        masks = draw_masks(exp, x.shape[0], x.shape[-1]).to(env.device) if exp.train_only == "mask_decoder" else None
         with autocast_context(env.device, cfg.precision):
-            out = ddp_model(x)
+            out = ddp_model(x, mask=masks)
         recon = out.reconstruction.float()
-        loss, logs = loss_fn.generator_loss(x, recon, out.reg_loss.float(), step, model.last_layer,
-                                            exp.model.regularizer)
+        loss, logs = loss_fn.generator_loss(x, recon, out.reg_loss.float(), step, last_layer, exp.model.regularizer)
         logs.update(out.stats)
         opt_ae.zero_grad(set_to_none=True)
         ok = guard.check(loss, step)
@@ -210,7 +240,7 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
             progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}",
                                  rec=f"{means.get('pixel', float('nan')):.4f}")
         if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            save_reconstruction_grid(model, fixed, run_dir / "samples" / f"step_{step:07d}.png")
+            save_reconstruction_grid(model, fixed, run_dir / "samples" / f"step_{step:07d}.png", fixed_masks)
         out_of_time = time_is_up(cfg, clock, env)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             checkpoint(step)
@@ -219,19 +249,28 @@ def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = No
             break
     progress.close()
     if env.is_main:
-        save_reconstruction_grid(model, fixed, run_dir / "reconstructions.png")
+        save_reconstruction_grid(model, fixed, run_dir / "reconstructions.png", fixed_masks)
         logger.info("finished at step %d in %.1f min; checkpoint in %s", step, clock.wall() / 60,
                     run_dir / "checkpoints")
     return run_dir
 
 
+def draw_masks(exp: AutoencoderExperiment, n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random box masks (n, 1, size, size) for training the mask decoder (1 = unknown)."""
+    uniform = torch.rand((n, 5), generator=generator)
+    return inpaint_boxes(uniform, size, exp.mask_full_prob, exp.mask_min_box, exp.mask_max_box)
+
+
 @torch.no_grad()
-def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: Path) -> None:
-    """Inputs in the top row, their reconstructions (posterior mode) below."""
+def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: Path,
+                             masks: torch.Tensor | None = None) -> None:
+    """Inputs in the top row, their reconstructions (posterior mode) below; with ``masks``, the mask decoder's,
+    and the masked inputs it saw in a middle row."""
     was_training = model.training
     model.eval()
-    recon = model(images, sample_posterior=False).reconstruction.clamp(-1, 1)
+    recon = model(images, sample_posterior=False, mask=masks).reconstruction.clamp(-1, 1)
     model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(torch.cat([images, recon]).cpu(), path, nrow=images.shape[0])
+    rows = [images, recon] if masks is None else [images, images * (1 - masks), recon]
+    save_image_grid(torch.cat(rows).cpu(), path, nrow=images.shape[0])
 
