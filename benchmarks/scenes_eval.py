@@ -148,7 +148,7 @@ def real(args: argparse.Namespace) -> None:
     check = checker()
     result = {}
     for split in ("test", "test_heldout"):
-        batch = scenes(split, args.n)
+        batch = scenes(split, args.n, args.start)
         result[split] = accuracy(batch["image"], batch, check)
         print(split, {k: _fmt(v) for k, v in result[split].items() if isinstance(v, dict)})
     record(args, "real", result)
@@ -168,7 +168,7 @@ def txt2img(args: argparse.Namespace) -> None:
     check, pipe = checker(), pipeline(args.model, args)
     result = {}
     for split in ("test", "test_heldout"):
-        batch = scenes(split, args.n)
+        batch = scenes(split, args.n, args.start)
         images, seconds = _txt2img_images(pipe, batch, args, args.guidance)
         result[split] = accuracy(images, batch, check)
         result[split]["seconds_per_image"] = seconds
@@ -181,7 +181,7 @@ def txt2img(args: argparse.Namespace) -> None:
 
 def guidance(args: argparse.Namespace) -> None:
     check, pipe = checker(), pipeline(args.model, args)
-    seen, unseen = scenes("test", args.n), scenes("test_heldout", args.n)
+    seen, unseen = scenes("test", args.n, args.start), scenes("test_heldout", args.n, args.start)
     rows = []
     for scale in args.scales:
         images, seconds = _txt2img_images(pipe, seen, args, scale)
@@ -202,7 +202,7 @@ def seg2img(args: argparse.Namespace) -> None:
     from latentdiff.data.scenes import decode_attributes
 
     check, pipe = checker(), pipeline(args.model, args)
-    batch = scenes("test", args.n)
+    batch = scenes("test", args.n, args.start)
     maps = batch["class_map"]
 
     def fn(start: int, stop: int) -> torch.Tensor:
@@ -236,7 +236,7 @@ def inpaint(args: argparse.Namespace) -> None:
     from latentdiff.eval.metrics import psnr
 
     check, pipe = checker(), pipeline(args.model, args)
-    pool = scenes("test", args.n * 3)
+    pool = scenes("test", args.n * 3, args.start)
     rows = [i for i in range(len(pool["caption"])) if int(pool["num_items"][i]) == 2][: args.n]
     batch = {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows]) for k, v in pool.items()}
     attrs = decode_attributes(batch["attributes"])
@@ -290,7 +290,7 @@ def upscale(args: argparse.Namespace) -> None:
     from latentdiff.eval.metrics import psnr
 
     pipe = pipeline(args.model, args)
-    batch = scenes("test", args.n)
+    batch = scenes("test", args.n, args.start)
     hr = batch["image"]
     s = pipe.lowres_size
     lowres = F.interpolate(hr, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
@@ -358,6 +358,9 @@ def main() -> None:
         p.add_argument("--out", default=str(ROOT / "docs" / "scenes-eval.jsonl"))
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--start", type=int, default=0,
+                       help="first test scene (e.g. 2000: a validation slice to pick settings on, disjoint from the "
+                            "reported first 1000 and from the FD reference scenes 5000-9999)")
         if model is not None:
             p.add_argument("--model", type=Path, default=MODELS[model])
             p.add_argument("--steps", type=int, default=25)  # the CLI verbs' default
