@@ -220,6 +220,7 @@ def test_mask_decoder_training_changes_only_the_mask_decoder(tmp_path):
     (["train_only=decoder"], "set init_from to its checkpoint"),
     (["train_only=encoder"], "train_only must be one of all, decoder, mask_decoder"),
     (["init_from={base}", "train_only=mask_decoder"], "train_only: mask_decoder needs model.mask_decoder: true"),
+    (["model.mask_decoder=true"], "model.mask_decoder: true is trained after the autoencoder"),
     (["init_from={base}", "model.ch=32"], "has another architecture (model.ch differ)"),
     (["init_from={nowhere}"], "checkpoint not found"),
 ])

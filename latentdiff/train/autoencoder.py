@@ -71,6 +71,9 @@ class AutoencoderExperiment:
                              "checkpoint")
         if self.train_only == "mask_decoder" and not self.model.mask_decoder:
             raise ValueError("train_only: mask_decoder needs model.mask_decoder: true")
+        if self.train_only == "all" and self.model.mask_decoder:
+            raise ValueError("model.mask_decoder: true is trained after the autoencoder, from it: train_only: "
+                             "mask_decoder with init_from its checkpoint")
         if not 0.0 < self.mask_min_box <= self.mask_max_box <= 1.0 or not 0.0 <= self.mask_full_prob <= 1.0:
             raise ValueError("mask_min_box / mask_max_box must satisfy 0 < min <= max <= 1, mask_full_prob be in [0, 1]")
         if self.data.channels != self.model.in_channels or self.data.channels != self.model.out_ch:
