@@ -254,12 +254,9 @@ class LatentDiffusionPipeline:
                        mask: torch.Tensor | None = None) -> torch.Tensor:
         """Images (N, C, H, W) in [0, 1] on the CPU from latents (times the scale factor). ``image`` (in [0, 1])
         and ``mask`` (1 = repainted): decode with the first stage's mask decoder, which sees the known pixels."""
+        known = None if image is None else image.to(self.device) * 2 - 1
         with attention_slicing(self.attention_slice):
-            if image is not None and mask is not None:
-                images = self.model.decode(latents.to(self.device), image.to(self.device) * 2 - 1,
-                                           mask.to(self.device))
-            else:
-                images = self.model.decode(latents.to(self.device))
+            images = self.model.decode(latents.to(self.device), known, None if mask is None else mask.to(self.device))
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     def latent_mask(self, masks: torch.Tensor) -> torch.Tensor:
@@ -363,8 +360,10 @@ class LatentDiffusionPipeline:
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         return latents.to(self.device, torch.float32)
 
-    def _finish(self, latents: torch.Tensor, decode: bool) -> LatentDiffusionOutput:
-        return LatentDiffusionOutput(self.decode_latents(latents) if decode else None, latents.float().cpu())
+    def _finish(self, latents: torch.Tensor, decode: bool, image: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> LatentDiffusionOutput:
+        return LatentDiffusionOutput(self.decode_latents(latents, image, mask) if decode else None,
+                                     latents.float().cpu())
 
     def _guidance(self, guidance_scale: float | None) -> float:
         return self.default_guidance if guidance_scale is None else float(guidance_scale)
@@ -543,10 +542,8 @@ class LatentDiffusionPipeline:
                            wrap)
         if not self.is_inpainting_model:
             out = (1 - repaint) * image_latents + repaint * out
-        if decode and mask_decoder and self.has_mask_decoder:
-            result = LatentDiffusionOutput(self.decode_latents(out, pixels_b, masks_b), out.float().cpu())
-        else:
-            result = self._finish(out, decode)
+        known = mask_decoder and self.has_mask_decoder
+        result = self._finish(out, decode, pixels_b if known else None, masks_b if known else None)
         if keep_unmasked and result.images is not None:
             result.images = masks_b * result.images + (1 - masks_b) * pixels_b
         return result
