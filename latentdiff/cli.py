@@ -450,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "StableDiffusionInpaintPipeline: with an inpainting model (a 9-channel SD UNet, or "
                                    "a native model trained with conditioner.image: inpaint) or any text-to-image "
                                    "model (the kept region is re-imposed at every step, and pasted back in latents "
-                                   "at the end).")
+                                   "at the end). A first stage with a mask-conditioned decoder (the bundled models') "
+                                   "decodes with the kept pixels.")
     p.add_argument("image", metavar="IMAGE", help="the image")
     p.add_argument("mask", metavar="MASK", help="same size as IMAGE; white = repaint, black = keep")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
