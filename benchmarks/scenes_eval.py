@@ -255,7 +255,12 @@ def inpaint(args: argparse.Namespace) -> None:
 
     images, seconds = generate(fn, len(rows), args.batch_size)
     keep = (1 - masks)[:, None].expand_as(images)
-    mse = ((images - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
+
+    def region_mse(x: torch.Tensor) -> torch.Tensor:
+        """Per image, the mean squared error (images in [-1, 1]) over the kept region."""
+        return ((x - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
+
+    mse = region_mse(images)
     unmasked_psnr = 10 * torch.log10(4.0 / mse)  # inf where the region came back exactly (--keep-unmasked)
     pooled = float(mse.mean())
     checks = check.check(images, attrs)
@@ -264,9 +269,8 @@ def inpaint(args: argparse.Namespace) -> None:
     # decoder's; and the mask decoder's, given the same masks, when the first stage has one).
     latents = pipe.encode_images(pixels)
 
-    def region_psnr(recon: torch.Tensor) -> float:
-        rmse = ((recon * 2 - 1 - batch["image"]) ** 2 * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3))
-        return float((10 * torch.log10(4.0 / rmse.clamp_min(1e-10))).mean())
+    def region_psnr(recon: torch.Tensor) -> float:  # recon in [0, 1], as the pipeline decodes
+        return float((10 * torch.log10(4.0 / region_mse(recon * 2 - 1).clamp_min(1e-10))).mean())
 
     floors = {"autoencoder_unmasked_psnr_mean_db": region_psnr(pipe.decode_latents(latents))}
     if pipe.has_mask_decoder:

@@ -542,8 +542,8 @@ class LatentDiffusionPipeline:
                            wrap)
         if not self.is_inpainting_model:
             out = (1 - repaint) * image_latents + repaint * out
-        known = mask_decoder and self.has_mask_decoder
-        result = self._finish(out, decode, pixels_b if known else None, masks_b if known else None)
+        with_known = mask_decoder and self.has_mask_decoder
+        result = self._finish(out, decode, pixels_b if with_known else None, masks_b if with_known else None)
         if keep_unmasked and result.images is not None:
             result.images = masks_b * result.images + (1 - masks_b) * pixels_b
         return result
