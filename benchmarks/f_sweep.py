@@ -134,7 +134,7 @@ def sample_fd(checkpoint: Path, n: int, sampler: str, steps: int, size: int, see
     import torch
 
     from latentdiff.eval.metrics import EfficientNetFrechetDistance, FeatureStatistics
-    from latentdiff.io.checkpoint import load_latent_diffusion
+    from latentdiff.formats.native import load_latent_diffusion
 
     model = load_latent_diffusion(checkpoint).eval()
     fd = EfficientNetFrechetDistance(image_size=size)

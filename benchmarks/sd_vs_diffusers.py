@@ -4,7 +4,7 @@ SD v1.5's UNet (``UNetConfig.sd_v1()``, 860M parameters), the kl-f8 VAE (``confi
 ViT-L/14 text encoder (``CLIPTextConfig.sd_v1()``) are built with seeded random weights (our initialisation, the
 zero-initialised output layers given small random values, so that no output is trivially zero), and the same
 tensors are loaded into diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL`` (through
-``latentdiff.io.diffusers_names``) and transformers' ``CLIPTextModel``. Both sides use scaled-dot-product attention
+``latentdiff.formats.diffusers_names``) and transformers' ``CLIPTextModel``. Both sides use scaled-dot-product attention
 (diffusers' ``AttnProcessor2_0``, transformers' ``attn_implementation="sdpa"``; ours always), run under
 ``torch.inference_mode()``, in the same dtype and with the same thread count.
 
@@ -123,7 +123,7 @@ def _assign(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.
 
 def build_theirs(part: str, tiny: bool) -> torch.nn.Module:
     """The same component as diffusers' / transformers' module, sharing our tensors (no copy)."""
-    from latentdiff.io.diffusers_names import (
+    from latentdiff.formats.diffusers_names import (
         unet_config_to_diffusers,
         unet_to_diffusers,
         vae_config_to_diffusers,

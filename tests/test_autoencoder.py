@@ -12,7 +12,9 @@ from latentdiff.autoencoder.losses import AutoencoderLoss, AutoencoderLossConfig
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.autoencoder.quantize import VectorQuantizer
 from latentdiff.config import load_config, read_yaml
-from latentdiff.io.checkpoint import CheckpointError, load_autoencoder, save_checkpoint
+from latentdiff.formats.native import load_autoencoder
+from latentdiff.io.checkpoint import save_checkpoint
+from latentdiff.io.errors import CheckpointError
 
 
 def tiny(regularizer="kl", ch_mult=(1, 2), **kw):

@@ -22,7 +22,7 @@ from latentdiff.conditioning.clip import (
     openclip_to_hf,
 )
 from latentdiff.conditioning.tokenizer import CLIPTokenizer, default_vocab_path, split_words
-from latentdiff.io.checkpoint import CheckpointError
+from latentdiff.io.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

@@ -34,7 +34,8 @@ from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.samplers import sample as run_sampler
 from latentdiff.diffusion.schedule import ScheduleConfig
 from latentdiff.diffusion.unet import UNetConfig
-from latentdiff.io.checkpoint import load_latent_diffusion, save_checkpoint
+from latentdiff.formats.native import build_latent_diffusion, load_latent_diffusion
+from latentdiff.io.checkpoint import save_checkpoint
 
 TRICKY_PROMPTS = [
     "a red sneaker on the left and a blue bag on the right",
@@ -113,7 +114,7 @@ def test_bert_loads_prefixed_and_legacy_layernorm_names():
     target.load_weights(weights)
     ids = torch.tensor([[1, 5, 7, 2, 0]])
     assert torch.equal(target(ids, ids != 0), source(ids, ids != 0))
-    from latentdiff.io.checkpoint import CheckpointError
+    from latentdiff.io.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="missing keys"):
         BertModel(config).load_weights({k: v for k, v in weights.items() if "layer.0.output.dense" not in k})
@@ -314,7 +315,7 @@ def conditioned_model(first_stage_path, conditioning: str = "crossattn", in_chan
     config = LatentDiffusionConfig(first_stage=str(first_stage_path), image_size=16, channels=3, unet=unet,
                                    schedule=ScheduleConfig(num_timesteps=50), scale_factor=0.7,
                                    conditioning=conditioning, conditioner=text_config(**conditioner))
-    model = LatentDiffusion(config)
+    model = build_latent_diffusion(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the UNet's zero-initialised layers get weights, so that the conditioning matters
         for p in model.unet.parameters():
@@ -399,7 +400,7 @@ def test_minilm_model_checkpoint_has_no_text_weights_and_reloads_them(first_stag
                                    conditioning="crossattn",
                                    conditioner=ConditionerConfig(text_encoder="minilm",
                                                                  minilm=MiniLMConfig(max_length=16)))
-    model = LatentDiffusion(config)
+    model = build_latent_diffusion(config)
     assert model.config.unet.context_dim == 384 and model.config.conditioner.minilm.weights_sha256
     assert not any(k.startswith("cond_stage_model") for k in model.state_dict())
     assert model.conditioner_parameters() == []
@@ -432,7 +433,7 @@ def test_conditioner_config_mismatches_give_clear_errors(first_stage_path, condi
                       attention_resolutions=(2,), num_heads=-1, num_head_channels=32, context_dim=None,
                       use_spatial_transformer=True)
     with pytest.raises(ValueError, match=message):
-        LatentDiffusion(LatentDiffusionConfig(
+        build_latent_diffusion(LatentDiffusionConfig(
             first_stage=str(first_stage_path), image_size=16, channels=3,
             unet=dataclasses.replace(unet, **unet_changes), conditioning=conditioning,
             conditioner=text_config(**changes)))

@@ -1,7 +1,7 @@
 """Our UNet and VAE compute what diffusers' UNet2DConditionModel and AutoencoderKL compute, given the same weights.
 
 Each test builds the diffusers model from a config written the way diffusers writes it, with seeded random
-weights, maps its config and state dict to ours (``latentdiff.io.diffusers_names``), loads them into our model and
+weights, maps its config and state dict to ours (``latentdiff.formats.diffusers_names``), loads them into our model and
 compares the outputs: max |ours - diffusers| / max |diffusers| <= 1e-4 in float32.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
-from latentdiff.io.diffusers_names import (
+from latentdiff.formats.diffusers_names import (
     unet_config_from_diffusers,
     unet_from_diffusers,
     vae_config_from_diffusers,

@@ -3,7 +3,6 @@ loading original / diffusers / native checkpoints, safe .ckpt reading, EMA, erro
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -15,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentdiff.autoencoder.model import AutoencoderConfig
+from latentdiff.cli import build_parser
 from latentdiff.config import from_dict, read_yaml
 from latentdiff.diffusion.unet import UNetConfig
-from latentdiff.io.checkpoint import CheckpointError, load_autoencoder, load_latent_diffusion
-from latentdiff.io.diffusers_names import (
+from latentdiff.formats.diffusers_names import (
     UnsupportedArchitecture,
     model_state_shapes,
     unet_config_from_diffusers,
@@ -30,9 +29,9 @@ from latentdiff.io.diffusers_names import (
     vae_key_map,
     vae_to_diffusers,
 )
-from latentdiff.io.formats import (
+from latentdiff.formats.native import load_autoencoder, load_latent_diffusion
+from latentdiff.formats.stable_diffusion import (
     StableDiffusionComponents,
-    add_convert_parser,
     convert,
     ema_key,
     infer_autoencoder_config,
@@ -42,6 +41,7 @@ from latentdiff.io.formats import (
     save_native,
     save_original,
 )
+from latentdiff.io.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_VAE = from_dict(AutoencoderConfig, read_yaml(ROOT / "configs" / "sd-kl-f8.yaml")["model"])
@@ -187,7 +187,7 @@ def test_key_maps_round_trip_both_ways(config) -> None:
 
 
 def test_vae_reads_deprecated_diffusers_attention_names() -> None:
-    from latentdiff.io.diffusers_names import vae_from_diffusers
+    from latentdiff.formats.diffusers_names import vae_from_diffusers
 
     ours = random_weights(TINY_VAE)
     theirs = vae_to_diffusers(ours, TINY_VAE)
@@ -603,8 +603,7 @@ def test_native_checkpoints(tmp_path: Path, clip_text) -> None:
 
 def test_convert_command(tmp_path: Path, capsys, clip_text) -> None:
     source = save_original(full_components(clip_text), tmp_path / "sd.safetensors")
-    parser = argparse.ArgumentParser(prog="latentdiff")
-    add_convert_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["convert", str(source), str(tmp_path / "out"), "--to", "diffusers", "--dtype", "fp16"])
     args.func(args)
     assert "wrote diffusers checkpoint" in capsys.readouterr().out

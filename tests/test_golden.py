@@ -78,7 +78,8 @@ IMAGE_COMMANDS: dict[str, list[str]] = {
 
 # name: (config, overrides); trained 20 steps on the tiny scenes first stage (or the 1-channel one for fmnist)
 TRAIN_COMMON = ["train.steps=20", "train.batch_size=4", "train.warmup_steps=0", "train.lr=1e-3", "train.log_every=1",
-                "train.ckpt_every=20", "train.sample_every=20", "sample_images=2", "sample_steps=2", "train.threads=1", "train.time_limit_minutes=0",
+                "train.ckpt_every=20", "train.sample_every=20", "sample_images=2", "sample_steps=2", "train.threads=1",
+                "train.time_limit_minutes=0",
                 "train.device=cpu", "data.image_size=16", "data.limit=32", "model.unet.model_channels=32",
                 "ema_decay=0.9"]
 TRAIN_RUNS: dict[str, tuple[str, list[str]]] = {
@@ -113,7 +114,7 @@ def tiny_sd_file(folder: Path) -> Path:
 
     from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
     from latentdiff.diffusion.unet import UNetConfig, UNetModel
-    from latentdiff.io.formats import StableDiffusionComponents, save_original
+    from latentdiff.formats.stable_diffusion import StableDiffusionComponents, save_original
 
     path = folder / "tiny-sd.safetensors"
     if path.is_file():

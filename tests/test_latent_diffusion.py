@@ -12,7 +12,8 @@ from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.samplers import sample as run_sampler
 from latentdiff.diffusion.schedule import ScheduleConfig
 from latentdiff.diffusion.unet import UNetConfig
-from latentdiff.io.checkpoint import load_latent_diffusion, save_checkpoint
+from latentdiff.formats.native import build_latent_diffusion, load_latent_diffusion
+from latentdiff.io.checkpoint import save_checkpoint
 
 
 def tiny_autoencoder_config(regularizer: str = "kl") -> AutoencoderConfig:
@@ -46,7 +47,7 @@ def make_model(first_stage_path, **changes) -> LatentDiffusion:
     torch.manual_seed(0)
     cfg = LatentDiffusionConfig(first_stage=str(first_stage_path), image_size=16, channels=1, unet=tiny_unet(),
                                 schedule=ScheduleConfig(num_timesteps=50))
-    return LatentDiffusion(dataclasses.replace(cfg, **changes))
+    return build_latent_diffusion(dataclasses.replace(cfg, **changes))
 
 
 def class_model(first_stage_path) -> LatentDiffusion:

@@ -34,8 +34,8 @@ from latentdiff.config import from_dict, to_dict
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
-from latentdiff.io.checkpoint import CheckpointError, load_latent_diffusion, read_checkpoint
-from latentdiff.io.formats import (
+from latentdiff.formats.native import load_latent_diffusion
+from latentdiff.formats.stable_diffusion import (
     IGNORED_KEYS,
     POSITION_IDS,
     StableDiffusionComponents,
@@ -44,6 +44,8 @@ from latentdiff.io.formats import (
     save_native,
     save_original,
 )
+from latentdiff.io.checkpoint import read_checkpoint
+from latentdiff.io.errors import CheckpointError
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline
 
 try:

@@ -27,10 +27,11 @@ from PIL import Image
 
 from latentdiff import cli
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.cli import generate as cli_generate
 from latentdiff.conditioning.tokenizer import default_vocab_path
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
-from latentdiff.io.checkpoint import CheckpointError
-from latentdiff.io.formats import StableDiffusionComponents, save_diffusers, save_native, save_original
+from latentdiff.formats.stable_diffusion import StableDiffusionComponents, save_diffusers, save_native, save_original
+from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention, attention_slicing
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline
 from latentdiff.pipelines.tiling import decode_tiled, tile_starts
@@ -483,7 +484,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys, models, monkeypatch) ->
     one_error_line(*run_cli(capsys, "generate", PROMPT, "--sampler", "lms", "--model", model)[::2], "unknown sampler")
     one_error_line(*run_cli(capsys, "generate", PROMPT, "--model", tmp_path / "nothing")[::2], "not found")
     with monkeypatch.context() as m:  # where the bundled model is missing (an install without models/)
-        m.setattr(cli, "_REPO_ROOT", tmp_path)
+        m.setattr(cli_generate, "_REPO_ROOT", tmp_path)
         m.chdir(tmp_path)
         one_error_line(*run_cli(capsys, "generate", PROMPT)[::2], "--model")
     one_error_line(*run_cli(capsys, "generate", PROMPT, "--height", 30, "--steps", 1, "--model", model)[::2],

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from latentdiff import cli
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+from latentdiff.cli import generate as cli_generate
 from latentdiff.config import to_dict
 from latentdiff.io.checkpoint import resolve_checkpoint, save_checkpoint
 from latentdiff.pipelines import LatentDiffusionPipeline, StableDiffusionPipeline, load_pipeline
@@ -255,11 +256,12 @@ def test_upscale_conditions_on_the_lowres_image(runs, files, tmp_path, capsys) -
 
 def test_the_default_model_is_the_bundled_one(runs, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "_REPO_ROOT", tmp_path)
+    monkeypatch.setattr(cli_generate, "_REPO_ROOT", tmp_path)
     code, _, err = run_cli(capsys, "generate", PROMPT, "--steps", 2)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert cli.DEFAULT_MODEL in err and "latentdiff train configs/ldm-scenes-txt2img.yaml" in err and "--model" in err
-    shutil.copytree(runs["txt2img"] / "checkpoints", tmp_path / cli.DEFAULT_MODEL / "checkpoints")
+    assert cli_generate.DEFAULT_MODEL in err and "--model" in err
+    assert "latentdiff train configs/ldm-scenes-txt2img.yaml" in err
+    shutil.copytree(runs["txt2img"] / "checkpoints", tmp_path / cli_generate.DEFAULT_MODEL / "checkpoints")
     assert run_cli(capsys, "generate", PROMPT, "--steps", 2, "-o", "out.png")[0] == 0
     assert (tmp_path / "out.png").is_file()
 
@@ -368,7 +370,7 @@ def test_export_adds_a_mask_decoder_that_inpainting_uses(runs, files, tmp_path, 
 def _sd_model(folder: Path) -> Path:
     """A tiny Stable Diffusion model (unconditional UNet + VAE) in the native format that `convert` writes."""
     from latentdiff.diffusion.unet import UNetConfig, UNetModel
-    from latentdiff.io.formats import StableDiffusionComponents, save_native
+    from latentdiff.formats.stable_diffusion import StableDiffusionComponents, save_native
 
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                       attention_resolutions=(2,), num_heads=2, num_head_channels=-1, context_dim=None)
@@ -432,7 +434,7 @@ ERRORS = [  # (argv, what the one line says); {name} is a run, a file or a broke
 
 @pytest.mark.parametrize("argv,message", ERRORS, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(ERRORS)])
 def test_errors_are_one_line(argv, message, runs, files, broken, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "_REPO_ROOT", tmp_path)  # no bundled models, wherever the tests run
+    monkeypatch.setattr(cli_generate, "_REPO_ROOT", tmp_path)  # no bundled models, wherever the tests run
     monkeypatch.chdir(tmp_path)
     names = {**{k: str(v) for k, v in {**runs, **files, **broken}.items()}, "nowhere": str(tmp_path / "nowhere")}
     code, _, err = run_cli(capsys, *[a.format(**names) for a in argv])

@@ -352,7 +352,7 @@ def scene_inputs(n: int) -> dict:
 
 @pytest.mark.parametrize("key", list(SCENE_CONFIGS))
 def test_scene_configs_train_and_their_checkpoints_load_and_sample_with_guidance(key, scenes_first_stage, tmp_path):
-    from latentdiff.io.checkpoint import load_latent_diffusion
+    from latentdiff.formats.native import load_latent_diffusion
 
     name, overrides = SCENE_CONFIGS[key]
     out = tmp_path / key

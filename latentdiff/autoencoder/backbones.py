@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return dict(load_file(path, device="cpu"))
     state = torch.load(path, map_location="cpu", weights_only=True)
     # Some checkpoints wrap the weights, e.g. {"state_dict": {...}}.

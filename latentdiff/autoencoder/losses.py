@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.autoencoder.discriminator import NLayerDiscriminator, discriminator_loss, generator_loss
+from latentdiff.autoencoder.perceptual import build_perceptual_loss
 
 
 @dataclass
@@ -65,8 +66,6 @@ class AutoencoderLoss(nn.Module):
         self.config = config
         self.perceptual = None
         if config.perceptual != "none" and config.perceptual_weight > 0:
-            from latentdiff.autoencoder.perceptual import build_perceptual_loss
-
             kwargs = {}
             if config.perceptual == "efficientnet":
                 kwargs["min_size"] = config.perceptual_min_size

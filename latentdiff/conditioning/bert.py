@@ -36,10 +36,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from latentdiff.conditioning import package_folders
-from latentdiff.io.checkpoint import CheckpointError, load_state_strict
+from latentdiff.io.errors import CheckpointError
+from latentdiff.io.state import load_state_strict
 
 logger = logging.getLogger(__name__)
 
@@ -443,8 +445,6 @@ class BertModel(nn.Module):
         for file in (config_file, weights_file):
             if not file.is_file():
                 raise FileNotFoundError(f"{folder} is not a BERT folder: it has no {file.name}")
-        from safetensors.torch import load_file
-
         model = cls(BertConfig.from_hf(json.loads(config_file.read_text(encoding="utf-8"))))
         try:
             model.load_weights(load_file(str(weights_file)))

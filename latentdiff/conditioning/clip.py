@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from latentdiff.io.checkpoint import CheckpointError, load_state_strict
+from latentdiff.io.errors import CheckpointError
+from latentdiff.io.state import load_state_strict
 
 logger = logging.getLogger(__name__)
 
@@ -299,8 +301,6 @@ class CLIPTextModel(nn.Module):
             raise FileNotFoundError(f"{folder} is not a text encoder folder: it has no config.json")
         config = CLIPTextConfig.from_hf(json.loads(config_file.read_text(encoding="utf-8")), **overrides)
         if (folder / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
             weights = load_file(str(folder / "model.safetensors"))
         elif (folder / "pytorch_model.bin").is_file():
             weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)

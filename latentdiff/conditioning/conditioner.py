@@ -52,8 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.conditioning.bert import MiniLMTextEncoder
 from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.text import TextTransformer, TextTransformerConfig
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +269,6 @@ class FrozenCLIPTextEncoder(CLIPTextModel):
 
     def __init__(self, config: CLIPEncoderConfig) -> None:
         super().__init__(config.model)
-        from latentdiff.conditioning.tokenizer import CLIPTokenizer
-
         self.tokenizer = CLIPTokenizer(config.tokenizer or None, pad_token_id=config.pad_token_id,
                                        max_length=config.max_length)
         self.eval().requires_grad_(False)
@@ -301,8 +301,6 @@ class Conditioner(nn.Module):
         self.latent_channels, self.latent_size = latent_channels, latent_size
         self.transformer: nn.Module | None = None
         if cfg.text_encoder == "minilm":
-            from latentdiff.conditioning.bert import MiniLMTextEncoder
-
             encoder = MiniLMTextEncoder(cfg.minilm.path or None, cfg.minilm.max_length)
             self._record_minilm(encoder)
             self.transformer = encoder

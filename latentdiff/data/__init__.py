@@ -7,9 +7,9 @@ from latentdiff.data.datasets import (
     ImageDataset,
     ImageFolderDataset,
     PhotoCropDataset,
-    build_dataset,
     seed_worker,
 )
+from latentdiff.data.registry import build_dataset
 from latentdiff.data.transforms import (
     center_crop_resize,
     convert_mode,

@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -477,40 +476,6 @@ class ImageFolderDataset(ImageDataset):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, num_skipped={self.num_skipped})"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------------------
-
-_BUILDERS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
-    "fashion_mnist": fashion_mnist,
-    "mnist5k": mnist5k,
-    "photos": PhotoCropDataset,
-}
-
-
-def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
-    """Build the dataset named by ``cfg.name`` (built-in name or folder path) for ``split``."""
-    key = cfg.name.strip().lower().replace("-", "_")
-    if key == "fmnist_scenes":  # captioned colour scenes, with a third split "test_heldout": see data/scenes.py
-        from latentdiff.data.scenes import FashionScenes  # deferred: scenes.py imports this module
-
-        return FashionScenes.from_config(cfg, split)
-    _check_split(split)
-    if key in _BUILDERS:
-        dataset = _BUILDERS[key](cfg, split)
-    else:
-        path = Path(cfg.name).expanduser()
-        looks_like_path = any(sep in cfg.name for sep in ("/", os.sep)) or cfg.name.startswith(("~", "."))
-        if not path.exists() and not looks_like_path:
-            raise ValueError(
-                f"unknown dataset {cfg.name!r}: not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                "and no folder of that name exists"
-            )
-        dataset = ImageFolderDataset(cfg, split, path)
-    logger.info("built %r", dataset)
-    return dataset
 
 
 def seed_worker(worker_id: int) -> None:

@@ -21,6 +21,7 @@ The conditioning is a dict with the optional keys of ``UNetModel.forward``: ``co
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.conditioning.conditioner import DROPOUT_INPUTS, INPUT_KEYS, Conditioner, ConditionerConfig
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
@@ -184,18 +186,20 @@ class LatentDiffusion(nn.Module):
     """A frozen first stage, the UNet (``model.diffusion_model``) and the noise schedule.
 
     The first stage comes from, in order: the ``first_stage`` module argument; an empty autoencoder built from
-    ``config.first_stage_config`` (whose weights the caller loads from an LDM checkpoint); the checkpoint at
-    ``config.first_stage``; else pixel space. It is frozen: eval mode, no gradients, and never returned by
-    ``trainable_parameters``.
+    ``config.first_stage_config`` (whose weights the caller loads from an LDM checkpoint); else pixel space. The
+    constructor reads no file: ``latentdiff.formats.native.build_latent_diffusion`` loads ``config.first_stage``.
+    It is frozen: eval mode, no gradients, and never returned by ``trainable_parameters``.
     """
 
     def __init__(self, config: LatentDiffusionConfig, first_stage: Autoencoder | None = None) -> None:
         super().__init__()
+        # The model owns a copy: what building it fills in (the first stage's config, a pixel model's scale
+        # factor, the text encoder's identity) is recorded in ``self.config``, never in the caller's object.
+        config = copy.deepcopy(config)
         self.config = config
         if first_stage is None and config.first_stage_config is None and config.first_stage:
-            from latentdiff.io.checkpoint import load_autoencoder
-
-            first_stage = load_autoencoder(config.first_stage, "cpu")
+            raise ValueError(f"model.first_stage names the checkpoint {config.first_stage!r}: load it first "
+                             "(latentdiff.formats.native.build_latent_diffusion) and pass it as first_stage")
         if first_stage is not None:
             config.first_stage_config = first_stage.config
         elif config.first_stage_config is not None:
@@ -326,8 +330,6 @@ class LatentDiffusion(nn.Module):
         The posterior's standard normal ``noise`` may be given instead of drawn from ``generator``."""
         if self.pixel_space or self.first_stage_model.config.regularizer != "kl":
             return params
-        from latentdiff.autoencoder.distributions import DiagonalGaussian
-
         posterior = DiagonalGaussian(params)
         if not self.config.sample_posterior:
             return posterior.mode()

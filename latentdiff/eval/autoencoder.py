@@ -12,11 +12,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from latentdiff.autoencoder.perceptual import build_perceptual_loss
 from latentdiff.config import from_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.device import select_device
 from latentdiff.eval.metrics import EfficientNetFrechetDistance, FeatureStatistics, psnr, ssim
-from latentdiff.io.checkpoint import load_autoencoder, read_checkpoint
+from latentdiff.formats.native import load_autoencoder
+from latentdiff.io.checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ def evaluate_autoencoder(checkpoint: str | Path, data: str | None = None, split:
 
     perceptual_fn = None
     if perceptual != "none":
-        from latentdiff.autoencoder.perceptual import build_perceptual_loss
-
         perceptual_fn = build_perceptual_loss(perceptual).to(dev)
     fd = EfficientNetFrechetDistance(device=dev) if frechet else None
     real_stats, fake_stats = FeatureStatistics(), FeatureStatistics()

@@ -17,9 +17,12 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import linalg
 from torch import Tensor
+
+from latentdiff.autoencoder.backbones import load_efficientnet_lite0
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +181,6 @@ class FeatureStatistics:
         with any backend without choosing a device here; the payload is one D x D float64 matrix
         per rank (13 MB for D = 1280), fine for an evaluation step.
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self
         payload = (self.count, self._mean, self._m2)
@@ -287,8 +288,6 @@ class EfficientNetFrechetDistance:
         batch_size: int = 64,
         device: torch.device | str | None = None,
     ) -> None:
-        from latentdiff.autoencoder.backbones import load_efficientnet_lite0
-
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.device = torch.device(device) if device is not None else torch.device("cpu")

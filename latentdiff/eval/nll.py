@@ -33,7 +33,8 @@ from latentdiff.config import from_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.device import select_device
 from latentdiff.diffusion.process import estimate_bpd
-from latentdiff.io.checkpoint import load_latent_diffusion, read_checkpoint
+from latentdiff.formats.native import load_latent_diffusion
+from latentdiff.io.checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
 

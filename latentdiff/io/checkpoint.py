@@ -1,4 +1,4 @@
-"""Native checkpoints: ``model.safetensors`` (config in its metadata) + ``config.json``, written atomically.
+"""Native checkpoint files: ``model.safetensors`` (config in its metadata) + ``config.json``, written atomically.
 
 A run directory holds ``checkpoints/step_NNNNNNN/`` folders and a ``checkpoints/latest`` pointer; a new
 checkpoint is written into a temporary folder and renamed into place, and the pointer is replaced with
@@ -16,15 +16,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
-from torch import nn
+
+from latentdiff.io.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TRAIN_STATE_NAME = "train_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or does not fit the model."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -77,24 +74,41 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} holds no {WEIGHTS_NAME} (nor checkpoints/latest pointing at one)")
 
 
+def _stored_config(file: Path) -> dict[str, Any] | None:
+    """The latentdiff config of a native ``.safetensors`` file: its metadata's, else config.json's beside it."""
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "latentdiff_config" in metadata:
+        return json.loads(metadata["latentdiff_config"])
+    if (file.parent / CONFIG_NAME).is_file():
+        return json.loads((file.parent / CONFIG_NAME).read_text())
+    return None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and config of a native checkpoint (the config from the metadata, else config.json beside)."""
     file = resolve_checkpoint(path)
     if file.suffix != ".safetensors":
         raise CheckpointError(f"{file}: native checkpoints are .safetensors files")
     try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
+        config = _stored_config(file)
         weights = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
-    if "latentdiff_config" in metadata:
-        config = json.loads(metadata["latentdiff_config"])
-    elif (file.parent / CONFIG_NAME).is_file():
-        config = json.loads((file.parent / CONFIG_NAME).read_text())
-    else:
+    if config is None:
         raise CheckpointError(f"{file} carries no latentdiff config (metadata or {CONFIG_NAME} beside it)")
     return weights, config
+
+
+def read_native_config(path: str | Path) -> dict[str, Any] | None:
+    """The latentdiff config stored with a native checkpoint (file, checkpoint folder or run folder), without
+    reading its weights; None when ``path`` is not one (another format, or nothing readable there)."""
+    try:
+        file = resolve_checkpoint(path)
+        config = _stored_config(file) if file.suffix == ".safetensors" else None
+    except Exception:  # unreadable: the format-specific loaders say why
+        return None
+    return config if isinstance(config, dict) and "task" in config else None
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -178,71 +192,9 @@ def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
     return out / WEIGHTS_NAME
 
 
-def load_state_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict`` that names every missing, unexpected and mis-shaped key in one clear error."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(weights)) if own[k].shape != weights[k].shape]
-    if missing or unexpected or shapes:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = [f"{label}: {show(keys)}" for label, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
-        raise CheckpointError(f"the checkpoint does not fit the {what}; " + "; ".join(parts))
-    module.load_state_dict(weights, strict=True)
-
-
-def load_autoencoder(path: str | Path, device: torch.device | str = "cpu"):
-    """Load a first-stage model from a native checkpoint (file, checkpoint folder or run folder)."""
-    from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
-    from latentdiff.config import ConfigError, from_dict
-
-    weights, config = read_checkpoint(path)
-    if config.get("task", "autoencoder") != "autoencoder" or "model" not in config:
-        raise CheckpointError(f"{path} is a {config.get('task', 'unknown')!r} checkpoint, not an autoencoder")
-    try:
-        model_config = from_dict(AutoencoderConfig, config["model"], "model")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its config does not describe an autoencoder ({e})") from e
-    model = Autoencoder(model_config)
-    load_state_strict(model, weights, "autoencoder")
-    return model.to(device).eval()
-
-
 def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     file = Path(checkpoint_dir) / TRAIN_STATE_NAME
     if not file.is_file():
         raise CheckpointError(f"{checkpoint_dir} has no {TRAIN_STATE_NAME}: it cannot be resumed")
     # weights_only: a checkpoint never gets to run code on load.
     return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", ema: bool = True):
-    """Load a latent (or pixel-space) diffusion model, first stage included, from a native checkpoint.
-
-    ``model.safetensors`` holds the weights the trainer saved for sampling (the EMA weights by default). With
-    ``ema=False`` the UNet's (and a trained conditioner's) raw training weights are taken from ``train_state.pt``
-    beside it instead. A frozen pretrained text encoder (MiniLM) is not in the file: it is loaded from its package.
-    """
-    from latentdiff.config import ConfigError, from_dict
-    from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
-
-    weights, config = read_checkpoint(path)
-    if config.get("task") != "diffusion" or "model" not in config:
-        raise CheckpointError(f"{path} is a {config.get('task', 'autoencoder')!r} checkpoint, not a diffusion model")
-    try:
-        model_config = from_dict(LatentDiffusionConfig, config["model"], "model")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its config does not describe a diffusion model ({e})") from e
-    model = LatentDiffusion(model_config)
-    load_state_strict(model, weights, "latent diffusion model")
-    if not ema:
-        state = load_train_state(resolve_checkpoint(path).parent)
-        if state.get("model") is None:
-            raise CheckpointError(f"{path}: train_state.pt holds no raw UNet weights")
-        load_state_strict(model.model, state["model"], "UNet (raw weights)")
-        if getattr(model, "cond_stage_model", None) is not None and state.get("cond_stage_model") is not None:
-            load_state_strict(model.cond_stage_model, state["cond_stage_model"], "conditioner (raw weights)")
-    return model.to(device).eval()

@@ -6,7 +6,7 @@ class map to image, super-resolution).
 - a model trained here (a run folder, checkpoint folder or ``model.safetensors`` written by ``latentdiff train``):
   ``LatentDiffusionPipeline`` (``latentdiff.pipelines.native``), whatever its conditioning;
 - Stable Diffusion (an original single file, a diffusers folder, or a native checkpoint converted by
-  ``latentdiff.io.formats``, whose config says ``stable_diffusion``): ``StableDiffusionPipeline``.
+  ``latentdiff.formats.stable_diffusion``, whose config says ``stable_diffusion``): ``StableDiffusionPipeline``.
 
 Any other model is refused with a line that says what it is. A new kind of model is one more ``_identify`` branch
 and loader.
@@ -17,13 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latentdiff.io.checkpoint import CheckpointError
-from latentdiff.io.formats import StableDiffusionComponents, load_stable_diffusion_weights
+from latentdiff.formats.stable_diffusion import StableDiffusionComponents, load_stable_diffusion_weights
+from latentdiff.io.checkpoint import read_native_config
+from latentdiff.io.errors import CheckpointError
 from latentdiff.pipelines.native import (
     LatentDiffusionOutput,
     LatentDiffusionPipeline,
     is_native_diffusion_config,
-    read_native_config,
 )
 from latentdiff.pipelines.stable_diffusion import StableDiffusionOutput, StableDiffusionPipeline
 

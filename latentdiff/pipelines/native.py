@@ -31,7 +31,6 @@ are multiples of ``size_multiple``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -45,6 +44,8 @@ from latentdiff.diffusion.guidance import CFGDenoiser
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import get_sampler
+from latentdiff.formats.native import load_latent_diffusion
+from latentdiff.io.checkpoint import read_native_config
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.images import ImageInput, check_size, read_class_map, to_image_tensor, to_mask_tensor
 from latentdiff.pipelines.stable_diffusion import (
@@ -65,33 +66,6 @@ DEFAULT_GUIDANCE = 3.0  # when the checkpoint's training config does not say (it
 class LatentDiffusionOutput(StableDiffusionOutput):
     """Images (N, C, H, W) in [0, 1] on the CPU (None when not decoded) and the final latents (times the model's
     scale factor), on the CPU."""
-
-
-def read_native_config(path: str | Path) -> dict[str, Any] | None:
-    """The latentdiff config stored with a native checkpoint (file, checkpoint folder or run folder), without
-    reading its weights; None when ``path`` is not one (another format, or nothing readable there)."""
-    from safetensors import safe_open
-
-    from latentdiff.io.checkpoint import CONFIG_NAME, CheckpointError, resolve_checkpoint
-
-    try:
-        file = resolve_checkpoint(path)
-    except CheckpointError:
-        return None
-    if file.suffix != ".safetensors":
-        return None
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "latentdiff_config" in metadata:
-            config = json.loads(metadata["latentdiff_config"])
-        elif (file.parent / CONFIG_NAME).is_file():
-            config = json.loads((file.parent / CONFIG_NAME).read_text())
-        else:
-            return None
-    except Exception:  # unreadable: the format-specific loaders say why
-        return None
-    return config if isinstance(config, dict) and "task" in config else None
 
 
 def is_native_diffusion_config(config: dict[str, Any] | None) -> bool:
@@ -126,8 +100,6 @@ class LatentDiffusionPipeline:
                         vae_tile: int | None = None, prediction_type: str | None = None) -> LatentDiffusionPipeline:
         """Load a native checkpoint (file, checkpoint folder or run folder). The options that only make sense for
         Stable Diffusion files are refused with a line that says so."""
-        from latentdiff.io.checkpoint import load_latent_diffusion
-
         if dtype != torch.float32:
             raise ValueError(f"{path} is a native latentdiff model; these run in float32 (leave out --dtype)")
         if vae_tile:
@@ -549,4 +521,4 @@ class LatentDiffusionPipeline:
         return result
 
 
-__all__ = ["LatentDiffusionOutput", "LatentDiffusionPipeline", "is_native_diffusion_config", "read_native_config"]
+__all__ = ["LatentDiffusionOutput", "LatentDiffusionPipeline", "is_native_diffusion_config"]

@@ -43,9 +43,14 @@ from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import get_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from latentdiff.diffusion.unet import UNetModel
-from latentdiff.io.checkpoint import CheckpointError
-from latentdiff.io.diffusers_names import SD_SCALE_FACTOR
-from latentdiff.io.formats import StableDiffusionComponents, check_state_dict, infer_clip_text_config
+from latentdiff.formats.diffusers_names import SD_SCALE_FACTOR
+from latentdiff.formats.stable_diffusion import (
+    StableDiffusionComponents,
+    check_state_dict,
+    infer_clip_text_config,
+    load_stable_diffusion_weights,
+)
+from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor, to_pil_images
 from latentdiff.pipelines.tiling import decode_tiled
@@ -212,7 +217,7 @@ class StableDiffusionPipeline:
     def from_components(cls, comps: StableDiffusionComponents, *, tokenizer: CLIPTokenizer | None = None,
                         pad_token_id: int | None = None, prediction_type: str | None = None,
                         **options: Any) -> StableDiffusionPipeline:
-        """Build the pipeline from loaded weights (``latentdiff.io.formats.load_stable_diffusion_weights``).
+        """Build the pipeline from loaded weights (``formats.stable_diffusion.load_stable_diffusion_weights``).
 
         The tokenizer is the checkpoint's ``tokenizer/`` folder when it has one, else CLIP's vocabulary from
         ``open_clip_torch``, padding with the end token (SD v1) or 0 (SD v2's OpenCLIP text encoder), unless
@@ -247,8 +252,6 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, **options: Any) -> StableDiffusionPipeline:
         """Load an original single file (.safetensors / .ckpt), a diffusers folder or a native checkpoint."""
-        from latentdiff.io.formats import load_stable_diffusion_weights
-
         return cls.from_components(load_stable_diffusion_weights(path, ema=ema), **options)
 
     # ---- properties -----------------------------------------------------------------------------------------

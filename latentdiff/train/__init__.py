@@ -6,23 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from latentdiff.train.autoencoder import AutoencoderExperiment, train_autoencoder
+from latentdiff.train.diffusion import DiffusionExperiment, train_diffusion
 
-def _autoencoder() -> tuple[type, Callable[..., Path]]:
-    from latentdiff.train.autoencoder import AutoencoderExperiment, train_autoencoder
-
-    return AutoencoderExperiment, train_autoencoder
-
-
-def _diffusion() -> tuple[type, Callable[..., Path]]:
-    from latentdiff.train.diffusion import DiffusionExperiment, train_diffusion
-
-    return DiffusionExperiment, train_diffusion
-
-
-# Loaded lazily so that importing one task does not import every model.
-TASKS: dict[str, Callable[[], tuple[type, Callable[..., Path]]]] = {
-    "autoencoder": _autoencoder,
-    "diffusion": _diffusion,
+TASKS: dict[str, tuple[type, Callable[..., Path]]] = {
+    "autoencoder": (AutoencoderExperiment, train_autoencoder),
+    "diffusion": (DiffusionExperiment, train_diffusion),
 }
 
 
@@ -30,4 +19,4 @@ def resolve_task(config: dict[str, Any]) -> tuple[type, Callable[..., Path]]:
     task = config.get("task", "autoencoder")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} in the config; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[task]()
+    return TASKS[task]

@@ -18,14 +18,9 @@ from latentdiff.config import save_yaml, to_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.data.transforms import save_image_grid
 from latentdiff.device import autocast_context
-from latentdiff.io.checkpoint import (
-    CheckpointError,
-    load_state_strict,
-    load_train_state,
-    read_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from latentdiff.io.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
+from latentdiff.io.errors import CheckpointError
+from latentdiff.io.state import load_state_strict
 from latentdiff.train.loop import (
     MetricLog,
     NonFiniteGuard,
@@ -75,7 +70,8 @@ class AutoencoderExperiment:
             raise ValueError("model.mask_decoder: true is trained after the autoencoder, from it: train_only: "
                              "mask_decoder with init_from its checkpoint")
         if not 0.0 < self.mask_min_box <= self.mask_max_box <= 1.0 or not 0.0 <= self.mask_full_prob <= 1.0:
-            raise ValueError("mask_min_box / mask_max_box must satisfy 0 < min <= max <= 1, mask_full_prob be in [0, 1]")
+            raise ValueError("mask_min_box / mask_max_box must satisfy 0 < min <= max <= 1, and mask_full_prob be "
+                             "in [0, 1]")
         if self.data.channels != self.model.in_channels or self.data.channels != self.model.out_ch:
             raise ValueError(f"data.channels ({self.data.channels}) must equal model.in_channels "
                              f"({self.model.in_channels}) and model.out_ch ({self.model.out_ch})")

@@ -56,19 +56,15 @@ from tqdm import tqdm
 from latentdiff.conditioning.text import build_vocabulary
 from latentdiff.config import save_yaml, to_dict
 from latentdiff.data import DataConfig, build_dataset
+from latentdiff.data.scenes import FashionScenes, caption_for
 from latentdiff.data.transforms import save_image_grid
 from latentdiff.device import autocast_context
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.samplers import SAMPLERS
-from latentdiff.io.checkpoint import (
-    CheckpointError,
-    load_autoencoder,
-    load_state_strict,
-    load_train_state,
-    read_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from latentdiff.formats.native import load_autoencoder
+from latentdiff.io.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
+from latentdiff.io.errors import CheckpointError
+from latentdiff.io.state import load_state_strict
 from latentdiff.train.ema import EMA
 from latentdiff.train.loop import (
     DistEnv,
@@ -353,8 +349,6 @@ def dataset_captions(dataset: Dataset) -> list[str]:
     """
     if callable(getattr(dataset, "caption", None)):
         return [dataset.caption(i) for i in range(len(dataset))]
-    from latentdiff.data.scenes import FashionScenes, caption_for
-
     if isinstance(dataset, FashionScenes):
         return [caption_for(dataset.scene(i)[0]) for i in range(len(dataset))]
     captions = []
@@ -433,13 +427,14 @@ def train_diffusion(exp: DiffusionExperiment, resume: str | Path | None = None) 
         load_state_strict(model.model, state["model"], "UNet (raw weights)")
         if model.cond_stage_model is not None:
             load_state_strict(model.cond_stage_model, state["cond_stage_model"], "conditioner (raw weights)")
-        mc.scale_factor = float(ckpt_config["model"]["scale_factor"])
+        model.config.scale_factor = float(ckpt_config["model"]["scale_factor"])
     else:
         if mc.first_stage_config is not None and not mc.first_stage:
             raise ValueError("model.first_stage_config is filled in from model.first_stage: give the path of the "
                              "autoencoder checkpoint as model.first_stage")
         first_stage = load_autoencoder(mc.first_stage, "cpu") if mc.first_stage else None
         model = LatentDiffusion(mc, first_stage)
+    exp.model = mc = model.config  # what building the model filled in (the first stage's config...) is saved
     model.to(env.device)
 
     cond_params = model.conditioner_parameters()

@@ -19,7 +19,6 @@ Diffusion convention (see ``infer_unet_config``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -29,17 +28,21 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from latentdiff.autoencoder.model import AutoencoderConfig
+from latentdiff.conditioning.clip import CLIPTextConfig, hf_to_openclip, openclip_to_hf
+from latentdiff.conditioning.conditioner import CLIPEncoderConfig, ConditionerConfig
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.config import ConfigError, from_dict, to_dict
+from latentdiff.diffusion.objectives import DiffusionLossConfig
+from latentdiff.diffusion.schedule import ScheduleConfig
 from latentdiff.diffusion.unet import UNetConfig
-from latentdiff.io.checkpoint import CONFIG_NAME, CheckpointError, read_checkpoint, save_checkpoint
-from latentdiff.io.diffusers_names import (
+from latentdiff.formats.diffusers_names import (
     SD_SCALE_FACTOR,
     UnsupportedArchitecture,
     model_state_shapes,
@@ -52,10 +55,8 @@ from latentdiff.io.diffusers_names import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-
-if TYPE_CHECKING:
-    from latentdiff.conditioning.conditioner import ConditionerConfig
-    from latentdiff.diffusion.schedule import ScheduleConfig
+from latentdiff.io.checkpoint import CONFIG_NAME, read_checkpoint, save_checkpoint
+from latentdiff.io.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -415,21 +416,10 @@ def infer_clip_text_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any
 
 
 def _default_openclip_to_hf() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    try:
-        from latentdiff.conditioning.clip import openclip_to_hf
-    except ImportError as e:
-        raise CheckpointError("this checkpoint's text encoder is in OpenCLIP's layout (SD v2), and converting it "
-                              f"needs latentdiff.conditioning.clip.openclip_to_hf ({e}); pass "
-                              "text_encoder=False to load the UNet and VAE only") from e
     return openclip_to_hf
 
 
 def _default_hf_to_openclip() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    try:
-        from latentdiff.conditioning.clip import hf_to_openclip
-    except ImportError as e:
-        raise CheckpointError("writing an SD v2 text encoder in OpenCLIP's layout needs "
-                              f"latentdiff.conditioning.clip.hf_to_openclip ({e})") from e
     return hf_to_openclip
 
 
@@ -692,10 +682,6 @@ def _load_native(path: Path, text_encoder: bool) -> StableDiffusionComponents:
         comps.vae, comps.vae_config = vae, _config_from(model.get("first_stage_config"), AutoencoderConfig,
                                                         "model.first_stage_config")
         check_state_dict(comps.vae, model_state_shapes(comps.vae_config), "VAE")
-    from latentdiff.conditioning.conditioner import ConditionerConfig
-    from latentdiff.diffusion.objectives import DiffusionLossConfig
-    from latentdiff.diffusion.schedule import ScheduleConfig
-
     comps.schedule = _config_from(model.get("schedule"), ScheduleConfig, "model.schedule")
     comps.conditioner = _config_from(model.get("conditioner"), ConditionerConfig, "model.conditioner")
     clip = comps.conditioner.clip if comps.conditioner and comps.conditioner.text_encoder == "clip" else None
@@ -917,8 +903,6 @@ def _pad_token_id(comps: StableDiffusionComponents) -> int:
     if comps.pad_token_id is not None:
         return comps.pad_token_id
     if comps.tokenizer_dir is not None and Path(comps.tokenizer_dir).is_dir():
-        from latentdiff.conditioning.tokenizer import CLIPTokenizer
-
         return CLIPTokenizer(comps.tokenizer_dir).pad_token_id
     return CLIP_PAD_TOKENS.get(comps.text_encoder_layout or "hf", CLIP_PAD_TOKENS["hf"])
 
@@ -935,9 +919,6 @@ def native_conditioning(comps: StableDiffusionComponents) -> tuple[str, Conditio
     as SD's 9-channel UNet). A native source keeps its own conditioner. Raises ``CheckpointError`` for a UNet with
     cross-attention but no text encoder, and for a conditioner with trained weights the components do not carry.
     """
-    from latentdiff.conditioning.clip import CLIPTextConfig
-    from latentdiff.conditioning.conditioner import CLIPEncoderConfig, ConditionerConfig
-
     unet, latent = comps.unet_config, comps.vae_config.embed_dim
     no_text = CheckpointError("the UNet cross-attends to text but there is no text encoder to save with it; a native "
                               "diffusion checkpoint holds the whole model (convert to 'original' or 'diffusers' to "
@@ -982,9 +963,6 @@ def save_native(comps: StableDiffusionComponents, run_dir: str | Path, step: int
     with cross-attention ("crossattn"), plus the inpainting inputs for a 9-channel UNet ("hybrid"). A model with a
     conditioner needs an image size: the source's, else SD's 512 (768 for v-prediction).
     """
-    from latentdiff.diffusion.objectives import DiffusionLossConfig
-    from latentdiff.diffusion.schedule import ScheduleConfig
-
     extra = {"source": comps.source, "ema": comps.ema, "prediction_type": comps.prediction_type,
              "scale_factor": comps.scale_factor, "image_size": comps.image_size,
              "text_encoder_layout": comps.text_encoder_layout, "text_encoder_config": comps.text_encoder_config,
@@ -1020,9 +998,6 @@ def save_native(comps: StableDiffusionComponents, run_dir: str | Path, step: int
     return save_checkpoint(run_dir, step, _plain(weights), config, keep=0)
 
 
-_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def convert(src: str | Path, dst: str | Path, to: str, *, ema: bool = True, dtype: torch.dtype | None = None,
             text_encoder: bool = True) -> Path:
     """Convert the checkpoint at ``src`` to format ``to`` ("native", "original" or "diffusers") at ``dst``.
@@ -1043,33 +1018,9 @@ def convert(src: str | Path, dst: str | Path, to: str, *, ema: bool = True, dtyp
     return save_native(comps, dst)
 
 
-def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``convert`` command to an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "convert", help="convert Stable Diffusion weights between original, diffusers and native formats",
-        description="Convert Stable Diffusion weights. Reads an original single file (.safetensors or .ckpt, "
-                    "read without running code; a full model, a bare UNet or a bare VAE), a diffusers folder, or "
-                    "a native checkpoint; writes any of them. The architecture is read from the weights.")
-    p.add_argument("src", help="single file, diffusers folder, or native checkpoint / run folder")
-    p.add_argument("dst", help="a .safetensors file (original), a folder (diffusers) or a run folder (native)")
-    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    p.add_argument("--no-ema", action="store_true", help="take the raw UNet weights even when EMA weights exist")
-    p.add_argument("--dtype", default="keep", choices=list(_DTYPES), help="cast the weights (default: keep)")
-    p.add_argument("--no-text-encoder", action="store_true", help="leave the text encoder out")
-    p.set_defaults(func=run_convert)
-    return p
-
-
-def run_convert(args: argparse.Namespace) -> None:
-    """The ``convert`` command."""
-    out = convert(args.src, args.dst, args.to, ema=not args.no_ema, dtype=_DTYPES[args.dtype],
-                  text_encoder=not args.no_text_encoder)
-    print(f"wrote {args.to} checkpoint: {out}")
-
-
 __all__ = [
-    "FORMATS", "StableDiffusionComponents", "add_convert_parser", "check_state_dict", "convert", "ema_key",
+    "FORMATS", "StableDiffusionComponents", "check_state_dict", "convert", "ema_key",
     "infer_autoencoder_config", "infer_clip_text_config", "infer_unet_config", "load_stable_diffusion_weights",
-    "native_conditioning", "read_state_dict", "run_convert", "safe_torch_load", "save_diffusers", "save_native",
+    "native_conditioning", "read_state_dict", "safe_torch_load", "save_diffusers", "save_native",
     "save_original", "split_original", "to_original_state_dict",
 ]

@@ -29,6 +29,7 @@ lists the head count per level (``[5, 10, 20, 20]`` = channels / 64), which is o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import torch
@@ -330,8 +331,6 @@ SD_SCALE_FACTOR = 0.18215  # Stable Diffusion v1/v2's latent scale (Rombach et a
 
 def _diffusers_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("diffusers")
     except Exception:  # diffusers is optional: the files only need a plausible version string
         return "0.30.0"

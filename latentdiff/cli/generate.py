@@ -1,72 +1,31 @@
-"""The ``latentdiff`` command: train models, sample from them and evaluate them."""
+"""``latentdiff generate``, ``img2img``, ``inpaint``, ``seg2img``, ``upscale`` and ``sample``: the verbs that make
+images, on a native model (the bundled ones by default) or on Stable Diffusion weights."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import math
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("latentdiff")
+import torch
 
-# The models the task verbs use without --model: native runs of configs/ldm-<name>.yaml, where <name> is the
-# folder's name. The bundled weights will ship in models/; until then the folders may be missing.
+from latentdiff.data.transforms import save_image_grid
+from latentdiff.device import select_device
+from latentdiff.diffusion.samplers import SAMPLERS, get_sampler
+from latentdiff.formats.native import load_latent_diffusion
+from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
+from latentdiff.pipelines.images import read_class_map, resize_to_multiple, to_image_tensor, to_pil_images
+
+# The models the task verbs use without --model: the bundled models in models/ (native runs of
+# configs/ldm-<name>.yaml, exported; <name> is the folder's name).
 DEFAULT_MODEL = "models/scenes-txt2img"
 DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": DEFAULT_MODEL,
                   "seg2img": "models/scenes-seg2img", "upscale": "models/scenes-upscale"}
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Errors a user can cause and fix: reported in one line, without a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
-                                                 ImportError)
-
-
-def _train(args: argparse.Namespace) -> None:
-    from latentdiff.config import load_config, merge, parse_overrides, read_yaml
-    from latentdiff.train import resolve_task
-
-    overrides = list(args.overrides)
-    config_path = args.config
-    if config_path is not None and "=" in config_path and not Path(config_path).exists():
-        overrides.insert(0, config_path)  # `latentdiff train --resume DIR key=value`
-        config_path = None
-    if config_path is None and args.resume is None:
-        raise ValueError("give a CONFIG.yaml to train, or --resume RUN_DIR to continue a run")
-    if config_path is not None:
-        data = read_yaml(config_path)
-    else:
-        data = read_yaml(Path(args.resume) / "config.yaml")
-    if args.resume is not None:
-        data = merge(data, {"train": {"out_dir": str(args.resume)}})
-    schema, train_fn = resolve_task(merge(data, parse_overrides(overrides)))
-    experiment = load_config(schema, data, overrides)
-    run_dir = train_fn(experiment, resume=args.resume)
-    print(f"run directory: {run_dir}")
-
-
-def _eval_autoencoder(args: argparse.Namespace) -> None:
-    from latentdiff.eval.autoencoder import evaluate_autoencoder
-
-    results = evaluate_autoencoder(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
-                                   batch_size=args.batch_size, image_size=args.image_size,
-                                   perceptual=args.perceptual, device=args.device, seed=args.seed)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sample(args: argparse.Namespace) -> None:
-    import math
-
-    import torch
-
-    from latentdiff.data.transforms import save_image_grid
-    from latentdiff.device import select_device
-    from latentdiff.diffusion.samplers import get_sampler
-    from latentdiff.io.checkpoint import load_latent_diffusion
-
     get_sampler(args.sampler)  # an unknown name fails before the model loads
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
@@ -113,23 +72,7 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} samples to {path}")
 
 
-def _eval_nll(args: argparse.Namespace) -> None:
-    from latentdiff.eval.nll import evaluate_nll, parse_timesteps
-
-    results = evaluate_nll(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
-                           batch_size=args.batch_size, timesteps=parse_timesteps(args.timesteps), seed=args.seed,
-                           device=args.device, ema=not args.no_ema)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-
-
 def _pipeline_options(args: argparse.Namespace) -> dict:
-    import torch
-
-    from latentdiff.device import select_device
-
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     options = {"device": select_device(args.device), "dtype": dtypes[getattr(args, "dtype", "fp32")],
                "attention_slice": args.attention_slice or None, "vae_tile": getattr(args, "vae_tile", None) or None}
@@ -153,20 +96,8 @@ def _model_path(args: argparse.Namespace) -> str:
                      f"stage) and pass --model runs/ldm-{name}")
 
 
-def _export(args: argparse.Namespace) -> None:
-    from latentdiff.io.checkpoint import export_model
-
-    settings = {} if args.guidance is None else {"sample_guidance": args.guidance}
-    if args.guidance is not None and args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-    path = export_model(args.src, args.dst, args.dtype, settings, args.first_stage)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
-
-
 def _check_generation_args(args: argparse.Namespace) -> None:
     """Checks that need no model: they fail before a large checkpoint is read."""
-    from latentdiff.diffusion.samplers import get_sampler
-
     get_sampler(args.sampler)
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
@@ -187,8 +118,6 @@ def _check_generation_args(args: argparse.Namespace) -> None:
 def _load_for_generation(args: argparse.Namespace, native_only: str | None = None):
     """The pipeline for --model, checked against the prompt; ``native_only`` names a verb that runs only on models
     trained here."""
-    from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
-
     pipe = load_pipeline(args.model, **_pipeline_options(args))
     native = isinstance(pipe, LatentDiffusionPipeline)
     if native_only and not native:
@@ -209,8 +138,6 @@ def _guidance(args: argparse.Namespace, pipe) -> float:
 def _read_image(path: str, multiple: int, what: str, mask: bool = False):
     """An image file as a (1, C, H, W) tensor in [0, 1], resized down to sides that are multiples of ``multiple``
     (with a note on stderr) when they are not."""
-    from latentdiff.pipelines.images import resize_to_multiple, to_image_tensor
-
     image = to_image_tensor(path, channels=1 if mask else 3)
     resized = resize_to_multiple(image, multiple, resample="nearest" if mask else "bicubic")
     if resized.shape != image.shape:
@@ -223,20 +150,12 @@ def _read_image(path: str, multiple: int, what: str, mask: bool = False):
 def _read_input(pipe, path: str, what: str, mask: bool = False):
     """An input image for ``pipe``: resized to fit a Stable Diffusion model (with a note); as it is for a native
     model, which checks it against its one training size."""
-    from latentdiff.pipelines import LatentDiffusionPipeline
-    from latentdiff.pipelines.images import to_image_tensor
-
     if isinstance(pipe, LatentDiffusionPipeline):
         return to_image_tensor(path, channels=1 if mask else pipe.image_channels)
     return _read_image(path, pipe.size_multiple, what, mask=mask)
 
 
 def _save_images(images, output: str, separate: bool) -> list[Path]:
-    import math
-
-    from latentdiff.data.transforms import save_image_grid
-    from latentdiff.pipelines.images import to_pil_images
-
     out = Path(output)
     if images.shape[0] == 1 or separate:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +188,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _img2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    from latentdiff.pipelines.images import to_image_tensor
-
     to_image_tensor(args.init)  # a missing or unreadable file fails before the model loads
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.init, "init image")
@@ -280,8 +197,6 @@ def _img2img(args: argparse.Namespace) -> None:
 
 def _inpaint(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    from latentdiff.pipelines.images import to_image_tensor
-
     image, mask = to_image_tensor(args.image), to_image_tensor(args.mask, channels=1)
     if image.shape[-2:] != mask.shape[-2:]:
         raise ValueError(f"the mask {args.mask} is {mask.shape[-1]}x{mask.shape[-2]} but the image {args.image} is "
@@ -297,8 +212,6 @@ def _inpaint(args: argparse.Namespace) -> None:
 
 def _seg2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    from latentdiff.pipelines.images import read_class_map
-
     class_map = read_class_map(args.map)  # a missing or non-index image fails before the model loads
     pipe = _load_for_generation(args, native_only="seg2img")
     result = pipe.segmentation_to_image(class_map, args.prompt, args.negative, **_common(args, pipe))
@@ -307,8 +220,6 @@ def _seg2img(args: argparse.Namespace) -> None:
 
 def _upscale(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    from latentdiff.pipelines.images import to_image_tensor
-
     to_image_tensor(args.lowres)
     pipe = _load_for_generation(args, native_only="upscale")
     lowres = _read_input(pipe, args.lowres, "low-res image")
@@ -350,36 +261,7 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train what CONFIG.yaml describes (task: autoencoder or diffusion)",
-                       description="Train the model a YAML config describes. Any config field can be "
-                                   "overridden as key.sub=value, e.g. train.steps=2000 model.ch=64.")
-    p.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
-    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("eval-autoencoder", help="reconstruction metrics of a first-stage checkpoint",
-                       description="PSNR, SSIM, perceptual distance, reconstruction Frechet distance on "
-                                   "EfficientNet-Lite0 features, and for VQ models codebook usage/perplexity.")
-    p.add_argument("checkpoint", help="model.safetensors, a checkpoint folder or a run folder")
-    p.add_argument("--data", default=None, help="built-in dataset name or image folder (default: the training data)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, default=2000, help="number of images (0: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=None, help="default: the training image size")
-    p.add_argument("--perceptual", default="efficientnet", choices=["efficientnet", "lpips", "none"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", help="also write the JSON here")
-    p.set_defaults(func=_eval_autoencoder)
-
-    from latentdiff.diffusion.samplers import SAMPLERS
-
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     sampler_names = ", ".join(SAMPLERS)
     p = sub.add_parser("sample", help="draw images from a diffusion checkpoint into a PNG grid",
                        description=f"Sample images from a diffusion checkpoint. Samplers: {sampler_names}. The "
@@ -403,24 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
     p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
     p.set_defaults(func=_sample)
-
-    p = sub.add_parser("eval-nll", help="variational bound of a diffusion checkpoint in bits/dim",
-                       description="The variational bound in bits per dimension on held-out images. For latent "
-                                   "models it bounds the density of the scaled latents, not the pixels (compare "
-                                   "only models on the same first stage); pixel-space models use the discretized "
-                                   "decoder, comparable with published pixel bits/dim.")
-    p.add_argument("checkpoint", help="model.safetensors, a checkpoint folder or a run folder")
-    p.add_argument("--data", default=None, help="built-in dataset name or image folder (default: the training data)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, default=256, help="number of images (0: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--timesteps", default="all",
-                   help="'all' (every term) or K random timesteps per image (unbiased, with a standard error)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
-    p.add_argument("-o", "--output", help="also write the JSON here")
-    p.set_defaults(func=_eval_nll)
 
     p = sub.add_parser("generate", help="text-to-image with a native text model or Stable Diffusion",
                        description=f"Generate images from a prompt with a text-conditioned model trained here (a run "
@@ -487,45 +351,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt, for a model that also takes text")
     _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)
     p.set_defaults(func=_upscale)
-
-    p = sub.add_parser("export", help="write a trained model's sampling weights (no training state) to a folder",
-                       description="Copy the weights a model samples with (the EMA weights the trainer saved) from "
-                                   "a run folder, checkpoint folder or model.safetensors to DST/model.safetensors + "
-                                   "config.json, optionally stored in float16 to halve the file. This is how the "
-                                   "bundled models in models/ are made.")
-    p.add_argument("src", metavar="SRC", help="a run folder (its latest checkpoint), checkpoint folder or file")
-    p.add_argument("dst", metavar="DST", help="the output folder")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="storage dtype of the floating-point weights (loaded back as float32; default float32)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="the default guidance scale stored with the model (sample_guidance)")
-    p.add_argument("--first-stage", metavar="AE", default=None,
-                   help="take the decoder of this autoencoder run (fine-tuned with train_only: decoder; its encoder "
-                        "must be the model's, which is checked)")
-    p.set_defaults(func=_export)
-
-    from latentdiff.io.formats import add_convert_parser
-
-    add_convert_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        print("latentdiff: interrupted", file=sys.stderr)
-        return 130
-    except _USER_ERRORS as e:
-        if args.verbose:
-            raise
-        print(f"latentdiff: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

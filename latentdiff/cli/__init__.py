@@ -1,0 +1,44 @@
+"""The ``latentdiff`` command: train models, sample from them and evaluate them.
+
+One module per verb group, each with an ``add_parsers(sub)``: ``train`` (train, export, eval-autoencoder,
+eval-nll), ``generate`` (generate, img2img, inpaint, seg2img, upscale, sample) and ``convert``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from latentdiff.cli import convert, generate, train
+
+# Errors a user can cause and fix: reported in one line, without a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
+                                                 ImportError)
+VERB_GROUPS = (train, generate, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in VERB_GROUPS:
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("latentdiff: interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"latentdiff: error: {e}", file=sys.stderr)
+        return 2
+    return 0

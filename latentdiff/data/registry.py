@@ -1,0 +1,50 @@
+"""Datasets by name: a built-in dataset's name or an image folder's path -> the dataset for a split."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from latentdiff.data.datasets import (
+    BUILTIN_DATASETS,
+    DataConfig,
+    ImageDataset,
+    ImageFolderDataset,
+    PhotoCropDataset,
+    _check_split,
+    fashion_mnist,
+    mnist5k,
+)
+from latentdiff.data.scenes import FashionScenes
+
+logger = logging.getLogger(__name__)
+
+
+_BUILDERS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
+    "fashion_mnist": fashion_mnist,
+    "mnist5k": mnist5k,
+    "photos": PhotoCropDataset,
+}
+
+
+def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
+    """Build the dataset named by ``cfg.name`` (built-in name or folder path) for ``split``."""
+    key = cfg.name.strip().lower().replace("-", "_")
+    if key == "fmnist_scenes":  # captioned colour scenes, with a third split "test_heldout": see data/scenes.py
+        return FashionScenes.from_config(cfg, split)
+    _check_split(split)
+    if key in _BUILDERS:
+        dataset = _BUILDERS[key](cfg, split)
+    else:
+        path = Path(cfg.name).expanduser()
+        looks_like_path = any(sep in cfg.name for sep in ("/", os.sep)) or cfg.name.startswith(("~", "."))
+        if not path.exists() and not looks_like_path:
+            raise ValueError(
+                f"unknown dataset {cfg.name!r}: not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                "and no folder of that name exists"
+            )
+        dataset = ImageFolderDataset(cfg, split, path)
+    logger.info("built %r", dataset)
+    return dataset
