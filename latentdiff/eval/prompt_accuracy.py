@@ -233,12 +233,17 @@ def train_classifier(
     logger.info("classifier test accuracy %.4f, through item sizes %s", metadata["test_accuracy"],
                 metadata["test_accuracy_at_item_size"])
     if out_path is not None:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(out_path), metadata={METADATA_KEY: json.dumps(metadata)})
-        out_path.with_name(out_path.name + ".json").write_text(json.dumps(metadata, indent=2))
+        save_classifier(model, out_path)
     return model, metadata
+
+
+def save_classifier(model: FashionClassifier, out_path: str | Path) -> None:
+    """The weights with ``model.metadata`` in the safetensors header, and the metadata as JSON beside them."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out_path), metadata={METADATA_KEY: json.dumps(model.metadata)})
+    out_path.with_name(out_path.name + ".json").write_text(json.dumps(model.metadata, indent=2))
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> FashionClassifier:
