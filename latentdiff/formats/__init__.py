@@ -10,7 +10,7 @@ the modules behind it may move.
 
 from latentdiff.formats.architecture import infer_autoencoder_config, infer_clip_text_config, infer_unet_config
 from latentdiff.formats.components import CheckpointFormat, ReadOptions, StableDiffusionComponents
-from latentdiff.formats.diffusers_names import SD_SCALE_FACTOR, UnsupportedArchitecture
+from latentdiff.formats.diffusers_names import PARAMETERIZATIONS, SD_SCALE_FACTOR, UnsupportedArchitecture
 from latentdiff.formats.diffusers_pipeline import save_diffusers
 from latentdiff.formats.native import (
     build_latent_diffusion,
@@ -32,7 +32,7 @@ from latentdiff.formats.stable_diffusion import ema_key, save_original, split_or
 from latentdiff.formats.weights import check_state_dict, read_state_dict, safe_torch_load
 
 __all__ = [
-    "FORMATS", "SD_SCALE_FACTOR", "CheckpointFormat", "ReadOptions", "StableDiffusionComponents",
+    "FORMATS", "PARAMETERIZATIONS", "SD_SCALE_FACTOR", "CheckpointFormat", "ReadOptions", "StableDiffusionComponents",
     "UnsupportedArchitecture", "build_latent_diffusion", "check_state_dict", "convert", "detect_format", "ema_key",
     "infer_autoencoder_config", "infer_clip_text_config", "infer_unet_config", "load_autoencoder",
     "load_latent_diffusion", "load_stable_diffusion_weights", "native_conditioning", "read_components",

@@ -35,7 +35,7 @@ from latentdiff.formats.components import (
     StableDiffusionComponents,
     stored_config,
 )
-from latentdiff.formats.diffusers_names import model_state_shapes
+from latentdiff.formats.diffusers_names import PARAMETERIZATIONS, model_state_shapes
 from latentdiff.formats.weights import check_state_dict, plain_tensors
 from latentdiff.io.checkpoint import (
     load_train_state,
@@ -49,22 +49,31 @@ from latentdiff.io.state import load_state_strict
 
 logger = logging.getLogger(__name__)
 
-PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
 # Parts of a CLIP checkpoint that the text encoder does not use (a CLIPTextModelWithProjection's projection...).
 CLIP_UNUSED_PREFIXES = ("text_projection", "logit_scale", "visual_projection", "vision_model")
 CLIP_PAD_TOKENS = {"hf": 49407, "openclip": 0}  # SD v1 pads with the end token, SD v2 (OpenCLIP) with "!"
 _CONDITIONING_MODES = {(True, False): "crossattn", (False, True): "concat", (True, True): "hybrid"}
 
 
+def _read_native_model(path: str | Path, task: str, config_class: type, what: str) -> tuple[dict[str, torch.Tensor],
+                                                                                             Any]:
+    """The weights of a native ``task`` checkpoint and its model config (a ``config_class``); ``what`` names the
+    model in the errors."""
+    weights, config = read_checkpoint(path)
+    found = config.get("task", "autoencoder")  # the first native files, all autoencoders, recorded no task
+    if found != task:
+        raise CheckpointError(f"{path} is a {found!r} checkpoint, not {what}")
+    if "model" not in config:
+        raise CheckpointError(f"{path}: its config holds no model description")
+    try:
+        return weights, from_dict(config_class, config["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not describe {what} ({e})") from e
+
+
 def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> Autoencoder:
     """Load a first-stage model from a native checkpoint (file, checkpoint folder or run folder)."""
-    weights, config = read_checkpoint(path)
-    if config.get("task", "autoencoder") != "autoencoder" or "model" not in config:
-        raise CheckpointError(f"{path} is a {config.get('task', 'unknown')!r} checkpoint, not an autoencoder")
-    try:
-        model_config = from_dict(AutoencoderConfig, config["model"], "model")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its config does not describe an autoencoder ({e})") from e
+    weights, model_config = _read_native_model(path, "autoencoder", AutoencoderConfig, "an autoencoder")
     model = Autoencoder(model_config)
     load_state_strict(model, weights, "autoencoder")
     return model.to(device).eval()
@@ -86,13 +95,7 @@ def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", 
     ``ema=False`` the UNet's (and a trained conditioner's) raw training weights are taken from ``train_state.pt``
     beside it instead. A frozen pretrained text encoder (MiniLM) is not in the file: it is loaded from its package.
     """
-    weights, config = read_checkpoint(path)
-    if config.get("task") != "diffusion" or "model" not in config:
-        raise CheckpointError(f"{path} is a {config.get('task', 'autoencoder')!r} checkpoint, not a diffusion model")
-    try:
-        model_config = from_dict(LatentDiffusionConfig, config["model"], "model")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its config does not describe a diffusion model ({e})") from e
+    weights, model_config = _read_native_model(path, "diffusion", LatentDiffusionConfig, "a diffusion model")
     model = LatentDiffusion(model_config)
     load_state_strict(model, weights, "latent diffusion model")
     if not ema:

@@ -44,6 +44,7 @@ from latentdiff.diffusion.samplers import get_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from latentdiff.diffusion.unet import UNetModel
 from latentdiff.formats import (
+    PARAMETERIZATIONS,
     SD_SCALE_FACTOR,
     StableDiffusionComponents,
     check_state_dict,
@@ -58,7 +59,6 @@ from latentdiff.pipelines.timesteps import sampler_sigmas, strength_start
 
 logger = logging.getLogger(__name__)
 
-PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
 Generator = torch.Generator | int | None
 
 
