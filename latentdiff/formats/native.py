@@ -55,8 +55,8 @@ CLIP_PAD_TOKENS = {"hf": 49407, "openclip": 0}  # SD v1 pads with the end token,
 _CONDITIONING_MODES = {(True, False): "crossattn", (False, True): "concat", (True, True): "hybrid"}
 
 
-def _read_native_model(path: str | Path, task: str, config_class: type, what: str) -> tuple[dict[str, torch.Tensor],
-                                                                                             Any]:
+def _read_native_model(path: str | Path, task: str, config_class: type,
+                       what: str) -> tuple[dict[str, torch.Tensor], Any]:
     """The weights of a native ``task`` checkpoint and its model config (a ``config_class``); ``what`` names the
     model in the errors."""
     weights, config = read_checkpoint(path)
