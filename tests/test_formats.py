@@ -17,6 +17,19 @@ from latentdiff.autoencoder.model import AutoencoderConfig
 from latentdiff.cli import build_parser
 from latentdiff.config import from_dict, read_yaml
 from latentdiff.diffusion.unet import UNetConfig
+from latentdiff.formats import (
+    StableDiffusionComponents,
+    convert,
+    ema_key,
+    infer_autoencoder_config,
+    infer_unet_config,
+    load_autoencoder,
+    load_latent_diffusion,
+    load_stable_diffusion_weights,
+    save_diffusers,
+    save_native,
+    save_original,
+)
 from latentdiff.formats.diffusers_names import (
     UnsupportedArchitecture,
     model_state_shapes,
@@ -28,18 +41,6 @@ from latentdiff.formats.diffusers_names import (
     vae_config_to_diffusers,
     vae_key_map,
     vae_to_diffusers,
-)
-from latentdiff.formats.native import load_autoencoder, load_latent_diffusion
-from latentdiff.formats.stable_diffusion import (
-    StableDiffusionComponents,
-    convert,
-    ema_key,
-    infer_autoencoder_config,
-    infer_unet_config,
-    load_stable_diffusion_weights,
-    save_diffusers,
-    save_native,
-    save_original,
 )
 from latentdiff.io.errors import CheckpointError
 

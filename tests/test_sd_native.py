@@ -34,16 +34,16 @@ from latentdiff.config import from_dict, to_dict
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
-from latentdiff.formats.native import load_latent_diffusion
-from latentdiff.formats.stable_diffusion import (
-    IGNORED_KEYS,
-    POSITION_IDS,
+from latentdiff.formats import (
     StableDiffusionComponents,
     convert,
+    load_latent_diffusion,
     load_stable_diffusion_weights,
     save_native,
     save_original,
 )
+from latentdiff.formats.components import POSITION_IDS
+from latentdiff.formats.stable_diffusion import IGNORED_KEYS
 from latentdiff.io.checkpoint import read_checkpoint
 from latentdiff.io.errors import CheckpointError
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline

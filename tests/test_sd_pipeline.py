@@ -30,7 +30,7 @@ from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.cli import generate as cli_generate
 from latentdiff.conditioning.tokenizer import default_vocab_path
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
-from latentdiff.formats.stable_diffusion import StableDiffusionComponents, save_diffusers, save_native, save_original
+from latentdiff.formats import StableDiffusionComponents, save_diffusers, save_native, save_original
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention, attention_slicing
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline

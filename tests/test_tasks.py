@@ -370,7 +370,7 @@ def test_export_adds_a_mask_decoder_that_inpainting_uses(runs, files, tmp_path, 
 def _sd_model(folder: Path) -> Path:
     """A tiny Stable Diffusion model (unconditional UNet + VAE) in the native format that `convert` writes."""
     from latentdiff.diffusion.unet import UNetConfig, UNetModel
-    from latentdiff.formats.stable_diffusion import StableDiffusionComponents, save_native
+    from latentdiff.formats import StableDiffusionComponents, save_native
 
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                       attention_resolutions=(2,), num_heads=2, num_head_channels=-1, context_dim=None)

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from latentdiff.formats.stable_diffusion import FORMATS, convert
+from latentdiff.formats import convert, writable_formats
 
 DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,7 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "a native checkpoint; writes any of them. The architecture is read from the weights.")
     p.add_argument("src", help="single file, diffusers folder, or native checkpoint / run folder")
     p.add_argument("dst", help="a .safetensors file (original), a folder (diffusers) or a run folder (native)")
-    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--to", required=True, choices=writable_formats(), help="output format")
     p.add_argument("--no-ema", action="store_true", help="take the raw UNet weights even when EMA weights exist")
     p.add_argument("--dtype", default="keep", choices=list(DTYPES), help="cast the weights (default: keep)")
     p.add_argument("--no-text-encoder", action="store_true", help="leave the text encoder out")

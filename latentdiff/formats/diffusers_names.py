@@ -327,6 +327,7 @@ _VAE_DEFAULTS = {
     "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215,
 }
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion v1/v2's latent scale (Rombach et al. 2022, app. G)
+PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' prediction_type -> ours
 
 
 def _diffusers_version() -> str:

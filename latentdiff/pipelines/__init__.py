@@ -1,12 +1,13 @@
 """Pipelines: thin compositions of the models for each task (text-to-image, image-to-image, inpainting,
 class map to image, super-resolution).
 
-``load_pipeline(path)`` looks at what a checkpoint holds and returns the pipeline that runs it:
+``load_pipeline(path)`` asks the format registry (``latentdiff.formats.detect_format``) what a checkpoint is, looks
+at what it holds and returns the pipeline that runs it:
 
 - a model trained here (a run folder, checkpoint folder or ``model.safetensors`` written by ``latentdiff train``):
   ``LatentDiffusionPipeline`` (``latentdiff.pipelines.native``), whatever its conditioning;
-- Stable Diffusion (an original single file, a diffusers folder, or a native checkpoint converted by
-  ``latentdiff.formats.stable_diffusion``, whose config says ``stable_diffusion``): ``StableDiffusionPipeline``.
+- Stable Diffusion (an original single file, a diffusers folder, or a native checkpoint written by
+  ``latentdiff.formats.save_native``, whose config says ``stable_diffusion``): ``StableDiffusionPipeline``.
 
 Any other model is refused with a line that says what it is. A new kind of model is one more ``_identify`` branch
 and loader.
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latentdiff.formats.stable_diffusion import StableDiffusionComponents, load_stable_diffusion_weights
+from latentdiff.formats import StableDiffusionComponents, detect_format, read_components
 from latentdiff.io.checkpoint import read_native_config
 from latentdiff.io.errors import CheckpointError
 from latentdiff.pipelines.native import (
@@ -56,9 +57,10 @@ def load_pipeline(path: str | Path, **options: Any) -> Pipeline:
     Raises ``CheckpointError`` naming the problem when the path is missing, unreadable or not a model a pipeline
     here runs (``ValueError`` for an option the model does not take).
     """
-    if is_native_diffusion_config(read_native_config(path)):
+    file_format = detect_format(path)
+    if file_format == "native" and is_native_diffusion_config(read_native_config(path)):
         return LatentDiffusionPipeline.from_checkpoint(path, **options)
-    comps = load_stable_diffusion_weights(path, ema=options.pop("ema", True))
+    comps = read_components(path, file_format, ema=options.pop("ema", True))
     problem = _identify(comps)
     if problem is not None:
         raise CheckpointError(f"{path} is not a Stable Diffusion model the pipelines run: {problem}")

@@ -43,8 +43,9 @@ from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import get_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from latentdiff.diffusion.unet import UNetModel
-from latentdiff.formats.diffusers_names import SD_SCALE_FACTOR
-from latentdiff.formats.stable_diffusion import (
+from latentdiff.formats import (
+    PARAMETERIZATIONS,
+    SD_SCALE_FACTOR,
     StableDiffusionComponents,
     check_state_dict,
     infer_clip_text_config,
@@ -58,7 +59,6 @@ from latentdiff.pipelines.timesteps import sampler_sigmas, strength_start
 
 logger = logging.getLogger(__name__)
 
-PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
 Generator = torch.Generator | int | None
 
 
@@ -217,7 +217,7 @@ class StableDiffusionPipeline:
     def from_components(cls, comps: StableDiffusionComponents, *, tokenizer: CLIPTokenizer | None = None,
                         pad_token_id: int | None = None, prediction_type: str | None = None,
                         **options: Any) -> StableDiffusionPipeline:
-        """Build the pipeline from loaded weights (``formats.stable_diffusion.load_stable_diffusion_weights``).
+        """Build the pipeline from loaded weights (``latentdiff.formats.load_stable_diffusion_weights``).
 
         The tokenizer is the checkpoint's ``tokenizer/`` folder when it has one, else CLIP's vocabulary from
         ``open_clip_torch``, padding with the end token (SD v1) or 0 (SD v2's OpenCLIP text encoder), unless
