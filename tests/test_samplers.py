@@ -11,21 +11,22 @@ import math
 import pytest
 import torch
 
-from latentdiff.diffusion.samplers import (
-    SAMPLERS,
+from latentdiff.diffusion.noise_levels import (
     discrete_timesteps,
-    get_sampler,
     get_sigmas_discrete,
     get_sigmas_exponential,
     get_sigmas_karras,
-    initial_noise_scale,
-    sample,
+)
+from latentdiff.diffusion.samplers import (
+    SAMPLERS,
+    get_sampler,
     sample_ddim,
     sample_ddpm,
     sample_euler,
     sample_euler_ancestral,
     sample_plms,
 )
+from latentdiff.diffusion.sampling import initial_noise_scale, sample
 from latentdiff.diffusion.schedule import NoiseSchedule
 
 F64 = torch.float64
