@@ -87,11 +87,6 @@ def per_image(tensor: torch.Tensor, batch: int, images_per_prompt: int, what: st
                      "or one per prompt")
 
 
-def keep_unmasked_pixels(images: torch.Tensor, masks: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-    """The generated pixels where ``masks`` is 1 (repaint), the original ``pixels`` elsewhere."""
-    return masks * images + (1 - masks) * pixels
-
-
 class PipelineBase:
     """Noise, sampling, img2img's start and the inpainting loop over a subclass's ``sampling_denoiser``."""
 
@@ -102,10 +97,13 @@ class PipelineBase:
         """D(x, sigma, **cond) -> x0 over the pipeline's network (a subclass provides it)."""
         raise NotImplementedError
 
-    def _check_sampler(self, sampler: str, steps: int) -> None:
+    def _sampling(self, sampler: str, steps: int, generator: Generator, sampler_options: dict[str, Any] | None,
+                  callback: Callback | None, progress: bool | None) -> SamplingOptions:
+        """A call's sampling options, checked (an unknown sampler, no steps), with its CPU generator."""
         get_sampler(sampler)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        return SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
 
     def _noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         """The initial unit-normal noise: ``latents`` as given (checked), or drawn from ``gen``."""
@@ -139,6 +137,10 @@ class PipelineBase:
         known = KnownRegion(image_latents, noise, repaint, float(sigmas[0]))
         return known.paste(self._denoise(sigmas, noise, cond, uncond, guidance_scale, run, init=init, known=known))
 
+    @staticmethod
+    def _keep_unmasked(images: torch.Tensor, masks: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """The generated pixels where ``masks`` is 1 (repaint), the original ``pixels`` elsewhere."""
+        return masks * images + (1 - masks) * pixels
 
-__all__ = ["Generator", "PipelineBase", "PipelineOutput", "SamplingOptions", "as_generator", "keep_unmasked_pixels",
-           "per_image", "prompt_list"]
+
+__all__ = ["Generator", "PipelineBase", "PipelineOutput", "SamplingOptions", "as_generator", "per_image", "prompt_list"]

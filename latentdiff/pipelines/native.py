@@ -44,16 +44,7 @@ from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.io.checkpoint import read_native_config
 from latentdiff.nn.attention import attention_slicing
-from latentdiff.pipelines.base import (
-    Generator,
-    PipelineBase,
-    PipelineOutput,
-    SamplingOptions,
-    as_generator,
-    keep_unmasked_pixels,
-    per_image,
-    prompt_list,
-)
+from latentdiff.pipelines.base import Generator, PipelineBase, PipelineOutput, per_image, prompt_list
 from latentdiff.pipelines.images import ImageInput, check_size, read_class_map, to_image_tensor, to_mask_tensor
 
 logger = logging.getLogger(__name__)
@@ -316,9 +307,8 @@ class LatentDiffusionPipeline(PipelineBase):
                   latents: torch.Tensor | None, sampler_options: dict[str, Any] | None, decode: bool,
                   callback: Callable | None, progress: bool | None) -> LatentDiffusionOutput:
         """Sample from noise under the conditioning ``inputs`` (one for all images or one per prompt)."""
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         guidance = self._guidance(guidance_scale)
-        run = SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
         given = max((v.shape[0] for v in inputs.values()), default=1)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, given)
         inputs = {k: per_image(v, batch, num_images, k.replace("_", " ")) for k, v in inputs.items()}
@@ -419,11 +409,10 @@ class LatentDiffusionPipeline(PipelineBase):
         """SDEdit (Meng et al. 2022): encode ``image`` (posterior mean), noise it to the level ``strength`` of the way
         up, and run the remaining ``int(steps * strength)`` steps. ``noise``: the unit-normal noise (drawn from the
         generator when None)."""
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = self._images(image, "init image")
         guidance = self._guidance(guidance_scale)
         sigmas = self.model.sigmas(steps, strength=strength)
-        run = SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, pixels.shape[0])
         inputs = self._default_inputs({}, batch, "redraw an image without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
@@ -447,7 +436,7 @@ class LatentDiffusionPipeline(PipelineBase):
         initial unit-normal noise, also the noise of the re-imposed region. ``strength`` < 1 starts from the image
         noised to that level.
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = self._images(image, "image")
         masks = to_mask_tensor(mask)
         if masks.shape[-2:] != pixels.shape[-2:]:
@@ -455,7 +444,6 @@ class LatentDiffusionPipeline(PipelineBase):
                              f"{pixels.shape[-1]}x{pixels.shape[-2]}; they must be the same size")
         guidance = self._guidance(guidance_scale)
         sigmas = self.model.sigmas(steps, strength=strength)
-        run = SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images,
                                                         max(pixels.shape[0], masks.shape[0]))
         pixels_b = per_image(pixels, batch, num_images, "image")
@@ -471,7 +459,7 @@ class LatentDiffusionPipeline(PipelineBase):
         with_known = mask_decoder and self.has_mask_decoder
         result = self._finish(out, decode, pixels_b if with_known else None, masks_b if with_known else None)
         if keep_unmasked and result.images is not None:
-            result.images = keep_unmasked_pixels(result.images, masks_b, pixels_b)
+            result.images = self._keep_unmasked(result.images, masks_b, pixels_b)
         return result
 
 

@@ -47,16 +47,7 @@ from latentdiff.formats.stable_diffusion import (
 )
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
-from latentdiff.pipelines.base import (
-    Generator,
-    PipelineBase,
-    PipelineOutput,
-    SamplingOptions,
-    as_generator,
-    keep_unmasked_pixels,
-    per_image,
-    prompt_list,
-)
+from latentdiff.pipelines.base import Generator, PipelineBase, PipelineOutput, as_generator, per_image, prompt_list
 from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor
 from latentdiff.pipelines.tiling import decode_tiled
 
@@ -321,9 +312,8 @@ class StableDiffusionPipeline(PipelineBase):
         generator when None. ``guidance_scale`` 1 skips the unconditional half. ``sampler_options`` go to the
         sampler (e.g. ``{"eta": 1.0}`` for DDIM).
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         height, width = self._size(height, width)
-        run = SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
         noise = self._noise(latents, shape, run.generator)
@@ -344,11 +334,10 @@ class StableDiffusionPipeline(PipelineBase):
         noise (``noise`` overrides it). ``image``: one image for all prompts or one per prompt, sides multiples of
         ``size_multiple``.
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = to_image_tensor(image)
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "init image")
         sigmas = self.sigmas(sampler, steps, strength)
-        run = SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         init = self._encode(pixels * 2 - 1, run.generator if sample_posterior else None)
         init = per_image(init, batch, num_images, "init image")
@@ -372,7 +361,7 @@ class StableDiffusionPipeline(PipelineBase):
         noise alone when given ``latents``, whatever the strength). ``keep_unmasked`` pastes the original pixels
         back outside the mask (the autoencoder alters them slightly otherwise).
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = to_image_tensor(image)
         masks = to_mask_tensor(mask)
         if masks.shape[-2:] != pixels.shape[-2:]:
@@ -381,7 +370,6 @@ class StableDiffusionPipeline(PipelineBase):
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "image")
         sigmas = self.sigmas(sampler, steps, strength)
         full_strength = strength == 1.0
-        run = SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
         post_gen = run.generator if sample_posterior else None
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         h, w = pixels.shape[-2] // self.vae_factor, pixels.shape[-1] // self.vae_factor
@@ -404,7 +392,7 @@ class StableDiffusionPipeline(PipelineBase):
                                     uncond, guidance_scale, run, full_strength)
         result = self._finish(out, decode)
         if keep_unmasked and result.images is not None:
-            result.images = keep_unmasked_pixels(result.images, per_image(masks, batch, num_images, "mask"),
+            result.images = self._keep_unmasked(result.images, per_image(masks, batch, num_images, "mask"),
                                                  per_image(pixels, batch, num_images, "image"))
         return result
 
