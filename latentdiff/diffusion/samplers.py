@@ -55,6 +55,14 @@ def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: torch.Ten
         callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
 
 
+def _evaluate(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, s_in: torch.Tensor, extra_args: dict,
+              callback: Callback | None, i: int) -> torch.Tensor:
+    """Step ``i``'s denoised estimate D(x, sigma), reported to the callback."""
+    denoised = model(x, sigma * s_in, **extra_args)
+    _report(callback, i, x, sigma, denoised)
+    return denoised
+
+
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma_down, sigma_up): a deterministic step to sigma_down, then fresh noise of std sigma_up.
@@ -89,8 +97,7 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     """Euler to sigma_down, then add noise back up to sigma_next (see ``ancestral_step``); eta = 0 is Euler."""
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, x, sigmas[i], denoised)
+        denoised = _evaluate(model, x, sigmas[i], s_in, extra_args, callback, i)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigma_up > 0:
@@ -106,8 +113,7 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         d = to_d(x, sigma, denoised)
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:  # the corrector would divide by sigma = 0
@@ -132,8 +138,7 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
     denoised_prev = None
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         d_hat = denoised
         if denoised_prev is not None and sigma_next > 0:
             r = (sigmas[i - 1] / sigma).log() / (sigma / sigma_next).log()
@@ -159,8 +164,7 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         eps = to_d(x, sigma, denoised)
         a, a_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
         if eta > 0 and sigma_next > 0:
@@ -222,8 +226,7 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         keep = sigma_next ** 2 / sigma ** 2
         x = denoised + keep * (x - denoised)
         if sigma_next > 0:
