@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,15 +88,15 @@ def per_image(tensor: torch.Tensor, batch: int, images_per_prompt: int, what: st
                      "or one per prompt")
 
 
-class PipelineBase:
+class PipelineBase(ABC):
     """Noise, sampling, img2img's start and the inpainting loop over a subclass's ``sampling_denoiser``."""
 
     device: torch.device
     attention_slice: int | None
 
+    @abstractmethod
     def sampling_denoiser(self) -> Denoiser:
-        """D(x, sigma, **cond) -> x0 over the pipeline's network (a subclass provides it)."""
-        raise NotImplementedError
+        """D(x, sigma, **cond) -> x0 over the pipeline's network."""
 
     def _sampling(self, sampler: str, steps: int, generator: Generator, sampler_options: dict[str, Any] | None,
                   callback: Callback | None, progress: bool | None) -> SamplingOptions:
