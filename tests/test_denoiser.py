@@ -6,7 +6,8 @@ from torch import nn
 
 from latentdiff.diffusion.denoiser import DiscreteDenoiser, get_scalings, to_d
 from latentdiff.diffusion.guidance import CFGDenoiser
-from latentdiff.diffusion.samplers import get_sigmas_discrete, sample_euler
+from latentdiff.diffusion.noise_levels import get_sigmas_discrete
+from latentdiff.diffusion.samplers import sample_euler
 from latentdiff.diffusion.schedule import NoiseSchedule
 
 F64 = torch.float64

@@ -9,7 +9,7 @@ from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.config import to_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
-from latentdiff.diffusion.samplers import sample as run_sampler
+from latentdiff.diffusion.sampling import sample as run_sampler
 from latentdiff.diffusion.schedule import ScheduleConfig
 from latentdiff.diffusion.unet import UNetConfig
 from latentdiff.formats.native import build_latent_diffusion, load_latent_diffusion

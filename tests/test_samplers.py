@@ -11,21 +11,22 @@ import math
 import pytest
 import torch
 
-from latentdiff.diffusion.samplers import (
-    SAMPLERS,
+from latentdiff.diffusion.noise_levels import (
     discrete_timesteps,
-    get_sampler,
     get_sigmas_discrete,
     get_sigmas_exponential,
     get_sigmas_karras,
-    initial_noise_scale,
-    sample,
+)
+from latentdiff.diffusion.samplers import (
+    SAMPLERS,
+    get_sampler,
     sample_ddim,
     sample_ddpm,
     sample_euler,
     sample_euler_ancestral,
     sample_plms,
 )
+from latentdiff.diffusion.sampling import initial_noise_scale, sample
 from latentdiff.diffusion.schedule import NoiseSchedule
 
 F64 = torch.float64
@@ -159,6 +160,51 @@ def test_registry_names_and_error():
     assert get_sampler("heun") is SAMPLERS["heun"]
     with pytest.raises(ValueError, match="dpmpp_2m"):
         get_sampler("dpm++")
+    assert get_sampler(SAMPLERS["plms"]) is SAMPLERS["plms"]
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("ends_at_zero", [True, False])
+def test_registry_declares_the_model_evaluations(name, steps, ends_at_zero):
+    spec = get_sampler(name)
+    sigmas = karras(steps) if ends_at_zero else karras(steps + 1)[:-1]  # the second ends at sigma_min
+    calls = []
+
+    def model(x, sigma):
+        calls.append(float(sigma[0]))
+        return GAUSSIAN(x, sigma)
+
+    spec(model, torch.randn(4, 2, dtype=F64) * sigmas[0], sigmas, generator=torch.Generator().manual_seed(0),
+         disable=True)
+    # Heun's last step to 0 is Euler's; PLMS warms up unless its only step goes to 0.
+    expected = {"heun": 2 * steps - ends_at_zero, "plms": steps + (steps > 1 or not ends_at_zero)}.get(name, steps)
+    assert len(calls) == expected == spec.model_evaluations(steps, ends_at_zero)
+    if len(calls) > steps and spec.warmup_steps:  # the warm-up evaluates at the second level within the first step
+        assert calls[:2] == pytest.approx([float(sigmas[0]), float(sigmas[1])])
+
+
+def test_registry_declares_needs_and_scheduler_conventions():
+    assert {n for n, s in SAMPLERS.items() if s.levels == "timesteps"} == {"ddpm", "ddim", "plms"}
+    assert {n for n, s in SAMPLERS.items() if s.levels == "sigmas"} == {"euler", "euler_ancestral", "heun",
+                                                                          "dpmpp_2m"}
+    assert {n for n, s in SAMPLERS.items() if s.evaluations_per_step == 2} == {"heun"}
+    assert {n for n, s in SAMPLERS.items() if s.warmup_steps} == {"plms"}
+    assert {n for n, s in SAMPLERS.items() if s.ends_at_first_level} == {"ddim", "plms"}
+    assert {n for n, s in SAMPLERS.items() if s.spacing_extra_level} == {"dpmpp_2m"}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_ancestral_entries_and_only_they_use_the_generator(name):
+    spec = get_sampler(name)
+    sigmas = karras(4)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * sigmas[0]
+    generator = torch.Generator().manual_seed(2)
+    state = generator.get_state()
+    first = spec(GAUSSIAN, x, sigmas, generator=generator, disable=True)
+    other = spec(GAUSSIAN, x, sigmas, generator=torch.Generator().manual_seed(3), disable=True)
+    assert torch.equal(generator.get_state(), state) != spec.ancestral
+    assert torch.equal(first, other) != spec.ancestral
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLER_CASES))

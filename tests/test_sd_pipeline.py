@@ -29,13 +29,13 @@ from latentdiff import cli
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.cli import generate as cli_generate
 from latentdiff.conditioning.tokenizer import default_vocab_path
+from latentdiff.diffusion.noise_levels import sampler_sigmas, sampler_timesteps, strength_start
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
 from latentdiff.formats import StableDiffusionComponents, save_diffusers, save_native, save_original
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention, attention_slicing
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline
 from latentdiff.pipelines.tiling import decode_tiled, tile_starts
-from latentdiff.pipelines.timesteps import sampler_sigmas, sampler_timesteps, strength_start
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ from latentdiff.cli import main
 from latentdiff.config import to_dict
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.diffusion.samplers import SAMPLERS
-from latentdiff.diffusion.samplers import sample as run_sampler
+from latentdiff.diffusion.sampling import sample as run_sampler
 from latentdiff.io.checkpoint import save_checkpoint
 from latentdiff.train.diffusion import step_generator
 from latentdiff.train.ema import EMA

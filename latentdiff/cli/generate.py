@@ -261,8 +261,7 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    sampler_names = ", ".join(SAMPLERS)
+def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> None:
     p = sub.add_parser("sample", help="draw images from a diffusion checkpoint into a PNG grid",
                        description=f"Sample images from a diffusion checkpoint. Samplers: {sampler_names}. The "
                                    "same --seed gives the same images on any device.")
@@ -286,39 +285,45 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("generate", help="text-to-image with a native text model or Stable Diffusion",
-                       description=f"Generate images from a prompt with a text-conditioned model trained here (a run "
-                                   f"folder of `latentdiff train`, e.g. configs/ldm-scenes-txt2img.yaml) or with "
-                                   f"Stable Diffusion (v1.x, v2.x). Samplers: {sampler_names}. With Stable "
-                                   "Diffusion weights, sampler, seed and prompt, the images are those of diffusers' "
-                                   "StableDiffusionPipeline; with a native model, those of `latentdiff sample "
-                                   "--prompt`.")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
-                   help="the prompt (leave out for a model without text)")
-    _add_generation_options(p, sampler_names)
-    p.set_defaults(func=_generate)
 
-    p = sub.add_parser("img2img", help="redraw an image guided by a prompt (SDEdit)",
-                       description="Noise INIT to --strength of the way and denoise it with the prompt, as "
-                                   "diffusers' StableDiffusionImg2ImgPipeline. A native model encodes INIT with its "
-                                   "first stage's posterior mean; INIT must have the model's image size.")
-    p.add_argument("init", metavar="INIT", help="the starting image")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
+def _add_verb(sub: argparse._SubParsersAction, name: str, func, help: str, description: str,
+              inputs: tuple[tuple[str, str], ...], prompt_help: str = "the prompt") -> argparse.ArgumentParser:
+    """A generating verb's parser with its positional inputs (name, help) and the optional prompt; the caller adds
+    the verb's own options, then ``_add_generation_options``."""
+    p = sub.add_parser(name, help=help, description=description)
+    for input_name, input_help in inputs:
+        p.add_argument(input_name, metavar=input_name.upper(), help=input_help)
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help=prompt_help)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    sampler_names = ", ".join(SAMPLERS)
+    _add_sample_parser(sub, sampler_names)
+    p = _add_verb(sub, "generate", _generate, "text-to-image with a native text model or Stable Diffusion",
+                  f"Generate images from a prompt with a text-conditioned model trained here (a run folder of "
+                  f"`latentdiff train`, e.g. configs/ldm-scenes-txt2img.yaml) or with Stable Diffusion (v1.x, v2.x). "
+                  f"Samplers: {sampler_names}. With Stable Diffusion weights, sampler, seed and prompt, the images "
+                  "are those of diffusers' StableDiffusionPipeline; with a native model, those of `latentdiff sample "
+                  "--prompt`.", (), "the prompt (leave out for a model without text)")
+    _add_generation_options(p, sampler_names)
+
+    p = _add_verb(sub, "img2img", _img2img, "redraw an image guided by a prompt (SDEdit)",
+                  "Noise INIT to --strength of the way and denoise it with the prompt, as diffusers' "
+                  "StableDiffusionImg2ImgPipeline. A native model encodes INIT with its first stage's posterior mean; "
+                  "INIT must have the model's image size.", (("init", "the starting image"),))
     p.add_argument("--strength", type=float, default=0.6,
                    help="how much to change: 0 keeps INIT, 1 redraws it entirely (default 0.6)")
     _add_generation_options(p, sampler_names, size=False)
-    p.set_defaults(func=_img2img)
 
-    p = sub.add_parser("inpaint", help="repaint the white part of a mask guided by a prompt",
-                       description="Repaint where MASK is white and keep the rest, as diffusers' "
-                                   "StableDiffusionInpaintPipeline: with an inpainting model (a 9-channel SD UNet, or "
-                                   "a native model trained with conditioner.image: inpaint) or any text-to-image "
-                                   "model (the kept region is re-imposed at every step, and pasted back in latents "
-                                   "at the end). A first stage with a mask-conditioned decoder (the bundled models') "
-                                   "decodes with the kept pixels.")
-    p.add_argument("image", metavar="IMAGE", help="the image")
-    p.add_argument("mask", metavar="MASK", help="same size as IMAGE; white = repaint, black = keep")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="", help="the prompt")
+    p = _add_verb(sub, "inpaint", _inpaint, "repaint the white part of a mask guided by a prompt",
+                  "Repaint where MASK is white and keep the rest, as diffusers' StableDiffusionInpaintPipeline: with "
+                  "an inpainting model (a 9-channel SD UNet, or a native model trained with conditioner.image: "
+                  "inpaint) or any text-to-image model (the kept region is re-imposed at every step, and pasted back "
+                  "in latents at the end). A first stage with a mask-conditioned decoder (the bundled models') "
+                  "decodes with the kept pixels.",
+                  (("image", "the image"), ("mask", "same size as IMAGE; white = repaint, black = keep")))
     p.add_argument("--strength", type=float, default=1.0,
                    help="1 repaints the masked region from noise; less keeps some of it (default 1)")
     p.add_argument("--keep-unmasked", action="store_true",
@@ -327,27 +332,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="decode with the plain decoder even if the model's first stage has a mask-conditioned "
                         "inpainting decoder (which sees the kept pixels; the default when there is one)")
     _add_generation_options(p, sampler_names, size=False)
-    p.set_defaults(func=_inpaint)
 
-    p = sub.add_parser("seg2img", help="an image whose layout follows a class map (semantic synthesis)",
-                       description="Generate images from a class map with a native model trained with class-map "
-                                   "conditioning (configs/ldm-scenes-seg2img.yaml). MAP is a PNG whose pixel values "
-                                   "are class indices: a palette PNG (the palette index is the class; colours are "
-                                   "only for viewing) or a greyscale one (the grey value is the class), of the "
-                                   "model's image size, with classes below the model's num_map_classes. For the "
-                                   "Fashion-MNIST scenes: 0 background, 1 + the Fashion-MNIST class on the items.")
-    p.add_argument("map", metavar="MAP", help="the class map PNG")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
-                   help="a prompt, for a model that also takes text")
-    _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)
-    p.set_defaults(func=_seg2img)
-
-    p = sub.add_parser("upscale", help="super-resolution of a low-res image",
-                       description="Upscale LOWRES with a native model trained with low-res conditioning "
-                                   "(configs/ldm-scenes-upscale.yaml): LOWRES must have the model's lowres_size, the "
-                                   "output has its image size.")
-    p.add_argument("lowres", metavar="LOWRES", help="the low-res image")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", default="",
-                   help="a prompt, for a model that also takes text")
-    _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)
-    p.set_defaults(func=_upscale)
+    native_verbs = (
+        ("seg2img", _seg2img, "an image whose layout follows a class map (semantic synthesis)",
+         "Generate images from a class map with a native model trained with class-map conditioning "
+         "(configs/ldm-scenes-seg2img.yaml). MAP is a PNG whose pixel values are class indices: a palette PNG (the "
+         "palette index is the class; colours are only for viewing) or a greyscale one (the grey value is the "
+         "class), of the model's image size, with classes below the model's num_map_classes. For the Fashion-MNIST "
+         "scenes: 0 background, 1 + the Fashion-MNIST class on the items.", (("map", "the class map PNG"),)),
+        ("upscale", _upscale, "super-resolution of a low-res image",
+         "Upscale LOWRES with a native model trained with low-res conditioning (configs/ldm-scenes-upscale.yaml): "
+         "LOWRES must have the model's lowres_size, the output has its image size.",
+         (("lowres", "the low-res image"),)),
+    )
+    for name, func, help_line, description, inputs in native_verbs:
+        p = _add_verb(sub, name, func, help_line, description, inputs, "a prompt, for a model that also takes text")
+        _add_generation_options(p, sampler_names, size=False, stable_diffusion=False)

@@ -34,11 +34,11 @@ from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.conditioning.conditioner import DROPOUT_INPUTS, INPUT_KEYS, Conditioner, ConditionerConfig
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
-from latentdiff.diffusion.guidance import CFGDenoiser
+from latentdiff.diffusion.noise_levels import apply_strength, get_sigmas_discrete, get_sigmas_karras
 from latentdiff.diffusion.objectives import DiffusionLossConfig, diffusion_loss, sample_noise, sample_timesteps
 from latentdiff.diffusion.process import q_sample
-from latentdiff.diffusion.samplers import get_sampler, get_sigmas_discrete, get_sigmas_karras
-from latentdiff.diffusion.samplers import sample as run_sampler
+from latentdiff.diffusion.samplers import get_sampler
+from latentdiff.diffusion.sampling import sample as run_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
 
@@ -558,8 +558,10 @@ class LatentDiffusion(nn.Module):
         """D(x, sigma, **cond) -> x0 over this model's UNet, for the samplers."""
         return DiscreteDenoiser(self.model, self.schedule, self.config.loss.parameterization)
 
-    def sigmas(self, steps: int, karras: bool = False, spacing: str = "trailing") -> torch.Tensor:
-        """The sampler's noise levels: ``steps`` of the schedule's own (``spacing``) or a Karras ramp, then 0.
+    def sigmas(self, steps: int, karras: bool = False, spacing: str = "trailing", strength: float = 1.0
+               ) -> torch.Tensor:
+        """The sampler's noise levels: ``steps`` of the schedule's own (``spacing``) or a Karras ramp, then 0;
+        ``strength`` < 1 skips the first levels as img2img does (``noise_levels.apply_strength``).
 
         "trailing" (Lin et al. 2023) starts at the last timestep, so sampling starts from pure noise as in
         training; CompVis' "leading" starts slightly below it.
@@ -567,8 +569,10 @@ class LatentDiffusion(nn.Module):
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if karras:
-            return get_sigmas_karras(steps, self.schedule.sigma_min, self.schedule.sigma_max)
-        return get_sigmas_discrete(self.schedule, min(steps, self.schedule.num_timesteps), spacing=spacing)
+            sigmas = get_sigmas_karras(steps, self.schedule.sigma_min, self.schedule.sigma_max)
+        else:
+            sigmas = get_sigmas_discrete(self.schedule, min(steps, self.schedule.num_timesteps), spacing=spacing)
+        return apply_strength(sigmas, strength)
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, generator: torch.Generator | None = None,
@@ -579,7 +583,7 @@ class LatentDiffusion(nn.Module):
         """``n`` images in [-1, 1] (or latents with ``decode=False``) from ``steps`` steps of ``sampler``.
 
         ``sigmas`` gives the noise levels explicitly (decreasing), instead of ``steps``/``karras``/``spacing``:
-        e.g. Stable Diffusion's, ``latentdiff.pipelines.timesteps.sampler_sigmas``. When they end above 0 (DDIM and
+        e.g. Stable Diffusion's, ``latentdiff.diffusion.noise_levels.sampler_sigmas``. When they end above 0 (DDIM and
         PLMS stop at alphas_cumprod[0], as CompVis' do) the result is that level's variance-preserving latent
         x / sqrt(1 + sigma^2), as CompVis returns it.
 
@@ -594,7 +598,7 @@ class LatentDiffusion(nn.Module):
         is ``uncond``: by default the inputs trained with dropout replaced by their unconditional versions (the
         empty caption); ``uncond={"caption": "a negative prompt"}`` replaces the caption instead.
         """
-        sampler_fn = get_sampler(sampler)
+        sampler_spec = get_sampler(sampler)
         device = next(self.model.parameters()).device
         was_training = self.training
         self.eval()
@@ -615,17 +619,13 @@ class LatentDiffusion(nn.Module):
                     guide = (self.prepare_cond(uncond, n) if uncond is not None
                              else dict(cond, y=torch.full((n,), self.null_class, dtype=torch.long)))
             cond = {k: v.to(device) for k, v in cond.items()}
-            if guidance_scale != 1.0:
-                guide = {k: v.to(device) for k, v in guide.items()}
-                model, extra = CFGDenoiser(denoiser), {"cond": cond, "uncond": guide, "scale": guidance_scale}
-            else:
-                model, extra = denoiser, cond
+            guide = {k: v.to(device) for k, v in guide.items()} if guidance_scale != 1.0 else None
             if sigmas is None:
                 sigmas = self.sigmas(steps, karras, spacing)
             sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-            z = run_sampler(model, (n, *self.latent_shape), sigmas, sampler_fn, generator=generator,
-                            extra_args=extra, device=device, disable=disable_progress, **sampler_options)
-            z = z / math.sqrt(1 + float(sigmas[-1]) ** 2)  # 1 unless the last level is above 0
+            z = run_sampler(denoiser, (n, *self.latent_shape), sigmas, sampler_spec, generator=generator,
+                            extra_args=cond, uncond=guide, guidance_scale=guidance_scale, device=device,
+                            disable=disable_progress, **sampler_options)
             return self.decode(z).clamp(-1, 1) if decode else z
         finally:
             self.train(was_training)

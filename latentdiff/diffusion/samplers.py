@@ -12,84 +12,26 @@ to ``x``'s device, so a seed gives the same samples on any device and thread cou
 
 The discrete-time samplers of CompVis (DDPM, DDIM, PLMS) become short sigma-space updates once one notes
 alphas_cumprod = 1 / (1 + sigma^2); each docstring gives the correspondence.
+
+``SAMPLERS`` registers each function with what it needs (``SamplerSpec``): the noise levels it takes, its model
+evaluations per step, warm-up, ancestral noise, and the scheduler conventions diffusers applies to it. Code outside
+this module asks a spec, never a sampler's name. The noise levels come from ``latentdiff.diffusion.noise_levels``;
+``latentdiff.diffusion.sampling`` is the one loop that runs a sampler for the models and pipelines.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import trange
 
 from latentdiff.diffusion.denoiser import to_d
-from latentdiff.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
-
-# alphas_cumprod floor that keeps the first sigma of a zero-terminal-SNR schedule finite (as diffusers does).
-_ZERO_SNR_ALPHA_BAR = 2.0 ** -24
-
-
-# ------------------------------------------------------------------------------------------------ sigma schedules
-
-def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def get_sigmas_discrete(schedule: NoiseSchedule, n: int, spacing: str = "leading", offset: int = 1,
-                        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-                        ) -> torch.Tensor:
-    """The sigmas of ``n`` of the schedule's own timesteps, decreasing, with a final 0.
-
-    These are the timesteps that DDIM/PLMS visit in CompVis and diffusers:
-    "leading": ``arange(n) * (T // n) + offset`` (CompVis DDIM's ``range(0, T, T // n) + 1`` when n divides T;
-    like diffusers this always gives n steps); "trailing": ``round(arange(T, 0, -T / n)) - 1`` (Lin et al. 2023,
-    starts at the last timestep); "linspace": ``round(linspace(0, T - 1, n))``. ``offset`` applies to "leading"
-    only. An infinite sigma (zero terminal SNR) is replaced by the sigma of alphas_cumprod = 2^-24.
-    The final 0 makes the last step return the denoised estimate; CompVis's DDIM/PLMS stop one step short, at
-    alphas_cumprod[0] (sigma = 0.029 for SD), and return that slightly noisy x.
-    """
-    T = schedule.num_timesteps
-    if not 1 <= n <= T:
-        raise ValueError(f"n must be in [1, {T}], got {n}")
-    if spacing == "leading":
-        timesteps = torch.arange(n, dtype=torch.float64) * (T // n) + offset
-    elif spacing == "trailing":
-        timesteps = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
-    elif spacing == "linspace":
-        timesteps = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing or linspace")
-    timesteps = timesteps.long().clamp(0, T - 1).unique().flip(0)
-    sigma_cap = math.sqrt((1 - _ZERO_SNR_ALPHA_BAR) / _ZERO_SNR_ALPHA_BAR)
-    sigmas = schedule.sigmas[timesteps].clamp(max=sigma_cap)
-    return _append_zero(sigmas).to(device=device, dtype=dtype)
-
-
-def discrete_timesteps(schedule: NoiseSchedule, sigmas: torch.Tensor) -> torch.Tensor:
-    """The integer timesteps of the nonzero ``sigmas`` (the inverse of ``get_sigmas_discrete``)."""
-    return schedule.sigma_to_t(sigmas[sigmas > 0].double()).round().long()
-
-
-def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Karras et al. 2022 (eq. 5): n sigmas evenly spaced in sigma^(1/rho), from sigma_max to sigma_min, then 0."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact endpoints despite the rho-th power round trip
-    return _append_zero(sigmas).to(device=device, dtype=dtype)
-
-
-def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float32,
-                           device: torch.device | str | None = None) -> torch.Tensor:
-    """n sigmas evenly spaced in log sigma from sigma_max to sigma_min, then 0."""
-    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min
-    return _append_zero(sigmas).to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -113,6 +55,14 @@ def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: torch.Ten
         callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
 
 
+def _evaluate(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, s_in: torch.Tensor, extra_args: dict,
+              callback: Callback | None, i: int) -> torch.Tensor:
+    """Step ``i``'s denoised estimate D(x, sigma), reported to the callback."""
+    denoised = model(x, sigma * s_in, **extra_args)
+    _report(callback, i, x, sigma, denoised)
+    return denoised
+
+
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma_down, sigma_up): a deterministic step to sigma_down, then fresh noise of std sigma_up.
@@ -133,13 +83,11 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callback | None = None, generator: torch.Generator | None = None,
                  disable: bool | None = None) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Alg. 1)."""
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, x, sigmas[i], denoised)
-        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-    return x
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Alg. 1).
+
+    It is the ancestral sampler with eta = 0: sigma_down is then sigma_next and no noise is added.
+    """
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, generator, disable, eta=0.0)
 
 
 @torch.no_grad()
@@ -149,8 +97,7 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     """Euler to sigma_down, then add noise back up to sigma_next (see ``ancestral_step``); eta = 0 is Euler."""
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, i, x, sigmas[i], denoised)
+        denoised = _evaluate(model, x, sigmas[i], s_in, extra_args, callback, i)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigma_up > 0:
@@ -166,8 +113,7 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         d = to_d(x, sigma, denoised)
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:  # the corrector would divide by sigma = 0
@@ -192,8 +138,7 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
     denoised_prev = None
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         d_hat = denoised
         if denoised_prev is not None and sigma_next > 0:
             r = (sigmas[i - 1] / sigma).log() / (sigma / sigma_next).log()
@@ -219,8 +164,7 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         eps = to_d(x, sigma, denoised)
         a, a_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
         if eta > 0 and sigma_next > 0:
@@ -282,8 +226,7 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         keep = sigma_next ** 2 / sigma ** 2
         x = denoised + keep * (x - denoised)
         if sigma_next > 0:
@@ -291,58 +234,67 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-}
+# ------------------------------------------------------------------------------------------------ registry
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its function and what it needs from the schedule and the caller.
+
+    ``levels``: "sigmas" for samplers of the probability-flow ODE that take any decreasing sigmas (a Karras or
+    exponential ramp as well as the schedule's own), "timesteps" for the discrete-time samplers derived for the
+    schedule's own timesteps (DDPM, DDIM, PLMS; diffusers' schedulers for them take no other sigmas).
+    ``evaluations_per_step``: denoiser calls per step (Heun's corrector makes 2; its last step to sigma 0 is
+    Euler's). ``warmup_steps``: extra calls at the start (PLMS's pseudo improved Euler step). ``ancestral``: adds
+    fresh noise from the generator at every step. ``ends_at_first_level``: in diffusers' scheduler conventions the
+    last step lands on alphas_cumprod[0] rather than sigma 0 (DDIM and PLMS with ``set_alpha_to_one=False``).
+    ``spacing_extra_level``: diffusers spaces its timesteps as ``n + 1`` levels and drops the lowest
+    (``DPMSolverMultistepScheduler`` for "leading" and "linspace" spacing).
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    levels: str = "sigmas"
+    evaluations_per_step: int = 1
+    warmup_steps: int = 0
+    ancestral: bool = False
+    ends_at_first_level: bool = False
+    spacing_extra_level: bool = False
+
+    def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Run the sampler: ``function(model, x, sigmas, extra_args=..., callback=..., generator=...)``."""
+        return self.function(model, x, sigmas, **kwargs)
+
+    def model_evaluations(self, steps: int, ends_at_zero: bool = True) -> int:
+        """Denoiser calls for ``steps`` steps (for progress and cost): a last step to sigma 0 makes one call, and a
+        one-step run has no warm-up (it has no next level to warm up towards)."""
+        calls = steps * self.evaluations_per_step + (self.warmup_steps if steps > 1 or not ends_at_zero else 0)
+        return calls - (self.evaluations_per_step - 1 if ends_at_zero else 0)
 
 
-def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    """The sampler function registered as ``name``."""
+def _registry(*specs: SamplerSpec) -> dict[str, SamplerSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+SAMPLERS: dict[str, SamplerSpec] = _registry(
+    SamplerSpec("ddpm", sample_ddpm, levels="timesteps", ancestral=True),
+    SamplerSpec("ddim", sample_ddim, levels="timesteps", ends_at_first_level=True),
+    SamplerSpec("plms", sample_plms, levels="timesteps", warmup_steps=1, ends_at_first_level=True),
+    SamplerSpec("euler", sample_euler),
+    SamplerSpec("euler_ancestral", sample_euler_ancestral, ancestral=True),
+    SamplerSpec("heun", sample_heun, evaluations_per_step=2),
+    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, spacing_extra_level=True),
+)
+
+
+def get_sampler(sampler: str | SamplerSpec) -> SamplerSpec:
+    """The sampler registered as ``sampler`` (a spec is returned as it is); a ValueError names the choices."""
+    if isinstance(sampler, SamplerSpec):
+        return sampler
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[sampler]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}") from None
 
 
-def initial_noise_scale(sigma_max: float, prior: str = "vp") -> float:
-    """The standard deviation of the starting noise at ``sigma_max``.
-
-    "vp": sqrt(1 + sigma_max^2), the VE image of x_T ~ N(0, I) (x = x_T / sqrt(alphas_cumprod)), which is how
-    CompVis's DDPM/DDIM/PLMS start, and the exact marginal std at sigma_max of data with unit variance
-    (sigma_data = 1, as the scalings assume). "ve": sigma_max, k-diffusion's choice (ignores the data's variance).
-    For SD's sigma_max = 14.61 the two differ by 0.2%.
-    """
-    if prior == "vp":
-        return math.sqrt(1 + sigma_max ** 2)
-    if prior == "ve":
-        return sigma_max
-    raise ValueError(f"unknown prior {prior!r}; choose vp or ve")
-
-
-def sample(model: Denoiser, shape: tuple[int, ...] | torch.Size, sigmas: torch.Tensor,
-           sampler: str | Callable[..., torch.Tensor] = "euler", generator: torch.Generator | None = None,
-           extra_args: dict | None = None, device: torch.device | str | None = None,
-           dtype: torch.dtype = torch.float32, prior: str = "vp", callback: Callback | None = None,
-           disable: bool | None = None, **sampler_options: Any) -> torch.Tensor:
-    """Draw starting noise of ``shape`` and run ``sampler`` over ``sigmas`` on ``device``.
-
-    The noise comes from ``generator`` on its own device (create it on the CPU: a seed then gives the same
-    sample on any device and thread count; without one, torch's global CPU generator is used) and is scaled by
-    ``initial_noise_scale(sigmas[0], prior)``; the default "vp" matches CompVis's x_T ~ N(0, I).
-    """
-    sampler_fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    noise_device = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.randn(tuple(shape), generator=generator, device=noise_device, dtype=dtype).to(device)
-    sigma_max = float(sigmas[0])
-    if not math.isfinite(sigma_max):
-        raise ValueError("sigmas[0] is infinite; sigma-space samplers need a finite starting sigma")
-    x = noise * initial_noise_scale(sigma_max, prior)
-    return sampler_fn(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
-                      disable=disable, **sampler_options)
+__all__ = ["SAMPLERS", "SamplerSpec", "ancestral_step", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_plms"]

@@ -24,6 +24,18 @@ logger = logging.getLogger(__name__)
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path | list
 
 
+def _open_image(path: Path, what: str) -> Image.Image:
+    """The image file at ``path``, read into memory; FileNotFoundError or ValueError (an unreadable file) name it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()  # the decoded pixels outlive the closed file
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from e
+
+
 def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
     image = image.convert("RGB" if channels == 3 else "L")
     arr = np.asarray(image, dtype=np.float32) / 255.0  # diffusers' pil_to_numpy
@@ -41,15 +53,7 @@ def to_image_tensor(image: ImageInput, channels: int = 3) -> torch.Tensor:
             raise ValueError("an empty list of images")
         return torch.cat([to_image_tensor(i, channels) for i in image])
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return to_image_tensor(img, channels)
-        except OSError as e:
-            raise ValueError(f"{path} is not a readable image ({e})") from e
+        return to_image_tensor(_open_image(Path(image), "image"), channels)
     if isinstance(image, Image.Image):
         return torch.from_numpy(_pil_to_array(image, channels).transpose(2, 0, 1).copy())[None]
     if isinstance(image, np.ndarray):
@@ -124,19 +128,12 @@ CLASS_MAP_MODES = ("P", "L", "I;16", "I")  # PIL modes whose pixel values are cl
 def read_class_map(path: str | Path) -> torch.Tensor:
     """A class-map PNG (see the module docstring) as (1, H, W) int64 class indices."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class map not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            values = np.asarray(img) if mode in CLASS_MAP_MODES else None
-    except OSError as e:
-        raise ValueError(f"{path} is not a readable image ({e})") from e
-    if values is None:
+    image = _open_image(path, "class map")
+    mode = image.mode
+    if mode not in CLASS_MAP_MODES:
         raise ValueError(f"{path} is a colour image (mode {mode}); a class map is a palette or greyscale PNG whose "
                          "pixel values are class indices (0 background, 1 + class on the objects)")
-    return torch.from_numpy(values.astype(np.int64))[None]
+    return torch.from_numpy(np.asarray(image).astype(np.int64))[None]
 
 
 def _palette(n: int) -> list[int]:

@@ -15,14 +15,14 @@ The generator is used in this order: the initial noise, then the samplers' per-s
 with the first stage's posterior mean (``LatentDiffusion.encode_condition_image``), so they draw nothing.
 
 img2img and inpainting with ``strength`` < 1 skip the first ``steps - int(steps * strength)`` levels, as the Stable
-Diffusion pipelines do (``latentdiff.pipelines.timesteps.strength_start``). Inpainting with a dedicated inpainting
+Diffusion pipelines do (``latentdiff.diffusion.noise_levels.apply_strength``). Inpainting with a dedicated inpainting
 model (``conditioner.image: inpaint``) passes the image and the mask as its conditioning; with any other model the
 region to keep is re-imposed at every step from the original's latent noised to that level, and pasted back clean
-at the end (``_ReimposeKnownRegion``, as for a 4-channel Stable Diffusion UNet). In both, the latent mask is the
-pixel mask max-pooled to the latent grid (a latent cell that touches the mask is repainted), as the inpainting
-conditioner makes it. A first stage with a mask-conditioned decoder (``mask_decoder: true``, an "asymmetric"
-autoencoder) decodes the result with the known pixels, so the kept region comes back as the input rather than as
-the latent's reconstruction; ``keep_unmasked`` pastes the original pixels back outside the mask.
+at the end (``latentdiff.diffusion.sampling.KnownRegion``, as for a 4-channel Stable Diffusion UNet). In both, the
+latent mask is the pixel mask max-pooled to the latent grid (a latent cell that touches the mask is repainted), as
+the inpainting conditioner makes it. A first stage with a mask-conditioned decoder (``mask_decoder: true``, an
+"asymmetric" autoencoder) decodes the result with the known pixels, so the kept region comes back as the input rather
+than as the latent's reconstruction; ``keep_unmasked`` pastes the original pixels back outside the mask.
 
 Native models are trained at one image size: inputs must have it (the low-res image the conditioner's
 ``lowres_size``), except that a model conditioned on text (and labels) alone also generates at other sizes that
@@ -32,7 +32,6 @@ are multiples of ``size_multiple``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,30 +39,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from latentdiff.diffusion.guidance import CFGDenoiser
+from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.model import LatentDiffusion
-from latentdiff.diffusion.process import draw_noise
-from latentdiff.diffusion.samplers import get_sampler
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.io.checkpoint import read_native_config
 from latentdiff.nn.attention import attention_slicing
+from latentdiff.pipelines.base import Generator, PipelineBase, PipelineOutput, per_image, prompt_list
 from latentdiff.pipelines.images import ImageInput, check_size, read_class_map, to_image_tensor, to_mask_tensor
-from latentdiff.pipelines.stable_diffusion import (
-    Generator,
-    StableDiffusionOutput,
-    _as_generator,
-    _per_image,
-    _prompts,
-    _ReimposeKnownRegion,
-)
-from latentdiff.pipelines.timesteps import strength_start
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 3.0  # when the checkpoint's training config does not say (its sample_guidance)
 
 
-class LatentDiffusionOutput(StableDiffusionOutput):
+class LatentDiffusionOutput(PipelineOutput):
     """Images (N, C, H, W) in [0, 1] on the CPU (None when not decoded) and the final latents (times the model's
     scale factor), on the CPU."""
 
@@ -73,7 +62,7 @@ def is_native_diffusion_config(config: dict[str, Any] | None) -> bool:
     return bool(config) and config.get("task") == "diffusion" and "stable_diffusion" not in config
 
 
-class LatentDiffusionPipeline:
+class LatentDiffusionPipeline(PipelineBase):
     """The tasks of one native ``LatentDiffusion`` model (see the module docstring).
 
     Build it with ``from_checkpoint(path)`` or from a loaded model. ``default_guidance`` is the guidance scale used
@@ -193,11 +182,6 @@ class LatentDiffusionPipeline:
 
     # ---- building blocks ------------------------------------------------------------------------------------
 
-    def _check_sampler(self, sampler: str, steps: int) -> None:
-        get_sampler(sampler)
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-
     def _check_image_size(self, height: int, width: int, what: str) -> None:
         if self.size_flexible:
             check_size(height, width, self.size_multiple, what)
@@ -243,8 +227,8 @@ class LatentDiffusionPipeline:
         with several of them is that prompt for each."""
         if num_images < 1:
             raise ValueError(f"the number of images must be at least 1, got {num_images}")
-        prompts = _prompts(prompt) if prompt is not None else [""]
-        negatives = _prompts(negative_prompt) if negative_prompt is not None else None
+        prompts = prompt_list(prompt) if prompt is not None else [""]
+        negatives = prompt_list(negative_prompt) if negative_prompt is not None else None
         if len(prompts) == 1 and inputs > 1:
             prompts = prompts * inputs
             negatives = negatives * inputs if negatives is not None and len(negatives) == 1 else negatives
@@ -306,31 +290,8 @@ class LatentDiffusionPipeline:
                                  "trained without conditioning dropout; use guidance 1 (--guidance 1)")
             return cond, model.encode_conditioning(given, batch, drop=drop)
 
-    def _sample(self, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor],
-                uncond: dict[str, torch.Tensor] | None, guidance_scale: float, sampler: str,
-                generator: torch.Generator, sampler_options: dict[str, Any] | None, callback: Callable | None,
-                progress: bool | None, wrap: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
-        """Run the sampler from x (VE space, at sigmas[0]); returns the latent at sigmas[-1] (0: the clean one)."""
-        sampler_fn = get_sampler(sampler)
-        denoiser = self.model.denoiser()
-        if uncond is None:
-            model, extra = denoiser, cond
-        else:
-            model, extra = CFGDenoiser(denoiser), {"cond": cond, "uncond": uncond, "scale": guidance_scale}
-        if wrap is not None:
-            model = wrap(model)
-        with attention_slicing(self.attention_slice):
-            x = sampler_fn(model, x, sigmas.to(self.device), extra_args=extra, callback=callback,
-                           generator=generator, disable=None if progress is None else not progress,
-                           **(sampler_options or {}))
-        return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
-
-    def _noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        if latents is None:
-            return draw_noise(shape, gen, device=self.device)
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32)
+    def sampling_denoiser(self) -> DiscreteDenoiser:
+        return self.model.denoiser()
 
     def _finish(self, latents: torch.Tensor, decode: bool, image: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> LatentDiffusionOutput:
@@ -346,19 +307,16 @@ class LatentDiffusionPipeline:
                   latents: torch.Tensor | None, sampler_options: dict[str, Any] | None, decode: bool,
                   callback: Callable | None, progress: bool | None) -> LatentDiffusionOutput:
         """Sample from noise under the conditioning ``inputs`` (one for all images or one per prompt)."""
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         guidance = self._guidance(guidance_scale)
-        gen = _as_generator(generator)
         given = max((v.shape[0] for v in inputs.values()), default=1)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, given)
-        inputs = {k: _per_image(v, batch, num_images, k.replace("_", " ")) for k, v in inputs.items()}
+        inputs = {k: per_image(v, batch, num_images, k.replace("_", " ")) for k, v in inputs.items()}
         inputs = self._default_inputs(inputs, batch, task)
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
-        sigmas = self.model.sigmas(steps)
-        x = self._noise(latents, shape, gen) * math.sqrt(1 + float(sigmas[0]) ** 2)
-        out = self._sample(x, sigmas, cond, uncond, guidance, sampler, gen, sampler_options, callback, progress)
-        return self._finish(out, decode)
+        noise = self._noise(latents, shape, run.generator)
+        return self._finish(self._denoise(self.model.sigmas(steps), noise, cond, uncond, guidance, run), decode)
 
     # ---- tasks ----------------------------------------------------------------------------------------------
 
@@ -451,19 +409,16 @@ class LatentDiffusionPipeline:
         """SDEdit (Meng et al. 2022): encode ``image`` (posterior mean), noise it to the level ``strength`` of the way
         up, and run the remaining ``int(steps * strength)`` steps. ``noise``: the unit-normal noise (drawn from the
         generator when None)."""
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = self._images(image, "init image")
         guidance = self._guidance(guidance_scale)
-        sigmas = self.model.sigmas(steps)
-        sigmas = sigmas[strength_start(len(sigmas) - 1, strength):]
-        gen = _as_generator(generator)
+        sigmas = self.model.sigmas(steps, strength=strength)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, pixels.shape[0])
         inputs = self._default_inputs({}, batch, "redraw an image without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
-        init = _per_image(self.encode_images(pixels), batch, num_images, "init image")
-        x = init + float(sigmas[0]) * self._noise(noise, tuple(init.shape), gen)
-        out = self._sample(x, sigmas, cond, uncond, guidance, sampler, gen, sampler_options, callback, progress)
-        return self._finish(out, decode)
+        init = per_image(self.encode_images(pixels), batch, num_images, "init image")
+        noise = self._noise(noise, tuple(init.shape), run.generator)
+        return self._finish(self._denoise(sigmas, noise, cond, uncond, guidance, run, init=init), decode)
 
     @torch.no_grad()
     def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str | Sequence[str] | None = "",
@@ -481,43 +436,30 @@ class LatentDiffusionPipeline:
         initial unit-normal noise, also the noise of the re-imposed region. ``strength`` < 1 starts from the image
         noised to that level.
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = self._images(image, "image")
         masks = to_mask_tensor(mask)
         if masks.shape[-2:] != pixels.shape[-2:]:
             raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
                              f"{pixels.shape[-1]}x{pixels.shape[-2]}; they must be the same size")
         guidance = self._guidance(guidance_scale)
-        sigmas = self.model.sigmas(steps)
-        sigmas = sigmas[strength_start(len(sigmas) - 1, strength):]
-        full_strength = strength == 1.0
-        gen = _as_generator(generator)
+        sigmas = self.model.sigmas(steps, strength=strength)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images,
                                                         max(pixels.shape[0], masks.shape[0]))
-        pixels_b = _per_image(pixels, batch, num_images, "image")
-        masks_b = _per_image(masks, batch, num_images, "mask")
+        pixels_b = per_image(pixels, batch, num_images, "image")
+        masks_b = per_image(masks, batch, num_images, "mask")
         inputs = {"image": pixels_b * 2 - 1, "mask": masks_b} if self.is_inpainting_model else {}
         inputs = self._default_inputs(inputs, batch, "inpaint without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
-        image_latents = _per_image(self.encode_images(pixels), batch, num_images, "image")
-        noise = self._noise(latents, tuple(image_latents.shape), gen)
-        if full_strength:
-            x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
-        else:
-            x = image_latents + float(sigmas[0]) * noise
+        image_latents = per_image(self.encode_images(pixels), batch, num_images, "image")
+        noise = self._noise(latents, tuple(image_latents.shape), run.generator)
         repaint = self.latent_mask(masks_b).to(self.device)
-        wrap = None
-        if not self.is_inpainting_model:
-            def wrap(model: Callable) -> Callable:
-                return _ReimposeKnownRegion(model, image_latents, noise, repaint, float(sigmas[0]))
-        out = self._sample(x, sigmas, cond, uncond, guidance, sampler, gen, sampler_options, callback, progress,
-                           wrap)
-        if not self.is_inpainting_model:
-            out = (1 - repaint) * image_latents + repaint * out
+        out = self._inpaint_latents(sigmas, noise, image_latents, repaint, not self.is_inpainting_model, cond, uncond,
+                                    guidance, run, full_strength=strength == 1.0)
         with_known = mask_decoder and self.has_mask_decoder
         result = self._finish(out, decode, pixels_b if with_known else None, masks_b if with_known else None)
         if keep_unmasked and result.images is not None:
-            result.images = masks_b * result.images + (1 - masks_b) * pixels_b
+            result.images = self._keep_unmasked(result.images, masks_b, pixels_b)
         return result
 
 

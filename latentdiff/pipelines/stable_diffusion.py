@@ -1,31 +1,27 @@
 """Stable Diffusion text-to-image, image-to-image (SDEdit) and inpainting over our UNet, VAE and CLIP text encoder.
 
 The pipeline composes what the other packages provide: the CLIP tokenizer and text encoder make the cross-attention
-context; the UNet is wrapped once into the denoiser D(x, sigma) (``DiscreteDenoiser``, eps- or v-prediction), then
-into classifier-free guidance (``CFGDenoiser``, one batched call, unconditional half first); a sampler from
-``latentdiff.diffusion.samplers`` integrates over the sigmas its diffusers counterpart visits
-(``latentdiff.pipelines.timesteps``); the VAE decodes ``latents / scale_factor``.
+context; the UNet is wrapped once into the denoiser D(x, sigma) (``DiscreteDenoiser``, eps- or v-prediction); the
+shared pipeline base (``latentdiff.pipelines.base``) runs the sampling core with classifier-free guidance over it
+(one batched call, unconditional half first), over the sigmas the sampler's diffusers counterpart visits
+(``latentdiff.diffusion.noise_levels.sampler_sigmas``); the VAE decodes ``latents / scale_factor``.
 
 Given the same weights, sampler, prompt, seed and initial noise, the images equal those of diffusers'
 ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` with SD's
 scheduler config (``tests/test_sd_pipeline.py`` measures it). The generator is used in diffusers' order: the
-initial noise, the posterior samples of the encoded images, then the samplers' per-step noise, all drawn in
-float32 on the generator's device (the CPU), so a seed gives the same image on any device, dtype and thread count.
+posterior samples of the encoded images, the initial noise, then the samplers' per-step noise.
 
 Our samplers work in the variance-exploding space x = x_t / sqrt(alphas_cumprod) (see ``diffusion/denoiser.py``);
 diffusers' DDIM/PLMS/DDPM/DPM-Solver step the variance-preserving x_t. The two meet at the ends: the initial noise
 is scaled by sqrt(1 + sigma_max^2) (diffusers' ``init_noise_sigma`` for Euler-type schedulers, and the VE image of
 its x_T for the others), and the final x is divided by sqrt(1 + sigma_end^2), which is 1 except for DDIM and PLMS,
-which stop at alphas_cumprod[0].
+which stop at alphas_cumprod[0] (``latentdiff.diffusion.sampling``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +34,8 @@ from latentdiff.autoencoder.model import Autoencoder
 from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
-from latentdiff.diffusion.guidance import CFGDenoiser
+from latentdiff.diffusion.noise_levels import sampler_sigmas
 from latentdiff.diffusion.process import draw_noise
-from latentdiff.diffusion.samplers import get_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from latentdiff.diffusion.unet import UNetModel
 from latentdiff.formats import (
@@ -53,45 +48,16 @@ from latentdiff.formats import (
 )
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
-from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor, to_pil_images
+from latentdiff.pipelines.base import Generator, PipelineBase, PipelineOutput, as_generator, per_image, prompt_list
+from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor
 from latentdiff.pipelines.tiling import decode_tiled
-from latentdiff.pipelines.timesteps import sampler_sigmas, strength_start
 
 logger = logging.getLogger(__name__)
 
-Generator = torch.Generator | int | None
 
-
-@dataclass
-class StableDiffusionOutput:
-    """What a pipeline call returns: images (N, 3, H, W) in [0, 1] on the CPU (None when not decoded), and the
-    final latents (N, 4, h, w) as diffusers' ``output_type="latent"`` gives them (scaled by ``scale_factor``)."""
-
-    images: torch.Tensor | None
-    latents: torch.Tensor
-
-    def pil(self) -> list:
-        """The images as PIL images."""
-        if self.images is None:
-            raise ValueError("the latents were not decoded (decode=False)")
-        return to_pil_images(self.images)
-
-
-def _as_generator(generator: Generator) -> torch.Generator:
-    """A CPU generator: as given, seeded with an int, or (None) with a fresh random seed that is logged."""
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        generator = secrets.randbits(63)
-        logger.info("no seed given; using seed %d", generator)
-    return torch.Generator("cpu").manual_seed(int(generator))
-
-
-def _prompts(prompt: str | Sequence[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise ValueError("no prompt: give a string or a non-empty list of strings")
-    return prompts
+class StableDiffusionOutput(PipelineOutput):
+    """Images (N, 3, H, W) in [0, 1] on the CPU (None when not decoded) and the final latents (N, 4, h, w) as
+    diffusers' ``output_type="latent"`` gives them (scaled by ``scale_factor``)."""
 
 
 def _load_assigned(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
@@ -115,40 +81,7 @@ class _UNetNetwork(nn.Module):
         return out.to(x.dtype)
 
 
-class _ReimposeKnownRegion:
-    """Legacy inpainting with a text-to-image UNet: the region to keep is reset to the original's latent, noised to
-    the current level with the initial noise, before every denoiser call after the first.
-
-    diffusers' ``StableDiffusionInpaintPipeline`` (4-channel UNet) does the same after every scheduler step. With a
-    binary latent mask and samplers whose updates act elementwise on x (all of ours), the two are equal: the region
-    to repaint is updated from the same inputs, and the kept region is overwritten before anything reads it.
-    """
-
-    def __init__(self, model: Callable[..., torch.Tensor], known: torch.Tensor, noise: torch.Tensor,
-                 repaint: torch.Tensor, first_sigma: float) -> None:
-        self.model, self.known, self.noise, self.repaint, self.first_sigma = model, known, noise, repaint, first_sigma
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
-        level = sigma.reshape(-1)[0]
-        if float(level) < self.first_sigma:
-            known = self.known + level.to(x.dtype) * self.noise
-            x = self.repaint * x + (1 - self.repaint) * known
-        return self.model(x, sigma, **extra)
-
-
-def _per_image(tensor: torch.Tensor, batch: int, images_per_prompt: int, what: str) -> torch.Tensor:
-    """One input (image, mask, map) for all images, or one per prompt (repeated for that prompt's images)."""
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] == 1:
-        return tensor.expand(batch, *tensor.shape[1:])
-    if tensor.shape[0] * images_per_prompt == batch:
-        return tensor.repeat_interleave(images_per_prompt, 0)
-    raise ValueError(f"{tensor.shape[0]} {what}s for {batch // images_per_prompt} prompts; give one {what}, "
-                     "or one per prompt")
-
-
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(PipelineBase):
     """Stable Diffusion v1.x / v2.x (eps or v-prediction) and the 9-channel inpainting model, on our modules.
 
     Build it with ``from_pretrained(path)`` (an original single file, a diffusers folder or a native checkpoint)
@@ -183,7 +116,6 @@ class StableDiffusionPipeline:
         self.schedule = schedule or NoiseSchedule(ScheduleConfig())
         self.denoiser = DiscreteDenoiser(_UNetNetwork(self.unet), self.schedule, PARAMETERIZATIONS[prediction_type],
                                          discrete_t=True)
-        self.guided = CFGDenoiser(self.denoiser)
         self.image_size = image_size or (768 if prediction_type == "v_prediction" else 512)
         self.attention_slice = attention_slice
         self.vae_tile = vae_tile
@@ -285,24 +217,25 @@ class StableDiffusionPipeline:
         """The cross-attention context (N, 77, width) of the prompts, in float32."""
         if self.text_encoder is None:
             raise ValueError("this model has no text conditioning (its UNet has no cross-attention); give no prompt")
-        ids = self.tokenizer(_prompts(prompts)).input_ids.to(self.device)
+        ids = self.tokenizer(prompt_list(prompts)).input_ids.to(self.device)
         return self.text_encoder.encode(ids).float()
 
     def _conditioning(self, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None,
-                      num_images: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-        """(cond, uncond, batch): one context per image, prompts in order, each repeated ``num_images`` times."""
+                      num_images: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+        """(cond, uncond, batch): one context per image, prompts in order, each repeated ``num_images`` times;
+        uncond is None for a UNet without text conditioning (both halves of a guided batch would be the same)."""
         if num_images < 1:
             raise ValueError(f"the number of images must be at least 1, got {num_images}")
         if not self.has_text_conditioning:
-            given = [p for p in (_prompts(prompt) if prompt is not None else []) + (
-                _prompts(negative_prompt) if negative_prompt is not None else []) if p]
+            given = [p for p in (prompt_list(prompt) if prompt is not None else []) + (
+                prompt_list(negative_prompt) if negative_prompt is not None else []) if p]
             if given:
                 raise ValueError("this model has no text conditioning (its UNet has no cross-attention); "
                                  "give no prompt or negative prompt")
-            count = 1 if prompt is None else len(_prompts(prompt))
-            return {}, {}, count * num_images
-        prompts = _prompts("" if prompt is None else prompt)
-        negatives = [""] * len(prompts) if negative_prompt is None else _prompts(negative_prompt)
+            count = 1 if prompt is None else len(prompt_list(prompt))
+            return {}, None, count * num_images
+        prompts = prompt_list("" if prompt is None else prompt)
+        negatives = [""] * len(prompts) if negative_prompt is None else prompt_list(negative_prompt)
         if len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
@@ -331,7 +264,7 @@ class StableDiffusionPipeline:
     def encode_images(self, images: ImageInput, generator: Generator = None, sample: bool = True) -> torch.Tensor:
         """Latents of images in [0, 1] (times ``scale_factor``): a posterior sample, or the mean (``sample=False``)."""
         pixels = to_image_tensor(images) * 2 - 1
-        return self._encode(pixels, _as_generator(generator) if sample else None)
+        return self._encode(pixels, as_generator(generator) if sample else None)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -346,25 +279,13 @@ class StableDiffusionPipeline:
                 images = self.vae.decode(z)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
-    def sigmas(self, sampler: str, steps: int) -> torch.Tensor:
-        """The noise levels ``steps`` steps of ``sampler`` visit (diffusers' conventions for SD)."""
-        return sampler_sigmas(self.schedule, sampler, steps)
+    def sigmas(self, sampler: str, steps: int, strength: float = 1.0) -> torch.Tensor:
+        """The noise levels ``steps`` steps of ``sampler`` visit (diffusers' conventions for SD), the first
+        skipped at ``strength`` < 1."""
+        return sampler_sigmas(self.schedule, sampler, steps, strength=strength)
 
-    def _sample(self, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor],
-                uncond: dict[str, torch.Tensor], guidance_scale: float, sampler: str, generator: torch.Generator,
-                sampler_options: dict[str, Any] | None, callback: Callable | None, progress: bool | None,
-                wrap: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
-        """Run the sampler from x (VE space, at sigmas[0]); returns the variance-preserving latent at sigmas[-1]."""
-        sampler_fn = get_sampler(sampler)
-        model = self.guided if wrap is None else wrap(self.guided)
-        if not self.has_text_conditioning:  # the two halves of the guided batch would be the same
-            guidance_scale = 1.0
-        extra = {"cond": cond, "uncond": uncond, "scale": guidance_scale}
-        with attention_slicing(self.attention_slice):
-            x = sampler_fn(model, x, sigmas.to(self.device), extra_args=extra, callback=callback,
-                           generator=generator, disable=None if progress is None else not progress,
-                           **(sampler_options or {}))
-        return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
+    def sampling_denoiser(self) -> DiscreteDenoiser:
+        return self.denoiser
 
     def _finish(self, latents: torch.Tensor, decode: bool) -> StableDiffusionOutput:
         return StableDiffusionOutput(self.decode_latents(latents) if decode else None, latents.float().cpu())
@@ -373,11 +294,6 @@ class StableDiffusionPipeline:
         height, width = height or self.image_size, width or self.image_size
         check_size(height, width, self.size_multiple)
         return height, width
-
-    def _check_sampler(self, sampler: str, steps: int) -> None:
-        get_sampler(sampler)
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
 
     # ---- tasks ----------------------------------------------------------------------------------------------
 
@@ -395,23 +311,13 @@ class StableDiffusionPipeline:
         generator when None. ``guidance_scale`` 1 skips the unconditional half. ``sampler_options`` go to the
         sampler (e.g. ``{"eta": 1.0}`` for DDIM).
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         height, width = self._size(height, width)
-        gen = _as_generator(generator)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
-        noise = self._noise(latents, shape, gen)
-        sigmas = self.sigmas(sampler, steps)
-        x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
-        out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress)
+        noise = self._noise(latents, shape, run.generator)
+        out = self._denoise(self.sigmas(sampler, steps), noise, cond, uncond, guidance_scale, run)
         return self._finish(out, decode)
-
-    def _noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        if latents is None:
-            return draw_noise(shape, gen, device=self.device)
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32)
 
     @torch.no_grad()
     def image_to_image(self, image: ImageInput, prompt: str | Sequence[str] | None = "",
@@ -427,18 +333,15 @@ class StableDiffusionPipeline:
         noise (``noise`` overrides it). ``image``: one image for all prompts or one per prompt, sides multiples of
         ``size_multiple``.
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = to_image_tensor(image)
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "init image")
-        sigmas = self.sigmas(sampler, steps)[strength_start(steps, strength):]
-        gen = _as_generator(generator)
+        sigmas = self.sigmas(sampler, steps, strength)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
-        init = self._encode(pixels * 2 - 1, gen if sample_posterior else None)
-        init = _per_image(init, batch, num_images, "init image")
-        noise = self._noise(noise, tuple(init.shape), gen)
-        x = init + float(sigmas[0]) * noise
-        out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress)
-        return self._finish(out, decode)
+        init = self._encode(pixels * 2 - 1, run.generator if sample_posterior else None)
+        init = per_image(init, batch, num_images, "init image")
+        noise = self._noise(noise, tuple(init.shape), run.generator)
+        return self._finish(self._denoise(sigmas, noise, cond, uncond, guidance_scale, run, init=init), decode)
 
     @torch.no_grad()
     def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str | Sequence[str] | None = "",
@@ -451,60 +354,45 @@ class StableDiffusionPipeline:
 
         With an inpainting UNet (9 channels) the mask and the latent of the masked image (pixels to repaint set to
         grey) are extra inputs at every step. With a text-to-image UNet the region to keep is re-imposed from the
-        original's latent, noised to each step's level, and pasted clean at the end (``_ReimposeKnownRegion``).
-        ``latents``: the initial unit-normal noise, also the noise of the re-imposed region. ``strength`` < 1 starts
-        from the image noised with it (diffusers starts from the noise alone when given ``latents``, whatever the
-        strength). ``keep_unmasked`` pastes the original pixels back outside the mask (the autoencoder
-        alters them slightly otherwise).
+        original's latent, noised to each step's level, and pasted clean at the end
+        (``latentdiff.diffusion.sampling.KnownRegion``). ``latents``: the initial unit-normal noise, also the noise
+        of the re-imposed region. ``strength`` < 1 starts from the image noised with it (diffusers starts from the
+        noise alone when given ``latents``, whatever the strength). ``keep_unmasked`` pastes the original pixels
+        back outside the mask (the autoencoder alters them slightly otherwise).
         """
-        self._check_sampler(sampler, steps)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = to_image_tensor(image)
         masks = to_mask_tensor(mask)
         if masks.shape[-2:] != pixels.shape[-2:]:
             raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
                              f"{pixels.shape[-1]}x{pixels.shape[-2]}; they must be the same size")
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "image")
-        sigmas = self.sigmas(sampler, steps)[strength_start(steps, strength):]
+        sigmas = self.sigmas(sampler, steps, strength)
         full_strength = strength == 1.0
-        gen = _as_generator(generator)
-        post_gen = gen if sample_posterior else None
+        post_gen = run.generator if sample_posterior else None
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         h, w = pixels.shape[-2] // self.vae_factor, pixels.shape[-1] // self.vae_factor
-        shape = (batch, self.latent_channels, h, w)
         # The generator in diffusers' order: image latent (text-to-image UNet, or strength < 1), noise, masked image.
         image_latents = None
         if not self.is_inpainting_model or not full_strength:
-            image_latents = _per_image(self._encode(pixels * 2 - 1, post_gen), batch, num_images, "image")
-        noise = self._noise(latents, shape, gen)
-        masked_pixels = (pixels * 2 - 1) * (masks < 0.5)
+            image_latents = per_image(self._encode(pixels * 2 - 1, post_gen), batch, num_images, "image")
+        noise = self._noise(latents, (batch, self.latent_channels, h, w), run.generator)
+        latent_mask = per_image(F.interpolate(masks, size=(h, w)), batch, num_images, "mask").to(self.device)
         if self.is_inpainting_model:
-            masked_latents = self._encode(masked_pixels, post_gen)
+            masked_latents = self._encode((pixels * 2 - 1) * (masks < 0.5), post_gen)
+            extra = torch.cat([latent_mask, per_image(masked_latents, batch, num_images, "image")], dim=1)
+            cond = dict(cond, concat=extra)
+            uncond = None if uncond is None else dict(uncond, concat=extra)
         elif sample_posterior:
             # diffusers encodes the masked image even for a 4-channel UNet, which does not use it; draw the same
             # numbers so that later draws (ancestral samplers) match.
-            draw_noise((pixels.shape[0], self.latent_channels, h, w), gen)
-        latent_mask = _per_image(F.interpolate(masks, size=(h, w)), batch, num_images, "mask").to(self.device)
-        if full_strength:
-            x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
-        else:
-            x = image_latents + float(sigmas[0]) * noise
-        wrap = None
-        if self.is_inpainting_model:
-            extra = torch.cat([latent_mask, _per_image(masked_latents, batch, num_images, "image")], dim=1)
-            cond = dict(cond, concat=extra)
-            uncond = dict(uncond, concat=extra)
-        else:
-            def wrap(model: Callable) -> Callable:
-                return _ReimposeKnownRegion(model, image_latents, noise, latent_mask, float(sigmas[0]))
-        out = self._sample(x, sigmas, cond, uncond, guidance_scale, sampler, gen, sampler_options, callback, progress,
-                           wrap)
-        if not self.is_inpainting_model:
-            out = (1 - latent_mask) * image_latents + latent_mask * out
+            draw_noise((pixels.shape[0], self.latent_channels, h, w), run.generator)
+        out = self._inpaint_latents(sigmas, noise, image_latents, latent_mask, not self.is_inpainting_model, cond,
+                                    uncond, guidance_scale, run, full_strength)
         result = self._finish(out, decode)
         if keep_unmasked and result.images is not None:
-            repaint = _per_image(masks, batch, num_images, "mask")
-            original = _per_image(pixels, batch, num_images, "image")
-            result.images = repaint * result.images + (1 - repaint) * original
+            result.images = self._keep_unmasked(result.images, per_image(masks, batch, num_images, "mask"),
+                                                 per_image(pixels, batch, num_images, "image"))
         return result
 
 
