@@ -27,9 +27,9 @@ def _train(args: argparse.Namespace) -> None:
         data = read_yaml(Path(args.resume) / "config.yaml")
     if args.resume is not None:
         data = merge(data, {"train": {"out_dir": str(args.resume)}})
-    schema, train_fn = resolve_task(merge(data, parse_overrides(overrides)))
+    schema, trainer = resolve_task(merge(data, parse_overrides(overrides)))
     experiment = load_config(schema, data, overrides)
-    run_dir = train_fn(experiment, resume=args.resume)
+    run_dir = trainer(experiment, resume=args.resume).run()
     print(f"run directory: {run_dir}")
 
 
