@@ -45,7 +45,6 @@ from latentdiff.device import autocast_context
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.formats.native import load_autoencoder
-from latentdiff.io.state import load_state_strict
 from latentdiff.train.ema import EMA
 from latentdiff.train.latent_cache import load_or_build_latent_cache
 from latentdiff.train.loop import DistEnv, TrainConfig
@@ -266,19 +265,17 @@ class DiffusionTrainer(Trainer):
                                            weight_decay=cfg.weight_decay)
         self.optimizers = {"optimizer": ScheduledOptimizer(self.optimizer, cfg.lr)}
         self.ema = EMA(model.model, exp.ema_decay, exp.ema_warmup)
-        self.averages = [WeightAverage("ema", self.ema, model.model, "model.")]
+        self.averages = [WeightAverage("ema", self.ema, model.model, "model.", "model")]
         if self.cond_params:
             cond_ema = EMA(model.cond_stage_model, exp.ema_decay, exp.ema_warmup)
-            self.averages.append(WeightAverage("cond_ema", cond_ema, model.cond_stage_model, "cond_stage_model."))
+            self.averages.append(WeightAverage("cond_ema", cond_ema, model.cond_stage_model, "cond_stage_model.",
+                                               "cond_stage_model"))
         self.use_averages = exp.use_ema
         self.ddp_net = self.distributed(model.model)
         self.grid_inputs: dict[str, torch.Tensor] = {}
 
     def restore(self, weights: dict[str, torch.Tensor], config: dict[str, Any], state: dict[str, Any]) -> None:
         super().restore(weights, config, state)
-        load_state_strict(self.model.model, state["model"], "UNet (raw weights)")
-        if self.model.cond_stage_model is not None:
-            load_state_strict(self.model.cond_stage_model, state["cond_stage_model"], "conditioner (raw weights)")
         self.model.config.scale_factor = float(config["model"]["scale_factor"])
 
     def training_data(self) -> Dataset:
@@ -334,8 +331,10 @@ class DiffusionTrainer(Trainer):
         return {"ema_decay": self.ema.current_decay(), "scale_factor": self.model.scale_factor}
 
     def train_state(self) -> dict[str, Any]:
-        state = {"model": self.model.model.state_dict(), "scale_factor": self.model.scale_factor}
-        if self.model.cond_stage_model is not None:
+        state = {"scale_factor": self.model.scale_factor}
+        if self.model.cond_stage_model is not None and not self.cond_params:
+            # A frozen conditioner is not averaged (its raw weights are the saved ones), yet train_state.pt has
+            # always held its weights too.
             state["cond_stage_model"] = self.model.cond_stage_model.state_dict()
         return state
 

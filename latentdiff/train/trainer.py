@@ -5,23 +5,24 @@ generator when it builds models and reads augmented items, so moving a step woul
 
 1. ``__init__``: join the process group (``setup_distributed``), set the CPU threads, seed torch's global
    generator with ``train.seed + rank``.
-2. With ``resume``: read the checkpoint's weights, config and ``train_state.pt``.
-3. ``build(resuming)``: the hook makes the model(s), registers its optimisers in ``self.optimizers`` (the
+2. ``build(resuming)``: the hook makes the model(s), registers its optimisers in ``self.optimizers`` (the
    skeleton schedules, saves and restores them), its weight averages in ``self.averages`` (updated after every
-   step that trained, saved, restored, and used for samples and the saved weights when ``self.use_averages``),
+   step that trained, saved and restored with the raw weights they average, and used for samples and the saved
+   weights when ``self.use_averages``),
    and wraps what DDP should synchronise with ``self.distributed(module)``.
-4. With ``resume``: ``restore`` (the saved weights into the model, the hook's own state), then the optimisers
-   and averages; the step and the CPU seconds of earlier sessions continue.
-5. ``training_data()``; rank 0 makes the run folder, writes ``config.yaml`` and says what it trains;
+3. With ``resume``: the latest checkpoint's weights and ``train_state.pt``: ``restore`` (the weights, the hook's
+   own state), then the averaged modules' raw weights, the averages and the optimisers; the step and the CPU
+   seconds of earlier sessions continue.
+4. ``training_data()``; rank 0 makes the run folder, writes ``config.yaml`` and says what it trains;
    ``prepare_data(dataset)`` may swap the dataset for a cached form (the run folder exists by then).
-6. The log (``MetricLog``), the resumable batch iterator (``make_loader``), ``prepare_samples()`` on rank 0,
+5. The log (``MetricLog``), the resumable batch iterator (``make_loader``), ``prepare_samples()`` on rank 0,
    then the resumed run's RNG state is put back, last, since the steps above draw from the global generator.
-7. The step loop: learning rates (``lr_factor``), ``train_step(batch, step)`` (which calls
+6. The step loop: learning rates (``lr_factor``), ``train_step(batch, step)`` (which calls
    ``optimizer_step`` for the guard, backward, clipping and the update), the averages, a log row every
    ``train.log_every`` steps, ``save_samples`` every ``train.sample_every``, a checkpoint every
    ``train.ckpt_every`` or when the time budget (``train.time_limit_minutes``) is spent. An interval of 0 means
    "only at the end of the run": the last step always logs, samples and checkpoints.
-8. The end-of-run samples (``final_samples``) on rank 0.
+7. The end-of-run samples (``final_samples``) on rank 0.
 
 A new kind of training (a LoRA, textual inversion, a fine-tune from a Stable Diffusion checkpoint) is a subclass
 with its own ``build`` (what is trainable), ``train_step`` (the loss), ``train_state`` (what else to save) and
@@ -84,13 +85,15 @@ class ScheduledOptimizer:
 
 @dataclass
 class WeightAverage:
-    """An EMA of ``module``, saved in train_state.pt under ``name``; ``prefix`` is the module's place in the
-    trainer's model (``"model."`` for a LatentDiffusion's UNet), where its averages go in the saved weights."""
+    """An EMA of ``module``, saved in train_state.pt under ``name`` with the module's raw weights under
+    ``raw_name`` (model.safetensors holds the averages when ``use_averages``, so resuming needs both).
+    ``prefix`` is the module's place in the trainer's model (``"model."`` for a LatentDiffusion's UNet)."""
 
     name: str
     ema: EMA
     module: nn.Module
     prefix: str
+    raw_name: str
 
 
 def average_gradients(params: Sequence[nn.Parameter], world_size: int) -> None:
@@ -258,6 +261,7 @@ class Trainer(ABC):
             if scheduled is not None and state[name] is not None:
                 scheduled.optimizer.load_state_dict(state[name])
         for average in self.averages:
+            load_state_strict(average.module, state[average.raw_name], f"{average.raw_name} (raw weights)")
             average.ema.load_state_dict(state[average.name])
         step = int(state["step"])
         logger.info("resumed from %s at step %d", folder, step)
@@ -317,6 +321,7 @@ class Trainer(ABC):
             return
         state = {"step": step, **self.train_state(),
                  **{name: s.optimizer.state_dict() if s is not None else None for name, s in self.optimizers.items()},
+                 **{average.raw_name: average.module.state_dict() for average in self.averages},
                  **{average.name: average.ema.state_dict() for average in self.averages},
                  "rng": rng_state(self.env.device), "cpu_seconds": clock.total_cpu()}
         save_checkpoint(self.run_dir, step, self.checkpoint_weights(), to_dict(self.exp), state,
