@@ -126,7 +126,7 @@ class Trainer(ABC):
         self.model: nn.Module  # set by build
         self.optimizers: dict[str, ScheduledOptimizer | None] = {}  # train_state key -> optimiser (None: absent)
         self.averages: list[WeightAverage] = []
-        self.use_averages = False  # samples and model.safetensors use the averages (raw weights: the hook's state)
+        self.use_averages = False  # samples and model.safetensors use the averages (train_state: the raw ones)
         self.guard = NonFiniteGuard(self.cfg.max_nonfinite)
         self.grad_norm: float | None = None  # the last clipped gradient norm, for the log
 
@@ -140,7 +140,8 @@ class Trainer(ABC):
         """
 
     def restore(self, weights: dict[str, torch.Tensor], config: dict[str, Any], state: dict[str, Any]) -> None:
-        """Put a checkpoint's saved weights (and the hook's own ``train_state`` entries) back into the model."""
+        """Put a checkpoint's saved weights (and the hook's own ``train_state`` entries) back into the model; the
+        skeleton then puts the averaged modules' raw weights over the averages model.safetensors may hold."""
         load_state_strict(self.model, weights, self.model_name)
 
     @abstractmethod
@@ -171,7 +172,8 @@ class Trainer(ABC):
         return {}
 
     def train_state(self) -> dict[str, Any]:
-        """The hook's own train_state.pt entries (the skeleton adds step, optimisers, averages, rng, CPU time)."""
+        """The hook's own train_state.pt entries (the skeleton adds the step, optimisers, averages and the raw
+        weights they average, RNG state and CPU time)."""
         return {}
 
     @abstractmethod
