@@ -49,7 +49,7 @@ class ToyTrainer(Trainer):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.optimizers = {"optimizer": ScheduledOptimizer(self.optimizer, self.cfg.lr)}
         self.ema = EMA(self.model, decay=0.9)
-        self.averages = [WeightAverage("ema", self.ema, self.model, "", "raw")]
+        self.averages = [WeightAverage("ema", self.ema, self.model, prefix="", raw_name="raw")]
         self.use_averages = True
         self.restored_note = None
 

@@ -128,11 +128,11 @@ class AutoencoderTrainer(Trainer):
         self.disc = self.loss_fn.discriminator
         self.opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                        betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.optimizers = {"opt_ae": ScheduledOptimizer(self.opt_ae, cfg.lr), "opt_d": None}
-        if self.disc is not None:
-            self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas),
-                                          weight_decay=cfg.weight_decay)
-            self.optimizers["opt_d"] = ScheduledOptimizer(self.opt_d, cfg.disc_lr or cfg.lr)
+        disc_lr = cfg.disc_lr or cfg.lr
+        self.opt_d = (torch.optim.Adam(self.disc.parameters(), lr=disc_lr, betas=tuple(cfg.betas),
+                                       weight_decay=cfg.weight_decay) if self.disc is not None else None)
+        self.optimizers = {"opt_ae": ScheduledOptimizer(self.opt_ae, cfg.lr),
+                           "opt_d": ScheduledOptimizer(self.opt_d, disc_lr) if self.opt_d is not None else None}
         self.ddp_model = self.distributed(self.model)
         self.ddp_disc = self.distributed(self.disc) if self.disc is not None else None
 

@@ -265,11 +265,11 @@ class DiffusionTrainer(Trainer):
                                            weight_decay=cfg.weight_decay)
         self.optimizers = {"optimizer": ScheduledOptimizer(self.optimizer, cfg.lr)}
         self.ema = EMA(model.model, exp.ema_decay, exp.ema_warmup)
-        self.averages = [WeightAverage("ema", self.ema, model.model, "model.", "model")]
+        self.averages = [WeightAverage("ema", self.ema, model.model, prefix="model.", raw_name="model")]
         if self.cond_params:
             cond_ema = EMA(model.cond_stage_model, exp.ema_decay, exp.ema_warmup)
-            self.averages.append(WeightAverage("cond_ema", cond_ema, model.cond_stage_model, "cond_stage_model.",
-                                               "cond_stage_model"))
+            self.averages.append(WeightAverage("cond_ema", cond_ema, model.cond_stage_model,
+                                               prefix="cond_stage_model.", raw_name="cond_stage_model"))
         self.use_averages = exp.use_ema
         self.ddp_net = self.distributed(model.model)
         self.grid_inputs: dict[str, torch.Tensor] = {}
