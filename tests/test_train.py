@@ -121,6 +121,7 @@ def test_batch_order_depends_only_on_the_step_and_shards_split_the_global_batch(
     (["train", "configs/kl-f4-fmnist.yaml", "model.chh=3"], "did you mean 'ch'"),
     (["train"], "give a CONFIG.yaml"),
     (["train", "configs/kl-f4-fmnist.yaml", "data.channels=3"], "data.channels (3) must equal model.in_channels"),
+    (["train", "configs/kl-f4-fmnist.yaml", "train.log_every=-1"], "train.log_every must be >= 0"),
     (["eval-autoencoder", "nowhere"], "checkpoint not found"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):

@@ -130,6 +130,17 @@ def test_without_the_cache_the_first_stage_encodes_every_batch(first_stage, tmp_
     assert calls == [4, 4] and not (tmp_path / "nocache" / "latent_cache.safetensors").exists()
 
 
+def test_intervals_of_zero_mean_only_at_the_end_of_the_run(first_stage, tmp_path):
+    """``train.sample_every=0`` once crashed with a ZeroDivisionError; 0 now means "only at the last step"."""
+    out = tmp_path / "zero"
+    assert train(out, "train.steps=3", "train.sample_every=0", "train.log_every=0", "train.ckpt_every=0",
+                 first_stage=first_stage) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000003.png"]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000003"]
+    assert (out / "samples.png").is_file()
+
+
 def test_sample_writes_a_deterministic_grid(class_run, tmp_path):
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
     common = [str(class_run), "-n", "5", "--steps", "2", "--sampler", "euler_ancestral"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from latentdiff.config import load_config, merge, parse_overrides, read_yaml
@@ -27,9 +28,9 @@ def _train(args: argparse.Namespace) -> None:
         data = read_yaml(Path(args.resume) / "config.yaml")
     if args.resume is not None:
         data = merge(data, {"train": {"out_dir": str(args.resume)}})
-    schema, train_fn = resolve_task(merge(data, parse_overrides(overrides)))
+    schema, trainer = resolve_task(merge(data, parse_overrides(overrides)))
     experiment = load_config(schema, data, overrides)
-    run_dir = train_fn(experiment, resume=args.resume)
+    run_dir = trainer(experiment, resume=args.resume).run()
     print(f"run directory: {run_dir}")
 
 
@@ -62,8 +63,11 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
 
 
-def _add_eval_options(p: argparse.ArgumentParser, limit: int, ema: bool) -> None:
-    """The options both evaluations take: which checkpoint, on which images, where to write the JSON."""
+def _add_eval_parser(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], None],
+                     limit: int, ema: bool, **texts: str) -> argparse.ArgumentParser:
+    """An evaluation's parser with the options both take: which checkpoint, on which images, where to write the
+    JSON; ``texts``: its help and description."""
+    p = sub.add_parser(name, **texts)
     p.add_argument("checkpoint", help="model.safetensors, a checkpoint folder or a run folder")
     p.add_argument("--data", default=None, help="built-in dataset name or image folder (default: the training data)")
     p.add_argument("--split", default="test", choices=["train", "test"])
@@ -74,6 +78,8 @@ def _add_eval_options(p: argparse.ArgumentParser, limit: int, ema: bool) -> None
     if ema:
         p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
     p.add_argument("-o", "--output", help="also write the JSON here")
+    p.set_defaults(func=func)
+    return p
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -85,23 +91,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval-autoencoder", help="reconstruction metrics of a first-stage checkpoint",
-                       description="PSNR, SSIM, perceptual distance, reconstruction Frechet distance on "
-                                   "EfficientNet-Lite0 features, and for VQ models codebook usage/perplexity.")
-    _add_eval_options(p, limit=2000, ema=False)
+    p = _add_eval_parser(sub, "eval-autoencoder", _eval_autoencoder, limit=2000, ema=False,
+                         help="reconstruction metrics of a first-stage checkpoint",
+                         description="PSNR, SSIM, perceptual distance, reconstruction Frechet distance on "
+                                     "EfficientNet-Lite0 features, and for VQ models codebook usage/perplexity.")
     p.add_argument("--image-size", type=int, default=None, help="default: the training image size")
     p.add_argument("--perceptual", default="efficientnet", choices=["efficientnet", "lpips", "none"])
-    p.set_defaults(func=_eval_autoencoder)
 
-    p = sub.add_parser("eval-nll", help="variational bound of a diffusion checkpoint in bits/dim",
-                       description="The variational bound in bits per dimension on held-out images. For latent "
-                                   "models it bounds the density of the scaled latents, not the pixels (compare "
-                                   "only models on the same first stage); pixel-space models use the discretized "
-                                   "decoder, comparable with published pixel bits/dim.")
-    _add_eval_options(p, limit=256, ema=True)
+    p = _add_eval_parser(sub, "eval-nll", _eval_nll, limit=256, ema=True,
+                         help="variational bound of a diffusion checkpoint in bits/dim",
+                         description="The variational bound in bits per dimension on held-out images. For latent "
+                                     "models it bounds the density of the scaled latents, not the pixels (compare "
+                                     "only models on the same first stage); pixel-space models use the "
+                                     "discretized decoder, comparable with published pixel bits/dim.")
     p.add_argument("--timesteps", default="all",
                    help="'all' (every term) or K random timesteps per image (unbiased, with a standard error)")
-    p.set_defaults(func=_eval_nll)
 
     p = sub.add_parser("export", help="write a trained model's sampling weights (no training state) to a folder",
                        description="Copy the weights a model samples with (the EMA weights the trainer saved) from "

@@ -1,21 +1,20 @@
-"""Training loops; ``TASKS`` maps a config's ``task`` to its experiment schema and its train function."""
+"""Training; ``TASKS`` maps a config's ``task`` to its experiment schema and its trainer (hooks on ``Trainer``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from latentdiff.train.autoencoder import AutoencoderExperiment, train_autoencoder
-from latentdiff.train.diffusion import DiffusionExperiment, train_diffusion
+from latentdiff.train.autoencoder import AutoencoderExperiment, AutoencoderTrainer
+from latentdiff.train.diffusion import DiffusionExperiment, DiffusionTrainer
+from latentdiff.train.trainer import Trainer
 
-TASKS: dict[str, tuple[type, Callable[..., Path]]] = {
-    "autoencoder": (AutoencoderExperiment, train_autoencoder),
-    "diffusion": (DiffusionExperiment, train_diffusion),
+TASKS: dict[str, tuple[type, type[Trainer]]] = {
+    "autoencoder": (AutoencoderExperiment, AutoencoderTrainer),
+    "diffusion": (DiffusionExperiment, DiffusionTrainer),
 }
 
 
-def resolve_task(config: dict[str, Any]) -> tuple[type, Callable[..., Path]]:
+def resolve_task(config: dict[str, Any]) -> tuple[type, type[Trainer]]:
     task = config.get("task", "autoencoder")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} in the config; known tasks: {', '.join(sorted(TASKS))}")

@@ -6,34 +6,23 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from latentdiff.autoencoder.losses import AutoencoderLoss, AutoencoderLossConfig
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.conditioning.conditioner import inpaint_boxes
-from latentdiff.config import save_yaml, to_dict
+from latentdiff.config import to_dict
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.data.transforms import save_image_grid
 from latentdiff.device import autocast_context
-from latentdiff.io.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
+from latentdiff.io.checkpoint import read_checkpoint
 from latentdiff.io.errors import CheckpointError
 from latentdiff.io.state import load_state_strict
-from latentdiff.train.loop import (
-    MetricLog,
-    NonFiniteGuard,
-    RunClock,
-    RunningMeans,
-    TrainConfig,
-    lr_factor,
-    make_loader,
-    rng_state,
-    set_rng_state,
-    setup_distributed,
-    time_is_up,
-)
+from latentdiff.train.loop import TrainConfig
+from latentdiff.train.trainer import ScheduledOptimizer, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +74,6 @@ LOG_COLUMNS = ["loss", "rec", "pixel", "perceptual", "kl", "vq", "perplexity", "
                "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "seconds", "cpu_seconds"]
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, DDP) else module
-
-
 def init_from(model: torch.nn.Module, exp: AutoencoderExperiment) -> None:
     """Load ``exp.init_from``'s weights into ``model``; its architecture must be ``exp.model``."""
     weights, config = read_checkpoint(exp.init_from)
@@ -115,143 +100,96 @@ def init_from(model: torch.nn.Module, exp: AutoencoderExperiment) -> None:
                 "; its decoder copied into the mask decoder" if add_mask_decoder else "")
 
 
-def train_autoencoder(exp: AutoencoderExperiment, resume: str | Path | None = None) -> Path:
-    """Train (or resume) the run described by ``exp``; returns the run directory."""
-    cfg = exp.train
-    env = setup_distributed(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + env.rank)
-    run_dir = Path(cfg.out_dir)
+class AutoencoderTrainer(Trainer):
+    """The first stage on the skeleton: a generator step (reconstruction, regulariser, adversarial term), then a
+    discriminator step on the same batch once the GAN has started; two Adam optimisers on one schedule."""
 
-    model = Autoencoder(exp.model)
-    if exp.init_from and resume is None:
-        init_from(model, exp)
-    if exp.train_only == "decoder":
-        model.encoder.requires_grad_(False)
-        model.quant_conv.requires_grad_(False)
-    elif exp.train_only == "mask_decoder":
-        model.requires_grad_(False)
-        model.mask_decoder.requires_grad_(True)
-    last_layer = (model.mask_decoder.decoder.conv_out.weight if exp.train_only == "mask_decoder"
-                  else model.last_layer)
-    model = model.to(env.device)
-    loss_fn = AutoencoderLoss(exp.loss, exp.model.out_ch).to(env.device)
-    disc = loss_fn.discriminator
-    opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    opt_d = (torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas),
-                              weight_decay=cfg.weight_decay) if disc is not None else None)
+    log_columns = LOG_COLUMNS
+    progress_terms = {"loss": "loss", "rec": "pixel"}
+    final_samples = "reconstructions.png"
+    model_name = "autoencoder"
+    exp: AutoencoderExperiment
 
-    start_step, cpu_offset = 0, 0.0
-    if resume is not None:
-        ckpt = resolve_checkpoint(resume).parent
-        weights, _ = read_checkpoint(ckpt)
-        load_state_strict(model, weights, "autoencoder")
-        state = load_train_state(ckpt)
-        opt_ae.load_state_dict(state["opt_ae"])
-        if disc is not None and state.get("discriminator") is not None:
-            disc.load_state_dict(state["discriminator"])
-            opt_d.load_state_dict(state["opt_d"])
-        start_step = int(state["step"])
-        cpu_offset = float(state.get("cpu_seconds", 0.0))
-        logger.info("resumed from %s at step %d", ckpt, start_step)
+    def build(self, resuming: bool) -> None:
+        exp, cfg, device = self.exp, self.cfg, self.env.device
+        model = Autoencoder(exp.model)
+        if exp.init_from and not resuming:
+            init_from(model, exp)
+        if exp.train_only == "decoder":
+            model.encoder.requires_grad_(False)
+            model.quant_conv.requires_grad_(False)
+        elif exp.train_only == "mask_decoder":
+            model.requires_grad_(False)
+            model.mask_decoder.requires_grad_(True)
+        self.last_layer = (model.mask_decoder.decoder.conv_out.weight if exp.train_only == "mask_decoder"
+                           else model.last_layer)
+        self.model = model.to(device)
+        self.loss_fn = AutoencoderLoss(exp.loss, exp.model.out_ch).to(device)
+        self.disc = self.loss_fn.discriminator
+        self.opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                       betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        disc_lr = cfg.disc_lr or cfg.lr
+        self.opt_d = (torch.optim.Adam(self.disc.parameters(), lr=disc_lr, betas=tuple(cfg.betas),
+                                       weight_decay=cfg.weight_decay) if self.disc is not None else None)
+        self.optimizers = {"opt_ae": ScheduledOptimizer(self.opt_ae, cfg.lr),
+                           "opt_d": ScheduledOptimizer(self.opt_d, disc_lr) if self.opt_d is not None else None}
+        self.ddp_model = self.distributed(self.model)
+        self.ddp_disc = self.distributed(self.disc) if self.disc is not None else None
 
-    train_set = build_dataset(exp.data, "train")
-    test_set = build_dataset(exp.data, "test")
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(exp, run_dir / "config.yaml")
-        logger.info("training %s autoencoder (f=%d, %.2fM params) on %s (%d images), device %s, world %d",
-                    exp.model.regularizer, exp.model.downsample_factor,
-                    sum(p.numel() for p in model.parameters()) / 1e6, exp.data.name, len(train_set), env.device,
-                    env.world_size)
-    log = MetricLog(run_dir, LOG_COLUMNS, resume_step=start_step if resume else None) if env.is_main else None
-    fixed = torch.stack([test_set[i]["image"] for i in range(min(8, len(test_set)))]).to(env.device)
-    fixed_masks = (draw_masks(exp, fixed.shape[0], fixed.shape[-1], torch.Generator().manual_seed(0)).to(env.device)
-                   if exp.train_only == "mask_decoder" else None)
+    def restore(self, weights: dict[str, torch.Tensor], config: dict[str, Any], state: dict[str, Any]) -> None:
+        super().restore(weights, config, state)
+        if self.disc is not None and state.get("discriminator") is not None:
+            self.disc.load_state_dict(state["discriminator"])
 
-    ddp_model = DDP(model) if env.distributed else model
-    ddp_disc = DDP(disc) if env.distributed and disc is not None else disc
-    batches = make_loader(train_set, cfg, env, start_step)
-    guard = NonFiniteGuard(cfg.max_nonfinite)
-    if resume is not None:
-        # Restored last: building datasets and loaders draws from the global generator too.
-        set_rng_state(state["rng"], env.device)
-    config_dict = to_dict(exp)
+    def training_data(self) -> Dataset:
+        train_set = build_dataset(self.exp.data, "train")
+        self.test_set = build_dataset(self.exp.data, "test")
+        return train_set
 
-    def checkpoint(step: int) -> None:
-        if not env.is_main:
-            return
-        state = {"step": step, "opt_ae": opt_ae.state_dict(), "rng": rng_state(env.device),
-                 "discriminator": disc.state_dict() if disc is not None else None,
-                 "opt_d": opt_d.state_dict() if opt_d is not None else None, "cpu_seconds": clock.total_cpu()}
-        save_checkpoint(run_dir, step, model.state_dict(), config_dict, state, keep=cfg.keep_checkpoints)
+    def describe(self) -> str:
+        return (f"training {self.exp.model.regularizer} autoencoder (f={self.exp.model.downsample_factor}, "
+                f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params)")
 
-    clock = RunClock(cpu_offset)
-    step = start_step
-    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
-    running = RunningMeans()
-    model.train()
-    loss_fn.train()
-    while step < cfg.steps:
-        x = next(batches)["image"].to(env.device, non_blocking=True)
-        factor = lr_factor(step, cfg)
-        for group in opt_ae.param_groups:
-            group["lr"] = cfg.lr * factor
-        if opt_d is not None:
-            for group in opt_d.param_groups:
-                group["lr"] = (cfg.disc_lr or cfg.lr) * factor
+    def prepare_samples(self) -> None:
+        fixed = torch.stack([self.test_set[i]["image"] for i in range(min(8, len(self.test_set)))])
+        self.fixed = fixed.to(self.env.device)
+        self.fixed_masks = None
+        if self.exp.train_only == "mask_decoder":
+            masks = draw_masks(self.exp, fixed.shape[0], fixed.shape[-1], torch.Generator().manual_seed(0))
+            self.fixed_masks = masks.to(self.env.device)
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.loss_fn.train()
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, Any] | None:
+        exp, device, loss_fn = self.exp, self.env.device, self.loss_fn
+        x = batch["image"].to(device, non_blocking=True)
         # Generator (autoencoder) step; the discriminator is frozen so its weights get no gradient here.
-        if disc is not None:
-            disc.requires_grad_(False)
-        masks = draw_masks(exp, x.shape[0], x.shape[-1]).to(env.device) if exp.train_only == "mask_decoder" else None
-        with autocast_context(env.device, cfg.precision):
-            out = ddp_model(x, mask=masks)
+        if self.disc is not None:
+            self.disc.requires_grad_(False)
+        masks = draw_masks(exp, x.shape[0], x.shape[-1]).to(device) if exp.train_only == "mask_decoder" else None
+        with autocast_context(device, self.cfg.precision):
+            out = self.ddp_model(x, mask=masks)
         recon = out.reconstruction.float()
-        loss, logs = loss_fn.generator_loss(x, recon, out.reg_loss.float(), step, last_layer, exp.model.regularizer)
+        loss, logs = loss_fn.generator_loss(x, recon, out.reg_loss.float(), step, self.last_layer,
+                                            exp.model.regularizer)
         logs.update(out.stats)
-        opt_ae.zero_grad(set_to_none=True)
-        ok = guard.check(loss, step)
-        if ok:
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt_ae.step()
-        # Discriminator step on the same batch, once the GAN has started.
-        if ok and loss_fn.gan_active(step):
-            disc.requires_grad_(True)
-            d_loss, d_logs = loss_fn.discriminator_step_loss(x, recon.detach(), ddp_disc)
-            opt_d.zero_grad(set_to_none=True)
-            if guard.check(d_loss, step):
-                d_loss.backward()
-                opt_d.step()
+        if not self.optimizer_step(loss, self.opt_ae, step):
+            return None
+        # Discriminator step on the same batch, once the GAN has started; unclipped, as it has always trained.
+        if loss_fn.gan_active(step):
+            self.disc.requires_grad_(True)
+            d_loss, d_logs = loss_fn.discriminator_step_loss(x, recon.detach(), self.ddp_disc)
+            self.optimizer_step(d_loss, self.opt_d, step, clip_gradients=False)
             logs.update(d_logs)
-        step += 1
-        progress.update(1)
-        if ok:
-            running.add(logs)
-        if env.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            means = running.flush()
-            means.update(lr=opt_ae.param_groups[0]["lr"], skipped=guard.total, seconds=round(clock.wall(), 1),
-                         cpu_seconds=round(clock.total_cpu(), 1))
-            log.write(step, means)
-            progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}",
-                                 rec=f"{means.get('pixel', float('nan')):.4f}")
-        if env.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            save_reconstruction_grid(model, fixed, run_dir / "samples" / f"step_{step:07d}.png", fixed_masks)
-        out_of_time = time_is_up(cfg, clock, env)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint(step)
-        if out_of_time:
-            logger.info("time limit of %.1f min reached at step %d", cfg.time_limit_minutes, step)
-            break
-    progress.close()
-    if env.is_main:
-        save_reconstruction_grid(model, fixed, run_dir / "reconstructions.png", fixed_masks)
-        logger.info("finished at step %d in %.1f min; checkpoint in %s", step, clock.wall() / 60,
-                    run_dir / "checkpoints")
-    return run_dir
+        return logs
+
+    def train_state(self) -> dict[str, Any]:
+        return {"discriminator": self.disc.state_dict() if self.disc is not None else None}
+
+    def save_samples(self, path: Path) -> None:
+        save_reconstruction_grid(self.model, self.fixed, path, self.fixed_masks)
 
 
 def draw_masks(exp: AutoencoderExperiment, n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -42,6 +42,8 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     num_workers: int = 0
     seed: int = 0
+    # Steps between log rows, checkpoints and sample grids; 0: only at the end of the run (the last step always
+    # logs, checkpoints and samples).
     log_every: int = 25
     ckpt_every: int = 500
     sample_every: int = 500
@@ -50,6 +52,12 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     time_limit_minutes: float = 0.0  # stop (and checkpoint) after this much time (see time_limit_clock); 0: no limit
     time_limit_clock: str = "wall"  # "wall": elapsed time; "cpu": this process's CPU time (fair under contention)
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "ckpt_every", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0: only at the end of the run), got "
+                                 f"{getattr(self, name)}")
 
 
 @dataclass
