@@ -1,0 +1,50 @@
+"""The ``class_map_concat`` embedder: a class map one-hot at the latent size, appended to the UNet's input channels.
+
+LDM's semantic synthesis (Rombach et al. 2022, sec. 4.3.2). ``resize`` "nearest" takes each latent cell's top-left
+pixel; "area" gives the fraction of each class in the cell. The unconditional version is all zeros, as LDM's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.conditioning.embedders.base import Encode, Geometry, zero_where_dropped
+from latentdiff.conditioning.embedders.class_map import ClassMapConfig, ClassMapEmbedder
+
+RESIZE_MODES = ("nearest", "area")
+
+
+@dataclass
+class ClassMapConcatConfig(ClassMapConfig):
+    kind: str = field(default="class_map_concat", init=False)
+    resize: str = "nearest"
+
+    output: ClassVar[str] = "concat"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"class map resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+
+    def channels(self, geometry: Geometry) -> int:
+        return self.num_classes
+
+
+class ClassMapConcatEmbedder(ClassMapEmbedder):
+    config_class = ClassMapConcatConfig
+
+    def forward(self, prepared: dict[str, torch.Tensor], dropped: torch.Tensor,
+                encode: Encode | None = None) -> torch.Tensor:
+        class_map, classes, device = prepared.get("class_map"), self.config.num_classes, dropped.device
+        size = (self.geometry.latent_size, self.geometry.latent_size)
+        if class_map is None:
+            return torch.zeros(len(dropped), classes, *size, device=device)
+        onehot = F.one_hot(class_map.to(device).long(), classes).permute(0, 3, 1, 2).float()
+        return zero_where_dropped(F.interpolate(onehot, size=size, mode=self.config.resize), dropped)
+
+
+__all__ = ["RESIZE_MODES", "ClassMapConcatConfig", "ClassMapConcatEmbedder"]
