@@ -74,7 +74,7 @@ def test_each_embedder_alone_shapes_and_unconditional_version(kind):
     config, shape = EMBEDDER_CASES[kind]
     torch.manual_seed(0)
     embedder = build_embedder(config, GEOMETRY)
-    assert embedder.config.kind == kind and embedder.output == config.output
+    assert embedder.config.kind == kind and embedder.config.output == config.output
     prepared = embedder.prepare(fake_batch())
     assert set(prepared) <= set(embedder.keys) and prepared
     kept = embedder(prepared, torch.zeros(4, dtype=torch.bool), identity_encode)

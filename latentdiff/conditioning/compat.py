@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from latentdiff.conditioning.embedders.base import EmbedderConfig
 from latentdiff.conditioning.embedders.class_map_concat import ClassMapConcatConfig
@@ -94,66 +95,49 @@ class FlatConditionerConfig:
         return None
 
 
+class FlatField(NamedTuple):
+    """Where a flat field's value is in the embedder list: an attribute of the embedder of that name (of that
+    ``kind``, when given; "" is the embedder's config itself), else ``absent``."""
+
+    embedder: str
+    attribute: str
+    absent: Any
+    kind: str = ""
+
+
+FLAT_FIELDS = {
+    "text_encoder": FlatField("caption", "kind", "none"),
+    "text": FlatField("caption", "text", None, kind="transformer"),  # the trainer fills in its vocabulary
+    "clip": FlatField("caption", "", None, kind="clip"),
+    "minilm": FlatField("caption", "", None, kind="minilm"),
+    "class_map": FlatField("class_map", "output", "none"),
+    "num_map_classes": FlatField("class_map", "num_classes", 0),
+    "class_map_dropout": FlatField("class_map", "dropout", 0.0),
+    "image": FlatField("image", "kind", "none"),
+    "lowres_size": FlatField("image", "size", 0, kind="lowres"),
+    "image_dropout": FlatField("image", "dropout", 0.0),
+    "num_classes": FlatField("label", "num_classes", 0),
+}
+
+
+def _read_flat_field(where: FlatField) -> property:
+    def read(self: Any) -> Any:
+        found = self.embedder(where.embedder)
+        if found is None or where.kind not in ("", found.kind):
+            return where.absent
+        return getattr(found, where.attribute) if where.attribute else found
+
+    return property(read)
+
+
 class FlatFields:
-    """The flat config's fields as read-only queries on the embedder list (by the flat form's embedder names:
-    "caption", "class_map", "image", "label"); "none" / 0 / None where that input is not used. Mixed into
-    ``ConditionerConfig``, whose ``embedder(name)`` and ``dropout_rate(name)`` it reads."""
-
-    def _kind(self, name: str) -> str:
-        found = self.embedder(name)
-        return found.kind if found is not None else "none"
-
-    @property
-    def text_encoder(self) -> str:
-        return self._kind("caption")
-
-    @property
-    def class_map(self) -> str:
-        found = self.embedder("class_map")
-        return found.output if found is not None else "none"
-
-    @property
-    def image(self) -> str:
-        return self._kind("image")
-
-    @property
-    def num_classes(self) -> int:
-        found = self.embedder("label")
-        return found.num_classes if found is not None else 0
-
-    @property
-    def num_map_classes(self) -> int:
-        found = self.embedder("class_map")
-        return found.num_classes if found is not None else 0
-
-    @property
-    def lowres_size(self) -> int:
-        return self.embedder("image").size if self.image == "lowres" else 0
-
-    @property
-    def text(self) -> TextTransformerConfig | None:
-        """The jointly trained text encoder's config (the object itself: the trainer fills in its vocabulary)."""
-        return self.embedder("caption").text if self.text_encoder == "transformer" else None
-
-    @property
-    def clip(self) -> CLIPEncoderConfig | None:
-        return self.embedder("caption") if self.text_encoder == "clip" else None
-
-    @property
-    def minilm(self) -> MiniLMConfig | None:
-        return self.embedder("caption") if self.text_encoder == "minilm" else None
-
-    @property
-    def text_dropout(self) -> float:
-        return self.dropout_rate("caption")
-
-    @property
-    def class_map_dropout(self) -> float:
-        return self.dropout_rate("class_map")
-
-    @property
-    def image_dropout(self) -> float:
-        return self.dropout_rate("image")
+    """The flat config's fields (``FLAT_FIELDS``, one read-only property each) as queries on the embedder list, for
+    the callers written before it. Mixed into ``ConditionerConfig``, whose ``embedder(name)`` they read."""
 
 
-__all__ = ["CLASS_MAP_MODES", "IMAGE_MODES", "TEXT_ENCODERS", "FlatConditionerConfig", "FlatFields"]
+for _name, _where in FLAT_FIELDS.items():
+    setattr(FlatFields, _name, _read_flat_field(_where))
+
+
+__all__ = ["CLASS_MAP_MODES", "FLAT_FIELDS", "IMAGE_MODES", "TEXT_ENCODERS", "FlatConditionerConfig", "FlatField",
+           "FlatFields"]

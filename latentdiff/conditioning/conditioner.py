@@ -157,24 +157,24 @@ class Conditioner(nn.Module):
         self.embedders = tuple(build_embedder(c, self.geometry) for c in config.embedders)  # a tuple: not registered
         for embedder in self.embedders:
             self._adopt(embedder)
-        self._columns = tuple(config.dropout_columns.index(e.name) for e in self.embedders)
+        self._columns = tuple(config.dropout_columns.index(e.config.name) for e in self.embedders)
         self.register_buffer("dropout_rates", torch.tensor(config.dropout_rates), persistent=False)
 
     def _adopt(self, embedder: Embedder) -> None:
         """Register the embedder's submodules and parameters here, under their own names (the checkpoint's)."""
         if next(embedder.buffers(recurse=False), None) is not None:
-            raise TypeError(f"the {embedder.name!r} embedder has buffers of its own: keep them in a submodule")
+            raise TypeError(f"the {embedder.config.name!r} embedder has buffers of its own: keep them in a submodule")
         owned = [*embedder.named_children(), *embedder.named_parameters(recurse=False)]
         for name, value in owned:
             if hasattr(self, name):
-                raise ValueError(f"the {embedder.name!r} embedder's {name!r} is taken by another embedder")
+                raise ValueError(f"the {embedder.config.name!r} embedder's {name!r} is taken by another embedder")
             if isinstance(value, nn.Parameter):
                 self.register_parameter(name, value)
             else:
                 self.add_module(name, value)
 
     def embedder(self, name: str) -> Embedder:
-        found = next((e for e in self.embedders if e.name == name), None)
+        found = next((e for e in self.embedders if e.config.name == name), None)
         if found is None:
             raise KeyError(f"this conditioner has no embedder {name!r}; it has {', '.join(self.config.inputs)}")
         return found
@@ -268,7 +268,7 @@ class Conditioner(nn.Module):
             raise ValueError(f"drop must be ({n}, {columns}), got {tuple(drop.shape)}")
         outputs: dict[str, list[Any]] = {"crossattn": [], "concat": [], "vector": []}
         for embedder, column in zip(self.embedders, self._columns, strict=True):
-            outputs[embedder.output].append(embedder(inputs, drop[:, column], encode))
+            outputs[embedder.config.output].append(embedder(inputs, drop[:, column], encode))
         return join_outputs(outputs["crossattn"], outputs["concat"], outputs["vector"])
 
     def _batch_size(self, inputs: dict[str, torch.Tensor], n: int | None) -> int:

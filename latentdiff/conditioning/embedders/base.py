@@ -62,6 +62,14 @@ class EmbedderConfig:
     output: ClassVar[str] = ""
     default_name: ClassVar[str] = ""
 
+    def __init_subclass__(cls, output: str = "", default_name: str = "", **kwargs: Any) -> None:
+        """``class LabelConfig(EmbedderConfig, output="vector", default_name="label")`` declares what it gives."""
+        super().__init_subclass__(**kwargs)
+        if output and output not in OUTPUTS:
+            raise TypeError(f"{cls.__name__}: output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        cls.output = output or cls.output
+        cls.default_name = default_name or cls.default_name
+
     def __post_init__(self) -> None:
         self.name = self.name or self.default_name
         if not self.name:
@@ -92,14 +100,6 @@ class Embedder(nn.Module):
     def __init__(self, config: EmbedderConfig, geometry: Geometry) -> None:
         super().__init__()
         self.config, self.geometry = config, geometry
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def output(self) -> str:
-        return self.config.output
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The deterministic, cacheable tensors of this input in ``batch`` (nothing when it is not there)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -18,13 +18,10 @@ from latentdiff.conditioning.embedders.base import Embedder, EmbedderConfig, Enc
 
 
 @dataclass
-class CaptionConfig(EmbedderConfig):
+class CaptionConfig(EmbedderConfig, output="crossattn", default_name="caption"):
     """A text encoder over the batch's captions: cross-attention tokens, dropped for 10% of samples by default."""
 
     dropout: float = 0.1
-
-    output: ClassVar[str] = "crossattn"
-    default_name: ClassVar[str] = "caption"
 
 
 class CaptionEmbedder(Embedder):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -11,12 +11,10 @@ from latentdiff.conditioning.embedders.base import Embedder, EmbedderConfig
 
 
 @dataclass
-class ClassMapConfig(EmbedderConfig):
+class ClassMapConfig(EmbedderConfig, default_name="class_map"):
     """``num_classes`` counts the map's classes, background included (fmnist_scenes: 11)."""
 
     num_classes: int = 0
-
-    default_name: ClassVar[str] = "class_map"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,6 @@ pixel; "area" gives the fraction of each class in the cell. The unconditional ve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +18,11 @@ RESIZE_MODES = ("nearest", "area")
 
 
 @dataclass
-class ClassMapConcatConfig(ClassMapConfig):
+class ClassMapConcatConfig(ClassMapConfig, output="concat"):
+    """``resize`` ("nearest" or "area") brings the one-hot map to the latent size."""
+
     kind: str = field(default="class_map_concat", init=False)
     resize: str = "nearest"
-
-    output: ClassVar[str] = "concat"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,7 +8,6 @@ position. The unconditional version is the null class (index ``num_classes``) ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +18,11 @@ from latentdiff.conditioning.embedders.class_map import ClassMapConfig, ClassMap
 
 
 @dataclass
-class ClassMapTokensConfig(ClassMapConfig):
+class ClassMapTokensConfig(ClassMapConfig, output="crossattn"):
     """``width`` is the tokens' width: that of the other cross-attention tokens (the text encoder's), if any."""
 
     kind: str = field(default="class_map_tokens", init=False)
     width: int = 0  # type: ignore[assignment]  # a field here, a property in the base
-
-    output: ClassVar[str] = "crossattn"
 
     def __post_init__(self) -> None:
         super().__post_init__()

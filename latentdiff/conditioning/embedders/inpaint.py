@@ -9,7 +9,7 @@ generator (``draw``'s "inpaint_box"); at sampling the caller gives ``mask``. The
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def inpaint_boxes(uniform: torch.Tensor, size: int, full_prob: float, min_box: f
 
 
 @dataclass
-class InpaintConfig(EmbedderConfig):
+class InpaintConfig(EmbedderConfig, output="concat", default_name="image"):
     """Training masks: everything with probability ``full_prob`` (SD inpainting: 25%), else a box whose sides are
     uniform between ``min_box`` and ``max_box`` of the image side."""
 
@@ -45,9 +45,6 @@ class InpaintConfig(EmbedderConfig):
     full_prob: float = 0.25
     min_box: float = 0.25
     max_box: float = 0.75
-
-    output: ClassVar[str] = "concat"
-    default_name: ClassVar[str] = "image"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,7 +8,7 @@ vector, without a bias. The last index, ``num_classes``, is the null class: the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -16,13 +16,12 @@ from latentdiff.conditioning.embedders.base import Embedder, EmbedderConfig, Enc
 
 
 @dataclass
-class LabelConfig(EmbedderConfig):
+class LabelConfig(EmbedderConfig, output="vector", default_name="label"):
+    """``num_classes`` labels (0 to num_classes - 1) and the null class; dropped for 10% of samples by default."""
+
     kind: str = field(default="label", init=False)
     num_classes: int = 0
     dropout: float = 0.1
-
-    output: ClassVar[str] = "vector"
-    default_name: ClassVar[str] = "label"
 
     def __post_init__(self) -> None:
         super().__post_init__()

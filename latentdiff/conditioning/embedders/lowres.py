@@ -9,7 +9,7 @@ by the first stage. The unconditional version is all zeros.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,12 @@ def lowres_unshuffle_factor(lowres_size: int, latent_size: int) -> int:
 
 
 @dataclass
-class LowResConfig(EmbedderConfig):
+class LowResConfig(EmbedderConfig, output="concat", default_name="image"):
+    """The low-res image is ``size`` pixels square, given to the UNet in ``space`` "pixels" or "latents"."""
+
     kind: str = field(default="lowres", init=False)
     size: int = 8
     space: str = "pixels"
-
-    output: ClassVar[str] = "concat"
-    default_name: ClassVar[str] = "image"
 
     def __post_init__(self) -> None:
         super().__post_init__()
