@@ -34,23 +34,28 @@ IMAGE_MODES = ("none", "lowres", "inpaint")
 class FlatConditionerConfig:
     """The conditioner config before embedders, as it was written; see the module docstring."""
 
+    # captions
     text_encoder: str = "none"  # "none" | "minilm" | "transformer" | "clip"
     minilm: MiniLMConfig = field(default_factory=MiniLMConfig)
     clip: CLIPEncoderConfig = field(default_factory=CLIPEncoderConfig)
     text: TextTransformerConfig = field(default_factory=TextTransformerConfig)
     text_dropout: float = 0.1
+    # class maps
     class_map: str = "none"  # "none" | "concat" | "crossattn"
     num_map_classes: int = 0
     class_map_resize: str = "nearest"
     class_map_width: int = 0  # crossattn tokens' width without a text encoder (with one: the text width)
     class_map_dropout: float = 0.0
+    # images: low-res ones (super-resolution) or ones to inpaint
     image: str = "none"  # "none" | "lowres" | "inpaint"
+    image_dropout: float = 0.0
     lowres_size: int = 8
     lowres_space: str = "pixels"
+    # inpainting's training masks
     inpaint_full_prob: float = 0.25
     inpaint_min_box: float = 0.25
     inpaint_max_box: float = 0.75
-    image_dropout: float = 0.0
+    # class labels
     num_classes: int = 0
     label_dropout: float = 0.1
 

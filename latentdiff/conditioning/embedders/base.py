@@ -76,6 +76,10 @@ class EmbedderConfig:
             raise ValueError(f"a {self.kind!r} embedder needs a name")
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"the {self.name!r} embedder's dropout must be in [0, 1], got {self.dropout}")
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError for a field out of its range (each kind checks its own)."""
 
     @property
     def width(self) -> int:

@@ -16,8 +16,7 @@ class ClassMapConfig(EmbedderConfig, default_name="class_map"):
 
     num_classes: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"the {self.name!r} class map needs num_classes >= 2 (background included), got "
                              f"{self.num_classes}")

@@ -24,8 +24,8 @@ class ClassMapConcatConfig(ClassMapConfig, output="concat"):
     kind: str = field(default="class_map_concat", init=False)
     resize: str = "nearest"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"class map resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
 

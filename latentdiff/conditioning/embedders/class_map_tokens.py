@@ -24,8 +24,8 @@ class ClassMapTokensConfig(ClassMapConfig, output="crossattn"):
     kind: str = field(default="class_map_tokens", init=False)
     width: int = 0  # type: ignore[assignment]  # a field here, a property in the base
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.width < 1:
             raise ValueError(f"the {self.name!r} class-map tokens need a width (>= 1), got {self.width}")
 

@@ -36,8 +36,7 @@ class CLIPEncoderConfig(CaptionConfig):
     pad_token_id: int = 49407
     tokenizer: str = ""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if self.pad_token_id < 0:
             raise ValueError(f"clip.pad_token_id must be a token id (>= 0), got {self.pad_token_id}")
         if self.model.context_length < 2:

@@ -46,8 +46,7 @@ class InpaintConfig(EmbedderConfig, output="concat", default_name="image"):
     min_box: float = 0.25
     max_box: float = 0.75
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if not 0.0 <= self.full_prob <= 1.0:
             raise ValueError(f"inpainting full_prob must be in [0, 1], got {self.full_prob}")
         if not 0.0 < self.min_box <= self.max_box <= 1.0:

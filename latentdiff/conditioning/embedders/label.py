@@ -23,8 +23,7 @@ class LabelConfig(EmbedderConfig, output="vector", default_name="label"):
     num_classes: int = 0
     dropout: float = 0.1
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if self.num_classes < 1:
             raise ValueError(f"the {self.name!r} labels need num_classes >= 1, got {self.num_classes}")
 

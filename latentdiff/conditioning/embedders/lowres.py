@@ -37,8 +37,7 @@ class LowResConfig(EmbedderConfig, output="concat", default_name="image"):
     size: int = 8
     space: str = "pixels"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if self.size < 1:
             raise ValueError(f"the low-res image size must be positive, got {self.size}")
         if self.space not in LOWRES_SPACES:

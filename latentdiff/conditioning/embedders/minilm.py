@@ -31,8 +31,7 @@ class MiniLMConfig(CaptionConfig):
     version: str = ""
     weights_sha256: str = ""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if self.max_length < 2:
             raise ValueError(f"minilm.max_length must leave room for [CLS] and [SEP], got {self.max_length}")
 
@@ -55,9 +54,9 @@ class MiniLMEmbedder(CaptionEmbedder):
     def _record_identity(self) -> None:
         """Check the installed weights against the recorded ones, or record them (into the model's own config)."""
         found, recorded = self.transformer.describe(), self.config
-        if self.transformer.width != MINILM_WIDTH:
-            raise ValueError(f"the MiniLM at {self.transformer.folder} is {self.transformer.width} wide, "
-                             f"not {MINILM_WIDTH}")
+        width = self.transformer.bert.config.hidden_size
+        if width != MINILM_WIDTH:
+            raise ValueError(f"the MiniLM at {self.transformer.folder} is {width} wide, not {MINILM_WIDTH}")
         if recorded.weights_sha256 and recorded.weights_sha256 != found["weights_sha256"]:
             logger.warning("this model was trained with MiniLM weights %s (package version %s) but the installed "
                            "ones are %s (version %s): its text conditioning will not match",
