@@ -101,7 +101,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, recursively, checking keys and types."""
+    """Build dataclass ``cls`` from ``data``, recursively, checking keys and types.
+
+    A class with a ``from_config_dict(data, where)`` classmethod reads itself instead: a list of differently typed
+    entries (tagged by a ``kind``), or an older form of the same config."""
+    reader = getattr(cls, "from_config_dict", None)
+    if reader is not None:
+        return reader(data or {}, where)
+    return dataclass_from_dict(cls, data, where)
+
+
+def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """``from_dict`` for a plain dataclass: its fields from ``data``, checking keys and types."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}

@@ -16,12 +16,12 @@ from latentdiff.conditioning.bert import (
     minilm_model_dir,
 )
 from latentdiff.conditioning.conditioner import (
-    DROPOUT_INPUTS,
     Conditioner,
     ConditionerConfig,
     MiniLMConfig,
     inpaint_boxes,
 )
+from latentdiff.conditioning.embedders.base import FIXED_DROPOUT_COLUMNS
 from latentdiff.conditioning.text import (
     TextTransformer,
     TextTransformerConfig,
@@ -235,7 +235,7 @@ def test_class_map_concat_is_a_one_hot_at_the_latent_size():
     concat = conditioner(conditioner.prepare({"class_map": class_map}))["concat"]
     assert concat.shape == (1, 3, 2, 2) and torch.equal(concat.sum(1), torch.ones(1, 2, 2))
     assert concat.argmax(1).tolist() == [[[0, 1], [2, 2]]]  # nearest: each cell's top-left pixel
-    conditioner.config.class_map_resize = "area"
+    conditioner.embedder("class_map").config.resize = "area"
     area = conditioner(conditioner.prepare({"class_map": class_map}))["concat"]
     assert area[0, :, 1, 1].tolist() == [0.75, 0.0, 0.25]  # the fraction of each class in the cell
 
@@ -247,7 +247,7 @@ def test_dropout_rates_and_unconditional_inputs():
     conditioner = Conditioner(config, image_size=16, image_channels=3, latent_channels=4, latent_size=8)
     draws = conditioner.draw(40000, torch.Generator().manual_seed(3))
     drop = conditioner.dropout_mask(draws["cond_dropout"])
-    assert DROPOUT_INPUTS == ("caption", "class_map", "image", "label")
+    assert FIXED_DROPOUT_COLUMNS == ("caption", "class_map", "image", "label")
     for column, rate in enumerate((0.3, 0.2, 0.5, 0.1)):
         assert abs(float(drop[:, column].float().mean()) - rate) < 0.01
     again = conditioner.dropout_mask(conditioner.draw(40000, torch.Generator().manual_seed(3))["cond_dropout"])
@@ -411,7 +411,7 @@ def test_minilm_model_checkpoint_has_no_text_weights_and_reloads_them(first_stag
                                model.encode_conditioning(cond, 1)["context"], rtol=0, atol=0)
     # Other weights recorded than installed: loading warns that the conditioning will not match.
     changed = to_dict(model.config)
-    changed["conditioner"]["minilm"]["weights_sha256"] = "0" * 64
+    changed["conditioner"]["embedders"][0]["weights_sha256"] = "0" * 64
     save_checkpoint(tmp_path / "other", 1, model.state_dict(), {"task": "diffusion", "model": changed})
     with caplog.at_level(logging.WARNING):
         load_latent_diffusion(tmp_path / "other")

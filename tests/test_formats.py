@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from latentdiff.autoencoder.model import AutoencoderConfig
 from latentdiff.cli import build_parser
+from latentdiff.conditioning.conditioner import ConditionerConfig
 from latentdiff.config import from_dict, read_yaml
 from latentdiff.diffusion.unet import UNetConfig
 from latentdiff.formats import (
@@ -586,7 +587,7 @@ def test_native_checkpoints(tmp_path: Path, clip_text) -> None:
     assert_same(back.text_encoder, comps.text_encoder)
     config = json.loads((step_dir / "config.json").read_text())
     assert config["task"] == "diffusion" and config["model"]["conditioning"] == "crossattn"
-    assert config["model"]["conditioner"]["text_encoder"] == "clip"
+    assert from_dict(ConditionerConfig, config["model"]["conditioner"]).text_encoder == "clip"
     # A VAE alone is an autoencoder checkpoint that load_autoencoder reads.
     vae_only = StableDiffusionComponents(vae=random_weights(TINY_VAE, 13), vae_config=TINY_VAE)
     save_native(vae_only, tmp_path / "vae_run")

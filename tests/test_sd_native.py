@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.conditioner import CLIPEncoderConfig, Conditioner, ConditionerConfig
+from latentdiff.conditioning.embedders.inpaint import InpaintConfig
 from latentdiff.conditioning.tokenizer import default_vocab_path
 from latentdiff.config import from_dict, to_dict
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
@@ -132,7 +133,8 @@ def test_native_sd_checkpoint_is_the_original_layout(files, tmp_path: Path) -> N
     model = config["model"]
     assert model["conditioning"] == "crossattn" and model["image_size"] == SIZE
     conditioner = from_dict(ConditionerConfig, model["conditioner"])
-    assert conditioner.text_encoder == "clip" and conditioner.image == "none" and conditioner.text_dropout == 0.1
+    assert conditioner.text_encoder == "clip" and conditioner.image == "none"
+    assert conditioner.dropout_rate("caption") == 0.1
     assert conditioner.clip == CLIPEncoderConfig(model=CLIP_V1, pad_token_id=49407)
     ldm = load_latent_diffusion(files["v1_native"])
     assert ldm.config.unet == UNET and ldm.scale_factor == pytest.approx(0.18215)
@@ -266,8 +268,9 @@ def test_clip_conditioner_is_frozen_saved_and_unmasked() -> None:
     assert all(k.startswith("transformer.text_model.") for k in conditioner.state_dict())
     cond = conditioner(conditioner.prepare({"caption": [PROMPT, ""]}))
     assert set(cond) == {"context"} and cond["context"].shape == (2, 77, 32)
-    ids = conditioner.tokenize([PROMPT])
-    assert int(ids[0, -1]) == 49407 and torch.equal(conditioner.empty_ids[0, :2], torch.tensor([49406, 49407]))
+    text = conditioner.embedder("caption")
+    ids = text.tokenize([PROMPT])
+    assert int(ids[0, -1]) == 49407 and torch.equal(text.empty_ids[0, :2], torch.tensor([49406, 49407]))
     torch.testing.assert_close(cond["context"][:1], conditioner.transformer.encode(ids), rtol=0, atol=0)
     first_stage = Autoencoder(VAE)
     model = LatentDiffusion(LatentDiffusionConfig(first_stage_config=VAE, scale_factor=0.18215, image_size=SIZE,
@@ -276,7 +279,7 @@ def test_clip_conditioner_is_frozen_saved_and_unmasked() -> None:
     assert model.config.unet.context_dim == 32
     assert not {id(p) for p in model.trainable_parameters()} & {id(p) for p in model.cond_stage_model.parameters()}
     # The 9-channel inpainting UNet fits the channel checks with image: inpaint.
-    inpaint = dataclasses.replace(config, image="inpaint", image_dropout=0.0)
+    inpaint = ConditionerConfig([*config.embedders, InpaintConfig(dropout=0.0)])
     LatentDiffusion(LatentDiffusionConfig(first_stage_config=VAE, scale_factor=0.18215, image_size=SIZE,
                                           unet=dataclasses.replace(UNET, in_channels=9), conditioning="hybrid",
                                           conditioner=inpaint), first_stage)

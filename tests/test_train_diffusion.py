@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.cli import main
-from latentdiff.config import to_dict
+from latentdiff.conditioning.conditioner import ConditionerConfig
+from latentdiff.config import from_dict, to_dict
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.diffusion.sampling import sample as run_sampler
@@ -371,15 +372,16 @@ def test_scene_configs_train_and_their_checkpoints_load_and_sample_with_guidance
                  first_stage=scenes_first_stage) == 0
     weights, state, config = latest(out)
     assert config["model"]["conditioning"] == {"txt2img": "crossattn", "inpaint": "hybrid"}.get(name, "concat")
-    conditioner = config["model"]["conditioner"]
+    assert list(config["model"]["conditioner"]) == ["embedders"]  # a new model saves the embedder list
+    conditioner = from_dict(ConditionerConfig, config["model"]["conditioner"])
     text_weights = any(k.startswith("cond_stage_model.") for k in weights)
     if key == "txt2img-minilm":  # the frozen MiniLM is not in the checkpoint, only which weights it was
-        assert not text_weights and len(conditioner["minilm"]["weights_sha256"]) == 64
+        assert not text_weights and len(conditioner.minilm.weights_sha256) == 64
     elif name in ("txt2img", "inpaint"):  # the jointly trained encoder is, with its vocabulary in the config
-        assert conditioner["text_encoder"] == "transformer" and text_weights
-        assert "sneaker" in conditioner["text"]["vocab"] or "bag" in conditioner["text"]["vocab"]
+        assert conditioner.text_encoder == "transformer" and text_weights
+        assert "sneaker" in conditioner.text.vocab or "bag" in conditioner.text.vocab
     else:
-        assert conditioner["text_encoder"] == "none" and not text_weights
+        assert conditioner.text_encoder == "none" and not text_weights
     cache = load_file(str(out / "latent_cache.safetensors"))
     want_cached = {"txt2img": {"cond.input_ids"}, "seg2img": {"cond.class_map"}, "upscale": {"cond.lowres"},
                    "inpaint": {"cond.input_ids", "cond.image"}}[name]
@@ -410,9 +412,9 @@ def test_text_model_resume_is_bit_identical(scenes_first_stage, tmp_path):
     assert train(part, "train.steps=2", *common, config=config, first_stage=scenes_first_stage) == 0
     assert main(["train", "--resume", str(part), "train.steps=4"]) == 0
     (full_w, full_s, full_c), (part_w, part_s, part_c) = latest(tmp_path / "full"), latest(part)
-    vocab = full_c["model"]["conditioner"]["text"]["vocab"]
+    vocab = from_dict(ConditionerConfig, full_c["model"]["conditioner"]).text.vocab
     assert "sneaker" in vocab or "bag" in vocab
-    assert part_c["model"]["conditioner"]["text"]["vocab"] == vocab
+    assert from_dict(ConditionerConfig, part_c["model"]["conditioner"]).text.vocab == vocab
     assert any(k.startswith("cond_stage_model.transformer.") for k in full_w)
     assert full_w.keys() == part_w.keys()
     for k in full_w:

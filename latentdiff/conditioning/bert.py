@@ -478,14 +478,6 @@ class MiniLMTextEncoder(nn.Module):
     def bert(self) -> BertModel:
         return self._frozen[0]
 
-    @property
-    def width(self) -> int:
-        return self.bert.config.hidden_size
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
     def describe(self) -> dict[str, str]:
         """What identifies these weights in a checkpoint's config: package version and the weights' SHA-256."""
         return {"version": minilm_package_version() if self._is_package() else "",
@@ -515,7 +507,7 @@ class MiniLMTextEncoder(nn.Module):
         """Token ids (N, L) -> (states (N, L, 384), mask (N, L) bool); the mask is ``ids != [PAD]``."""
         device = self.bert.embeddings.word_embeddings.weight.device
         input_ids = input_ids.to(device)
-        mask = input_ids != self.pad_token_id
+        mask = input_ids != self.tokenizer.pad_token_id
         return self.bert(input_ids, mask).float(), mask
 
     def forward(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

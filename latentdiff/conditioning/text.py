@@ -174,14 +174,6 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.01)
 
-    @property
-    def width(self) -> int:
-        return self.config.width
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
     def tokenize(self, captions: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer(captions)
 
@@ -189,7 +181,7 @@ class TextTransformer(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_length:
             raise ValueError(f"input_ids must be (N, L <= {self.config.max_length}), got {tuple(input_ids.shape)}")
         input_ids = input_ids.to(self.token_embedding.weight.device)
-        mask = input_ids != self.pad_token_id
+        mask = input_ids != self.tokenizer.pad_token_id
         x = self.token_embedding(input_ids) + self.position_embedding[: input_ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask)

@@ -32,7 +32,9 @@ from torch import nn
 
 from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
-from latentdiff.conditioning.conditioner import DROPOUT_INPUTS, INPUT_KEYS, Conditioner, ConditionerConfig
+from latentdiff.conditioning.conditioner import Conditioner, ConditionerConfig
+from latentdiff.conditioning.embedders.registry import registered_input_keys
+from latentdiff.diffusion.conditioning import COND_KEYS, check_unet_fits, encode_conditioning, guidance_pair
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.noise_levels import apply_strength, get_sigmas_discrete, get_sigmas_karras
 from latentdiff.diffusion.objectives import DiffusionLossConfig, diffusion_loss, sample_noise, sample_timesteps
@@ -46,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 CONDITIONING_MODES = ("none", "class", "crossattn", "concat", "hybrid")
 CONDITIONER_MODES = ("crossattn", "concat", "hybrid")  # the modes a Conditioner drives
-COND_KEYS = ("context", "context_mask", "y", "concat")
-# Which dropout column (DROPOUT_INPUTS) a prepared conditioning tensor belongs to.
-_INPUT_COLUMN = {"input_ids": "caption", "caption": "caption", "class_map": "class_map", "image": "image",
-                 "lowres": "image", "mask": "image", "label": "label"}
 
 
 def _small_unet() -> UNetConfig:
@@ -126,42 +124,10 @@ class LatentDiffusionConfig:
                              f"({self.unet.in_channels}): the UNet predicts a latent-shaped target")
 
     def _check_conditioner(self) -> None:
-        c, mode, unet = self.conditioner, self.conditioning, self.unet
-        if c is None:
-            raise ValueError(f"conditioning {mode!r} needs model.conditioner (which inputs, which text encoder)")
-        if self.num_classes:
-            raise ValueError(f"model.num_classes is for conditioning 'class'; with {mode!r} labels are "
-                             "model.conditioner.num_classes")
-        want_context, want_concat = mode in ("crossattn", "hybrid"), mode in ("concat", "hybrid")
-        if c.has_context != want_context or c.has_concat != want_concat:
-            gives = " and ".join(k for k, v in (("cross-attention tokens", c.has_context),
-                                                ("concat channels", c.has_concat)) if v) or "only labels"
-            right = {(True, False): "crossattn", (False, True): "concat", (True, True): "hybrid"}.get(
-                (c.has_context, c.has_concat), "none of these")
-            raise ValueError(f"conditioning {mode!r} does not fit the conditioner, which gives {gives}: use "
-                             f"conditioning: {right}")
-        if c.has_context:
-            if not unet.use_spatial_transformer:
-                raise ValueError("cross-attention conditioning needs model.unet.use_spatial_transformer: true")
-            if not unet.context_dim:
-                unet.context_dim = c.context_dim
-            elif unet.context_dim != c.context_dim:
-                raise ValueError(f"model.unet.context_dim ({unet.context_dim}) must equal the conditioner's token "
-                                 f"width ({c.context_dim})")
-        elif unet.context_dim:
-            raise ValueError(f"model.unet.context_dim is {unet.context_dim} but the conditioner gives no "
-                             "cross-attention tokens; set model.unet.context_dim to null")
-        if c.num_classes:
-            if not unet.num_classes:
-                unet.num_classes = c.num_classes + 1  # the extra index is the null class
-            elif unet.num_classes != c.num_classes + 1:
-                raise ValueError(f"model.unet.num_classes must be conditioner.num_classes + 1 = {c.num_classes + 1} "
-                                 f"(the last embedding is the null class), got {unet.num_classes}")
-        elif unet.num_classes:
-            raise ValueError("model.unet.num_classes is set but the conditioner has no labels (num_classes: 0)")
-        if not want_concat and unet.out_channels != unet.in_channels:
-            raise ValueError(f"model.unet.out_channels ({unet.out_channels}) must equal in_channels "
-                             f"({unet.in_channels}) without concat conditioning")
+        if self.conditioner is None:
+            raise ValueError(f"conditioning {self.conditioning!r} needs model.conditioner (which inputs, which text "
+                             "encoder)")
+        check_unet_fits(self.conditioner, self.conditioning, self.unet, self.num_classes)
 
     @property
     def pixel_space(self) -> bool:
@@ -404,7 +370,7 @@ class LatentDiffusion(nn.Module):
         cond = dict(cond or {})
         unknown = sorted(set(cond) - set(COND_KEYS))
         if unknown:
-            raw = sorted(set(unknown) & set(INPUT_KEYS))
+            raw = sorted(set(unknown) & set(registered_input_keys()))
             if raw and self.cond_stage_model is None:
                 raise ValueError(f"this model (conditioning: {self.config.conditioning}) has no conditioner for the "
                                  f"inputs {raw}")
@@ -502,15 +468,10 @@ class LatentDiffusion(nn.Module):
     def encode_conditioning(self, inputs: dict[str, Any], n: int, drop: torch.Tensor | None = None,
                             mask_uniform: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The UNet's conditioning dict from raw or prepared inputs (captions, class maps, images, labels; a
-        missing input counts as dropped). ``drop`` (n, 4) bool drops inputs (see ``Conditioner.forward``);
+        missing input counts as dropped). ``drop`` (n, columns) bool drops embedders (see ``Conditioner.forward``);
         ``mask_uniform`` (n, 5) draws inpainting boxes for an inpainting batch that brings no mask."""
-        cs = self._conditioner()
-        prepared = _broadcast(cs.prepare(inputs), n)
-        if "image" in prepared and "mask" not in prepared and self.config.conditioner.image == "inpaint":
-            if mask_uniform is None:
-                raise ValueError("inpainting needs a mask (N, 1, H, W), 1 where to fill in, with the image")
-            prepared["mask"] = cs.training_masks(mask_uniform)
-        return cs(prepared, drop=drop, encode=self.encode_condition_image, n=n)
+        draws = {} if mask_uniform is None else {"inpaint_box": mask_uniform}
+        return encode_conditioning(self._conditioner(), inputs, n, self.encode_condition_image, drop, draws)
 
     def _conditioner(self) -> Conditioner:
         if self.cond_stage_model is None:
@@ -519,40 +480,8 @@ class LatentDiffusion(nn.Module):
 
     def _guidance_pair(self, cond: dict[str, Any] | None, uncond: dict[str, Any] | None, n: int,
                        need_uncond: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """(cond, uncond) UNet dicts for a conditioner model from raw inputs (or ready UNet dicts).
-
-        The unconditional branch keeps the inputs trained without dropout and replaces the others by their
-        unconditional versions (the empty caption...); inputs given in ``uncond`` (a negative prompt as
-        ``{"caption": ...}``) replace those instead.
-        """
-        cs = self._conditioner()
-        cond = dict(cond or {})
-        if cond and set(cond) <= set(COND_KEYS):
-            ready = cond
-        else:
-            unknown = sorted(set(cond) - set(INPUT_KEYS))
-            if unknown:
-                raise ValueError(f"unknown conditioning inputs {unknown}; give some of {', '.join(INPUT_KEYS)} (or a "
-                                 f"ready UNet dict of {', '.join(COND_KEYS)})")
-            ready = self.encode_conditioning(cond, n)
-        if not need_uncond:
-            return ready, None
-        if uncond is not None and set(uncond) <= set(COND_KEYS) and uncond:
-            return ready, dict(uncond)
-        unknown = sorted(set(uncond or {}) - set(INPUT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown unconditional inputs {unknown}; give some of {', '.join(INPUT_KEYS)} (e.g. a "
-                             "negative prompt as uncond={'caption': ...}) or a ready UNet dict")
-        drop = cs.unconditional_mask(n)
-        override = cs.prepare(uncond or {})
-        for key in override:
-            drop[:, DROPOUT_INPUTS.index(_INPUT_COLUMN[key])] = False
-        if not bool(drop.any()) and not override:
-            return ready, None
-        prepared = {**_broadcast(cs.prepare(cond), n), **_broadcast(override, n)}
-        if "image" in prepared and "mask" not in prepared and cs.config.image == "inpaint":
-            raise ValueError("inpainting needs a mask (N, 1, H, W), 1 where to fill in, with the image")
-        return ready, cs(prepared, drop=drop, encode=self.encode_condition_image, n=n)
+        """(cond, uncond) UNet dicts for a conditioner model: see ``latentdiff.diffusion.conditioning``."""
+        return guidance_pair(self._conditioner(), cond, uncond, n, self.encode_condition_image, need_uncond)
 
     def denoiser(self) -> DiscreteDenoiser:
         """D(x, sigma, **cond) -> x0 over this model's UNet, for the samplers."""
@@ -630,7 +559,3 @@ class LatentDiffusion(nn.Module):
         finally:
             self.train(was_training)
 
-
-def _broadcast(prepared: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Inputs given once (one caption, one class map) repeated for a batch of ``n``."""
-    return {k: (v.expand(n, *v.shape[1:]) if len(v) == 1 and n > 1 else v) for k, v in prepared.items()}
