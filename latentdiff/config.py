@@ -153,12 +153,34 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``update`` wins."""
+def _entry_name(entry: Any) -> str | None:
+    """How an override addresses an entry of a list of mappings: its ``name``, else its ``kind``."""
+    return (entry.get("name") or entry.get("kind")) if isinstance(entry, dict) else None
+
+
+def _merge_by_name(entries: list[Any], update: dict[str, Any], key: str) -> list[Any]:
+    """A list of named mappings (the conditioner's embedders) updated entry by entry: ``{name: {field: value}}``,
+    so that ``model.conditioner.embedders.caption.dropout=0.2`` reaches the embedder named caption."""
+    names = [_entry_name(e) for e in entries]
+    unknown = sorted(set(update) - set(names))
+    if unknown:
+        raise ConfigError(f"{key} has no entry named {', '.join(map(repr, unknown))}; its entries are named "
+                          f"{', '.join(str(n) for n in names)}")
+    return [merge(e, update[n]) if n in update and isinstance(update[n], dict) else e
+            for e, n in zip(entries, names, strict=True)]
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], key: str = "") -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins. A mapping merged into a list of named mappings updates its entries
+    by name (see ``_merge_by_name``)."""
     out = dict(base)
     for k, v in update.items():
+        where = f"{key}.{k}" if key else k
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
+            out[k] = merge(out[k], v, where)
+        elif (isinstance(v, dict) and isinstance(out.get(k), list) and out[k]
+              and all(_entry_name(e) for e in out[k])):
+            out[k] = _merge_by_name(out[k], v, where)
         else:
             out[k] = v
     return out

@@ -4,7 +4,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from latentdiff.config import ConfigError, from_dict, load_config, parse_overrides, read_yaml, save_yaml, to_dict
+from latentdiff.config import (
+    ConfigError,
+    from_dict,
+    load_config,
+    merge,
+    parse_overrides,
+    read_yaml,
+    save_yaml,
+    to_dict,
+)
 
 
 @dataclass
@@ -75,3 +84,19 @@ def test_every_shipped_config_loads(name):
     exp = load_config(AutoencoderExperiment, read_yaml(f"configs/{name}.yaml"))
     assert exp.task == "autoencoder"
     assert exp.data.image_size % exp.model.downsample_factor == 0
+
+
+def test_overrides_reach_list_entries_by_name():
+    """The conditioner's embedders are a list: ``embedders.caption.dropout=0.2`` updates the entry named caption
+    (or, without a name, of that kind) and leaves the others and the order alone."""
+    base = {"conditioner": {"embedders": [{"kind": "transformer", "name": "caption", "dropout": 0.1},
+                                          {"kind": "inpaint", "dropout": 0.0}]}}
+    got = merge(base, parse_overrides(["conditioner.embedders.caption.dropout=0.2",
+                                       "conditioner.embedders.inpaint.full_prob=0.5"]))
+    assert got["conditioner"]["embedders"] == [{"kind": "transformer", "name": "caption", "dropout": 0.2},
+                                               {"kind": "inpaint", "dropout": 0.0, "full_prob": 0.5}]
+    assert base["conditioner"]["embedders"][0]["dropout"] == 0.1  # the base is not edited
+    with pytest.raises(ConfigError, match="no entry named 'captoin'; its entries are named caption, inpaint"):
+        merge(base, parse_overrides(["conditioner.embedders.captoin.dropout=0.2"]))
+    # a plain list is still replaced whole
+    assert merge({"betas": [0.9, 0.99]}, {"betas": [0.5, 0.9]}) == {"betas": [0.5, 0.9]}

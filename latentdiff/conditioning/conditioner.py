@@ -83,7 +83,9 @@ class ConditionerConfig(FlatFields):
             return cls(from_dict(FlatConditionerConfig, data, where).embedders())
         extra = sorted(set(data) - {"embedders"})
         if extra:
-            raise ConfigError(f"{where}: give embedders or the flat fields ({', '.join(extra)}), not both")
+            raise ConfigError(f"{where}: give embedders or the flat fields ({', '.join(extra)}), not both (this "
+                              f"config lists embedders: override one by name, e.g. {where}.embedders.caption."
+                              "dropout=0.2)")
         if not isinstance(data["embedders"], list):
             raise ConfigError(f"{where}.embedders: expected a list of embedders, got {data['embedders']!r}")
         entries = [read_embedder_config(e, f"{where}.embedders[{i}]") for i, e in enumerate(data["embedders"])]
