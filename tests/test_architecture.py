@@ -13,12 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "latentdiff"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
-# Imports that stay inside functions, each for a reason.
+# Imports that stay inside functions, each for a reason: optional packages, imported where they are needed.
 ALLOWED_LOCAL_IMPORTS = {
     "latentdiff/autoencoder/backbones.py": "the EfficientNet weights package: a missing one is a clear error "
                                            "with the command that installs it, raised only when they are needed",
-    "latentdiff/data/datasets.py": "scikit-image's photos: importing skimage costs ~1 s, paid only by the "
-                                   "'photos' dataset",
 }
 
 

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from skimage import data as skdata
 from torch.utils.data import Dataset
 
 from latentdiff.data.transforms import RESIZE_MODES, convert_mode, fit_to_size, to_tensor
@@ -275,8 +276,6 @@ def mnist5k(cfg: DataConfig, split: str) -> ArrayImageDataset:
 
 
 def _skimage_photo(name: str) -> np.ndarray:
-    from skimage import data as skdata  # deferred: importing skimage costs ~1 s
-
     img = getattr(skdata, name)()
     # stereo_motorcycle returns (left, right, disparity); the left view is an ordinary photo.
     return img[0] if isinstance(img, tuple) else img
