@@ -15,6 +15,10 @@ from latentdiff.data.webdataset import ShardWriter, shard_pattern
 
 logger = logging.getLogger(__name__)
 
+MAKE_SHARDS_TEXT = ("Pack every readable image under FOLDER (recursively) and its same-stem .txt caption into tar "
+                    "shards OUT/data-000000.tar, ... (webdataset's layout: 000000042.png + 000000042.txt + "
+                    "000000042.json with the source path). Train on them with data.shards=OUT.")
+
 
 def _readable(path: Path) -> bytes | None:
     """The file's bytes when it decodes as an image (fully: a truncated file fails here, not in training)."""
@@ -77,10 +81,7 @@ def _make_shards(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-shards", help="write a folder of images + .txt captions as webdataset tar shards",
-                       description="Pack every readable image under FOLDER (recursively) and its same-stem .txt "
-                                   "caption into tar shards OUT/data-000000.tar, ... (webdataset's layout: "
-                                   "000000042.png + 000000042.txt + 000000042.json with the source path). Train "
-                                   "on them with data.shards=OUT.")
+                       description=MAKE_SHARDS_TEXT)
     p.add_argument("folder", metavar="FOLDER", help="a folder of images, each with an optional caption IMAGE.txt")
     p.add_argument("out", metavar="OUT", help="the folder the shards are written to")
     p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most (default 10000)")
