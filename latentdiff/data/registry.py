@@ -18,6 +18,7 @@ from latentdiff.data.datasets import (
     mnist5k,
 )
 from latentdiff.data.scenes import FashionScenes
+from latentdiff.data.shards import ShardDataset
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ _BUILDERS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
 }
 
 
-def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
+def build_dataset(cfg: DataConfig, split: str) -> ImageDataset | ShardDataset:
     """Build the dataset named by ``cfg.name`` (built-in name or folder path) for ``split``."""
+    if cfg.shards:  # a shard set replaces data.name (see data/shards.py)
+        return ShardDataset(cfg, split)
     key = cfg.name.strip().lower().replace("-", "_")
     if key == "fmnist_scenes":  # captioned colour scenes, with a third split "test_heldout": see data/scenes.py
         return FashionScenes.from_config(cfg, split)
