@@ -114,7 +114,8 @@ def test_files_round_trip_to_the_same_update(tmp_path, file_format) -> None:
 
 
 def _experiment(init_from, out_dir, **overrides: str) -> DiffusionExperiment:
-    data = {"task": "diffusion", "init_from": str(init_from), "data": {"name": "fmnist_scenes", "limit": 16, "channels": 3},
+    data = {"task": "diffusion", "init_from": str(init_from),
+            "data": {"name": "fmnist_scenes", "limit": 16, "channels": 3},
             "train": {"out_dir": str(out_dir), "steps": 3, "batch_size": 4, "lr": 0.02, "ckpt_every": 0,
                       "sample_every": 0, "log_every": 1, "warmup_steps": 0, "threads": 2,
                       "betas": [0.9, 0.999]},

@@ -161,5 +161,5 @@ def load_lora_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     module.load_state_dict(state, strict=False)
 
 
-__all__ = ["TEXT_ENCODER_TARGETS", "UNET_TARGETS", "LoRALayer", "inject_lora", "load_lora_state", "lora_delta", "lora_layers",
-           "lora_state_dict", "merged_state_dict"]
+__all__ = ["TEXT_ENCODER_TARGETS", "UNET_TARGETS", "LoRALayer", "inject_lora", "load_lora_state", "lora_delta",
+           "lora_layers", "lora_state_dict", "merged_state_dict"]

@@ -178,6 +178,7 @@ class Trainer(ABC):
 
     def checkpoint_saved(self, folder: Path) -> None:
         """Rank 0, after each checkpoint is in ``folder``: files a trainer writes beside it (a LoRA's adapters)."""
+        return None  # most trainers write nothing more
 
     @abstractmethod
     def save_samples(self, path: Path) -> None:
