@@ -1,7 +1,8 @@
 """LoRA: the adapter layers (exact start, merge and unmerge), the kohya and diffusers/PEFT files (both ways), LoRA
 training from the bundled scenes model (resume, generate), and the interop test: a LoRA trained here on a tiny
-Stable Diffusion model, loaded by diffusers' ``load_lora_weights``, gives our image (within 1/255, the issue's
-bound; we see ~1e-6) for the kohya file and for the PEFT file."""
+Stable Diffusion model, loaded by diffusers' ``load_lora_weights``, gives our image for the kohya file and for the
+PEFT file. The issue asks for 1/255; we see ~4e-6 and assert 1e-4, as tests/test_sd_pipeline.py does (the LoRA
+itself moves the image by ~0.14)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from latentdiff.nn.lora import LoRALayer, inject_lora, lora_layers, merged_state
 from latentdiff.pipelines import StableDiffusionPipeline
 from latentdiff.train.diffusion import DiffusionExperiment, DiffusionTrainer
 
-INTEROP_TOL = 1 / 255
+INTEROP_TOL = 1e-4
 
 
 def _perturbed(layer: LoRALayer, seed: int) -> LoRALayer:
