@@ -59,6 +59,7 @@ class StableDiffusionComponents:
     prediction_type: str = "epsilon"  # diffusers' name; weights cannot tell eps (SD 1.x, 2-base) from v (2-768-v)
     image_size: int | None = None  # pixels; unknown for original files
     tokenizer_dir: Path | None = None  # a diffusers tokenizer/ folder to carry along
+    scheduler_config: dict[str, Any] | None = None  # a diffusers folder's scheduler_config.json (None: SD 1.5's)
     pad_token_id: int | None = None  # the tokenizer's padding id when the source says (a native model's config)
     source: str = ""  # "original", "diffusers" or "native"
     ema: bool = False  # the UNet weights are the checkpoint's EMA copy

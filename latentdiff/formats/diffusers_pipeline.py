@@ -35,12 +35,18 @@ from latentdiff.io.errors import CheckpointError
 
 
 def _scheduler_config(comps: StableDiffusionComponents) -> dict[str, Any]:
-    """The ``scheduler/scheduler_config.json`` of a written pipeline."""
-    # Stable Diffusion's training schedule (CompVis' "linear" = diffusers' "scaled_linear") and its PNDM defaults.
+    """The ``scheduler/scheduler_config.json`` of a written pipeline: the source's, else the hub SD 1.5 one.
+
+    The hub's config (Stable Diffusion's training schedule, CompVis' "linear" = diffusers' "scaled_linear", and its
+    PNDM defaults) has no ``timestep_spacing``, which leaves each scheduler class its own default, as the single
+    files it was converted from do here (``latentdiff.diffusion.noise_levels.LevelOptions``).
+    """
+    if comps.scheduler_config is not None:
+        return dict(comps.scheduler_config, prediction_type=comps.prediction_type)
     return {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
-            "prediction_type": comps.prediction_type, "timestep_spacing": "leading"}
+            "prediction_type": comps.prediction_type}
 
 
 def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path:
@@ -71,8 +77,9 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
         scheduler = folder / "scheduler"
         scheduler.mkdir(exist_ok=True)
-        (scheduler / "scheduler_config.json").write_text(json.dumps(_scheduler_config(comps), indent=2) + "\n")
-        index["scheduler"] = ["diffusers", "PNDMScheduler"]
+        scheduler_config = _scheduler_config(comps)
+        (scheduler / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+        index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
     if comps.vae is not None:
         write_component_folder(folder / "vae", vae_config, vae_to_diffusers(comps.vae, comps.vae_config),
                          DIFFUSERS_WEIGHT_FILES[0])
@@ -127,7 +134,8 @@ def read(path: Path, options: ReadOptions) -> StableDiffusionComponents:
         comps.tokenizer_dir = path / "tokenizer"
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        comps.prediction_type = read_json(scheduler).get("prediction_type", comps.prediction_type)
+        comps.scheduler_config = read_json(scheduler)
+        comps.prediction_type = comps.scheduler_config.get("prediction_type", comps.prediction_type)
     if comps.unet is not None and comps.vae_config is not None and comps.image_size:
         comps.image_size = comps.image_size // 8 * comps.vae_config.downsample_factor
     if comps.unet is None and comps.vae is None and comps.text_encoder is None:
