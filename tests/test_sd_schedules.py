@@ -13,8 +13,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_sd_pipeline import (
     NEGATIVE,
     PROMPT,
@@ -33,6 +35,7 @@ from test_sd_pipeline import (
     write_tokenizer,
 )
 
+from latentdiff import cli
 from latentdiff.diffusion.noise_levels import LevelOptions, sampler_sigmas, sampler_timesteps
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, get_sampler, resolve_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule
@@ -239,3 +242,20 @@ def test_a1111_names_are_aliases() -> None:
     assert all(get_sampler(alias).name in SCHEDULERS for alias in SAMPLER_ALIASES)
     with pytest.raises(ValueError, match="AUTOMATIC1111"):
         get_sampler("LMS")
+
+
+def test_cli_spacing_ramp_and_a1111_names(tmp_path: Path, capsys, models, v1) -> None:  # noqa: F811
+    ours, _ = v1
+    common = [PROMPT, "--steps", "3", "--seed", "2", "--model", str(models["v1"])]
+    assert cli.main(["generate", *common, "--sampler", "DPM++ 2M Karras", "-o", str(tmp_path / "a.png")]) == 0
+    assert cli.main(["generate", *common, "--sampler", "dpmpp_2m", "--karras", "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert cli.main(["generate", *common, "--sampler", "euler", "--spacing", "trailing", "-o",
+                     str(tmp_path / "c.png")]) == 0
+    want = ours.text_to_image(PROMPT, steps=3, sampler="euler", generator=2, spacing="trailing").pil()[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(want))
+    capsys.readouterr()
+    assert cli.main(["generate", *common, "--sampler", "ddim", "--karras", "-o", str(tmp_path / "d.png")]) == 2
+    assert capsys.readouterr().err.strip().startswith("latentdiff: error: ddim steps between")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", *common, "--spacing", "middle"])
