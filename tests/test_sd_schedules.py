@@ -27,11 +27,9 @@ from test_sd_pipeline import (
     initial_latents,
     load_theirs,
     max_diff,
-    models,  # noqa: F401  (the module-scoped fixture)
     sample_image,
     sample_mask,
     tiny_components,
-    v1,  # noqa: F401
     write_tokenizer,
 )
 
@@ -68,19 +66,31 @@ def scheduler_for(pipe, sampler: str, spacing: str | None, **config):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory) -> Path:
+    """The tiny SD v1 model as a diffusers folder with the hub SD 1.5 scheduler config."""
+    root = tmp_path_factory.mktemp("sd_hub")
+    return save_diffusers(tiny_components(UNET, seed=0, tokenizer=write_tokenizer(root / "tokenizer")), root / "v1")
+
+
+@pytest.fixture(scope="module")
+def sd(hub_folder):
+    return load_pipeline(hub_folder), load_theirs(hub_folder)
+
+
 def cases(part_way: bool = False) -> list:
     return [pytest.param(sampler, spacing, id=f"{sampler}-{spacing or 'hub'}") for sampler in SCHEDULERS
             for spacing in SPACINGS if (sampler, spacing) not in OFF_LEVEL and not (part_way and sampler in PART_WAY)]
 
 
-def test_the_written_folder_carries_the_hub_config(models) -> None:
-    config = json.loads((Path(models["v1"]) / "scheduler" / "scheduler_config.json").read_text())
+def test_the_written_folder_carries_the_hub_config(hub_folder) -> None:
+    config = json.loads((Path(hub_folder) / "scheduler" / "scheduler_config.json").read_text())
     assert config == dict(HUB_CONFIG, prediction_type="epsilon")
 
 
 @pytest.mark.parametrize("sampler, spacing", cases())
-def test_text_to_image_every_spacing(v1, sampler: str, spacing: str | None) -> None:  # noqa: F811
-    ours, theirs = v1
+def test_text_to_image_every_spacing(sd, sampler: str, spacing: str | None) -> None:
+    ours, theirs = sd
     latents = initial_latents()
     expected = scheduler_for(theirs, sampler, spacing)(
         PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, latents=latents,
@@ -91,8 +101,8 @@ def test_text_to_image_every_spacing(v1, sampler: str, spacing: str | None) -> N
 
 
 @pytest.mark.parametrize("sampler, spacing", cases(part_way=True))
-def test_img2img_every_spacing(v1, sampler: str, spacing: str | None) -> None:  # noqa: F811
-    ours, theirs = v1
+def test_img2img_every_spacing(sd, sampler: str, spacing: str | None) -> None:
+    ours, theirs = sd
     img2img = scheduler_for(diffusers.StableDiffusionImg2ImgPipeline(**theirs.components), sampler, spacing)
     img2img.set_progress_bar_config(disable=True)
     expected = img2img(PROMPT, image=sample_image(), strength=0.6, negative_prompt=NEGATIVE,
@@ -103,9 +113,9 @@ def test_img2img_every_spacing(v1, sampler: str, spacing: str | None) -> None:  
 
 
 @pytest.mark.parametrize("sampler, spacing", cases(part_way=True))
-def test_inpaint_every_spacing(v1, sampler: str, spacing: str | None) -> None:  # noqa: F811
+def test_inpaint_every_spacing(sd, sampler: str, spacing: str | None) -> None:
     """The text-to-image UNet, at strength 0.7 (starting part way, as img2img) with explicit latents."""
-    ours, theirs = v1
+    ours, theirs = sd
     inpaint = scheduler_for(diffusers.StableDiffusionInpaintPipeline(**theirs.components), sampler, spacing)
     inpaint.set_progress_bar_config(disable=True)
     latents = initial_latents(3)
@@ -124,10 +134,10 @@ def test_inpaint_every_spacing(v1, sampler: str, spacing: str | None) -> None:  
 
 @pytest.mark.parametrize("sampler, ramp", [("euler", "karras"), ("heun", "karras"), ("dpmpp_2m", "karras"),
                                            ("euler", "exponential"), ("heun", "exponential")])
-def test_sigma_ramps_match_diffusers(v1, sampler: str, ramp: str) -> None:  # noqa: F811
+def test_sigma_ramps_match_diffusers(sd, sampler: str, ramp: str) -> None:
     """(DPM-Solver with exponential sigmas is left out: diffusers truncates their fractional timesteps to integers,
     where we round them as for its Karras ramp; 0.006 apart on this model.)"""
-    ours, theirs = v1
+    ours, theirs = sd
     latents = initial_latents()
     theirs = scheduler_for(theirs, sampler, HUB, **{f"use_{ramp}_sigmas": True})
     expected = theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, latents=latents,
@@ -137,9 +147,9 @@ def test_sigma_ramps_match_diffusers(v1, sampler: str, ramp: str) -> None:  # no
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "euler_ancestral"])
-def test_fractional_linspace_timesteps(v1, sampler: str) -> None:  # noqa: F811
+def test_fractional_linspace_timesteps(sd, sampler: str) -> None:
     """7 steps: diffusers' sigma schedulers visit 999, 832.5, 666, ... and interpolate sigma linearly."""
-    ours, theirs = v1
+    ours, theirs = sd
     assert sampler_timesteps(sampler, 7)[:3] == [999, 832.5, 666]
     latents = initial_latents()
     expected = scheduler_for(theirs, sampler, HUB)(PROMPT, num_inference_steps=7, latents=latents,
@@ -148,10 +158,10 @@ def test_fractional_linspace_timesteps(v1, sampler: str) -> None:  # noqa: F811
     assert max_diff(got, expected) <= TOL
 
 
-def test_scheduler_config_of_a_folder_is_followed(tmp_path: Path, v1) -> None:  # noqa: F811
+def test_scheduler_config_of_a_folder_is_followed(tmp_path: Path, sd) -> None:
     """A folder whose config says trailing and Karras gives that by default; a single file, the hub defaults."""
-    ours, _ = v1
-    comps = tiny_components(UNET, seed=0, tokenizer=write_tokenizer(tmp_path / "tok", "<|endoftext|>"))
+    ours, _ = sd
+    comps = tiny_components(UNET, seed=0, tokenizer=write_tokenizer(tmp_path / "tok"))
     comps.scheduler_config = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                               "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "trailing",
                               "use_karras_sigmas": True}
@@ -171,10 +181,10 @@ def test_scheduler_config_of_a_folder_is_followed(tmp_path: Path, v1) -> None:  
     assert single.levels == LevelOptions(None, 1, None)
 
 
-def test_euler_starts_at_sigma_max_with_linspace(v1) -> None:  # noqa: F811
+def test_euler_starts_at_sigma_max_with_linspace(sd) -> None:
     """diffusers' init_noise_sigma: sigma_max for "linspace"/"trailing" (as A1111), sqrt(1 + sigma_max^2) for
     "leading"; the first denoiser call sees the noise scaled so."""
-    ours, _ = v1
+    ours, _ = sd
     seen = []
     latents = initial_latents()
     for spacing in ("linspace", "leading"):
@@ -198,10 +208,10 @@ def unet_calls(unet: torch.nn.Module, run) -> list[tuple[float, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("spacing", [HUB, "trailing"])
-def test_plms_img2img_starts_where_diffusers_does(v1, spacing: str | None) -> None:  # noqa: F811
+def test_plms_img2img_starts_where_diffusers_does(sd, spacing: str | None) -> None:
     """Strength 0.6 of 10 steps: both noise the image to 601 (trailing: 699) and warm up from there to the next
     level, with the same two UNet calls on the same latents (before the fix we started at 501)."""
-    ours, theirs = v1
+    ours, theirs = sd
     img2img = scheduler_for(diffusers.StableDiffusionImg2ImgPipeline(**theirs.components), "plms", spacing)
     img2img.set_progress_bar_config(disable=True)
     expected = unet_calls(theirs.unet, lambda: img2img(
@@ -244,9 +254,9 @@ def test_a1111_names_are_aliases() -> None:
         get_sampler("LMS")
 
 
-def test_cli_spacing_ramp_and_a1111_names(tmp_path: Path, capsys, models, v1) -> None:  # noqa: F811
-    ours, _ = v1
-    common = [PROMPT, "--steps", "3", "--seed", "2", "--model", str(models["v1"])]
+def test_cli_spacing_ramp_and_a1111_names(tmp_path: Path, capsys, hub_folder, sd) -> None:
+    ours, _ = sd
+    common = [PROMPT, "--steps", "3", "--seed", "2", "--model", str(hub_folder)]
     assert cli.main(["generate", *common, "--sampler", "DPM++ 2M Karras", "-o", str(tmp_path / "a.png")]) == 0
     assert cli.main(["generate", *common, "--sampler", "dpmpp_2m", "--karras", "-o", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

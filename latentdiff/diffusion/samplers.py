@@ -322,5 +322,6 @@ def get_sampler(sampler: str | SamplerSpec) -> SamplerSpec:
     return resolve_sampler(sampler)[0]
 
 
-__all__ = ["SAMPLERS", "SAMPLER_ALIASES", "SamplerSpec", "ancestral_step", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
-           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_plms", "resolve_sampler"]
+__all__ = ["SAMPLERS", "SAMPLER_ALIASES", "SamplerSpec", "ancestral_step", "get_sampler", "resolve_sampler",
+           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral", "sample_heun",
+           "sample_plms"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.formats.architecture import block_ids, infer_clip_text_config
 from latentdiff.formats.components import CheckpointFormat, ReadOptions, StableDiffusionComponents
 from latentdiff.formats.diffusers_component import (
@@ -53,8 +54,9 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
     """Write a diffusers folder that ``from_pretrained`` loads.
 
     A UNet (with VAE / text encoder) becomes a pipeline folder: ``model_index.json``, ``unet/``, ``vae/``,
-    ``text_encoder/``, ``scheduler/`` and, when the source had one, ``tokenizer/``. A VAE alone becomes a component
-    folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), as diffusers publishes its VAEs.
+    ``text_encoder/``, ``scheduler/`` and ``tokenizer/`` (the source's, else CLIP's from open_clip's vocabulary). A VAE
+    alone becomes a component folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), as diffusers
+    publishes its VAEs.
     """
     folder = Path(folder)
     try:
@@ -92,10 +94,22 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
         if Path(comps.tokenizer_dir).resolve() != (folder / "tokenizer").resolve():
             shutil.copytree(comps.tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    elif comps.text_encoder is not None:
+        _clip_tokenizer(comps).save_folder(folder / "tokenizer")
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                   "requires_safety_checker": False})
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def _clip_tokenizer(comps: StableDiffusionComponents) -> CLIPTokenizer:
+    """CLIP's tokenizer (open_clip's BPE vocabulary) with the source's padding: its own when it says, else 0 for
+    SD v2's OpenCLIP text encoder and the end token for SD v1's, as the pipeline pads them."""
+    pad = comps.pad_token_id
+    if pad is None and comps.text_encoder_layout == "openclip":
+        pad = 0
+    return CLIPTokenizer(pad_token_id=pad)
 
 
 def _diffusers_text_encoder(comps: StableDiffusionComponents) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

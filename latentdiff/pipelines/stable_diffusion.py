@@ -16,8 +16,9 @@ posterior samples of the encoded images, the initial noise, then the samplers' p
 Our samplers work in the variance-exploding space x = x_t / sqrt(alphas_cumprod) (see ``diffusion/denoiser.py``);
 diffusers' DDIM/PLMS/DDPM/DPM-Solver step the variance-preserving x_t. The two meet at the ends: the initial noise
 is scaled by sqrt(1 + sigma_max^2) (the VE image of diffusers' x_T; its Euler-type schedulers' ``init_noise_sigma``
-with "leading" spacing) or by sigma_max (theirs with "linspace" / "trailing", as A1111's), and the final x is divided by sqrt(1 + sigma_end^2), which is 1 except for DDIM and PLMS,
-which stop at alphas_cumprod[0] (``latentdiff.diffusion.sampling``).
+with "leading" spacing) or by sigma_max (theirs with "linspace" / "trailing", as A1111's), and the final x is
+divided by sqrt(1 + sigma_end^2), which is 1 except for DDIM and PLMS, which stop at alphas_cumprod[0]
+(``latentdiff.diffusion.sampling``).
 """
 
 from __future__ import annotations
