@@ -79,6 +79,8 @@ def _pipeline_options(args: argparse.Namespace) -> dict:
                "attention_slice": args.attention_slice or None, "vae_tile": getattr(args, "vae_tile", None) or None}
     if getattr(args, "prediction_type", None):
         options["prediction_type"] = args.prediction_type
+    if getattr(args, "config", None):
+        options["config"] = args.config
     return options
 
 
@@ -265,6 +267,9 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     if stable_diffusion:
         p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
+        p.add_argument("--config", metavar="FILE", default=None,
+                       help="the original YAML of a single-file model (default: the model's stem with .yaml, if it "
+                            "exists)")
     p.add_argument("--device", default="auto")
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],

@@ -98,12 +98,14 @@ class ReadOptions:
     """What a reader is asked for. ``ema``: the UNet's EMA copy when the file holds one. ``text_encoder=False``
     leaves the text encoder out. ``text_encoder_converter`` maps an SD v2 OpenCLIP text tower to ``CLIPTextModel``
     names (default: ``latentdiff.conditioning.clip.openclip_to_hf``). ``strict``: keys of no component are an
-    error (else a warning). A format reads the options that apply to it."""
+    error (else a warning). ``config``: the original YAML of a single file (``formats.original_config``). A format
+    reads the options that apply to it."""
 
     ema: bool = True
     text_encoder: bool = True
     text_encoder_converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     strict: bool = True
+    config: Path | str | None = None  # a single file's original YAML (default: the .yaml beside it, if any)
 
 
 @dataclass(frozen=True)
