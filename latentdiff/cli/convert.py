@@ -22,8 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "convert", help="convert Stable Diffusion weights between original, diffusers and native formats",
         description="Convert Stable Diffusion weights. Reads an original single file (.safetensors or .ckpt, "
                     "read without running code; a full model, a bare UNet or a bare VAE), a diffusers folder, or "
-                    "a native checkpoint; writes any of them. The architecture is read from the weights, and from the original YAML "
-                    "beside a single file (or --config) what they cannot tell.")
+                    "a native checkpoint; writes any of them. The architecture is read from the weights, and "
+                    "what they cannot tell from the original YAML beside a single file (or --config).")
     p.add_argument("src", help="single file, diffusers folder, or native checkpoint / run folder")
     p.add_argument("dst", help="a .safetensors file (original), a folder (diffusers) or a run folder (native)")
     p.add_argument("--to", required=True, choices=writable_formats(), help="output format")
