@@ -66,6 +66,13 @@ def scheduler_for(pipe, sampler: str, spacing: str | None, **config):
     return pipe
 
 
+def task_pipeline(theirs, task: str, sampler: str, spacing: str | None):
+    """diffusers' ``task`` pipeline (e.g. "Img2Img") over ``theirs``' components, with the scheduler for ``sampler``."""
+    pipe = scheduler_for(getattr(diffusers, f"StableDiffusion{task}Pipeline")(**theirs.components), sampler, spacing)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory) -> Path:
     """The tiny SD v1 model as a diffusers folder with the hub SD 1.5 scheduler config."""
@@ -103,10 +110,9 @@ def test_text_to_image_every_spacing(sd, sampler: str, spacing: str | None) -> N
 @pytest.mark.parametrize("sampler, spacing", cases(part_way=True))
 def test_img2img_every_spacing(sd, sampler: str, spacing: str | None) -> None:
     ours, theirs = sd
-    img2img = scheduler_for(diffusers.StableDiffusionImg2ImgPipeline(**theirs.components), sampler, spacing)
-    img2img.set_progress_bar_config(disable=True)
-    expected = img2img(PROMPT, image=sample_image(), strength=0.6, negative_prompt=NEGATIVE,
-                       num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    expected = task_pipeline(theirs, "Img2Img", sampler, spacing)(
+        PROMPT, image=sample_image(), strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(3), output_type="pt").images
     got = ours.image_to_image(sample_image(), PROMPT, NEGATIVE, strength=0.6, steps=STEPS, sampler=sampler,
                               generator=3, spacing=spacing).images
     assert max_diff(got, expected) <= TOL
@@ -114,10 +120,9 @@ def test_img2img_every_spacing(sd, sampler: str, spacing: str | None) -> None:
 
 @pytest.mark.parametrize("sampler, spacing", cases(part_way=True))
 def test_inpaint_every_spacing(sd, sampler: str, spacing: str | None) -> None:
-    """The text-to-image UNet, at strength 0.7 (starting part way, as img2img) with explicit latents."""
+    """The text-to-image UNet at strength 0.7 (starting part way, as img2img); at full strength from given noise."""
     ours, theirs = sd
-    inpaint = scheduler_for(diffusers.StableDiffusionInpaintPipeline(**theirs.components), sampler, spacing)
-    inpaint.set_progress_bar_config(disable=True)
+    inpaint = task_pipeline(theirs, "Inpaint", sampler, spacing)
     latents = initial_latents(3)
     expected = inpaint(PROMPT, image=sample_image(), mask_image=sample_mask(), negative_prompt=NEGATIVE, strength=0.7,
                        num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="pt").images
@@ -212,8 +217,7 @@ def test_plms_img2img_starts_where_diffusers_does(sd, spacing: str | None) -> No
     """Strength 0.6 of 10 steps: both noise the image to 601 (trailing: 699) and warm up from there to the next
     level, with the same two UNet calls on the same latents (before the fix we started at 501)."""
     ours, theirs = sd
-    img2img = scheduler_for(diffusers.StableDiffusionImg2ImgPipeline(**theirs.components), "plms", spacing)
-    img2img.set_progress_bar_config(disable=True)
+    img2img = task_pipeline(theirs, "Img2Img", "plms", spacing)
     expected = unet_calls(theirs.unet, lambda: img2img(
         PROMPT, image=sample_image(), strength=0.6, num_inference_steps=STEPS,
         generator=torch.Generator().manual_seed(3), output_type="latent"))
