@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from latentdiff.autoencoder.model import AutoencoderConfig
 from latentdiff.cli import build_parser
 from latentdiff.conditioning.conditioner import ConditionerConfig
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.config import from_dict, read_yaml
 from latentdiff.diffusion.unet import UNetConfig
 from latentdiff.formats import (
@@ -533,9 +534,17 @@ def test_diffusers_folder_loads_with_from_pretrained(tmp_path: Path, clip_text) 
                  if hf_file_name(k) in comps.text_encoder}, comps.text_encoder)
     scheduler = diffusers.PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
     assert scheduler.config.beta_schedule == "scaled_linear"
-    # The whole pipeline loads from model_index.json (the source had no tokenizer to carry along).
-    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(folder, tokenizer=None)
+    # The whole pipeline loads from model_index.json, with the CLIP tokenizer written from open_clip's vocabulary
+    # (the source had none to carry along), whose ids are ours.
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     assert pipeline.safety_checker is None and pipeline.unet.config.in_channels == 4
+    ours = CLIPTokenizer()
+    for prompt in ("a photo of an astronaut, 8k, trending on artstation", "Café crème, naïve ½ — ok",
+                   "emoji 🐱‍👤 and 中文 text, it's 3.14", "x " * 80):
+        theirs = pipeline.tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
+                                    return_tensors="pt").input_ids
+        assert torch.equal(theirs, ours([prompt]).input_ids), prompt
+    assert pipeline.tokenizer.pad_token_id == ours.eos_token_id
     # ... and reads back into the same components.
     back = load_stable_diffusion_weights(folder)
     assert back.source == "diffusers" and back.unet_config == TINY3_UNET and back.vae_config == TINY_VAE

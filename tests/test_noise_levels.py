@@ -60,7 +60,8 @@ def test_spacing_errors_and_leading_offset():
 def test_the_registry_decides_each_samplers_levels():
     for name, spec in SAMPLERS.items():
         extra = spec.spacing_extra_level
-        assert sampler_timesteps(name, 10) == KNOWN[("leading", extra)]
+        assert sampler_timesteps(name, 10) == KNOWN[(spec.default_spacing, extra)]
+        assert sampler_timesteps(name, 10, spacing="leading") == KNOWN[("leading", extra)]
         sigmas = sampler_sigmas(SCHEDULE, spec, 10)
         assert sigmas.dtype == torch.float32 and len(sigmas) == 11
         final = float(SCHEDULE.sigmas[0]) if spec.ends_at_first_level else 0.0

@@ -115,7 +115,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def levels(pipe: StableDiffusionPipeline, sampler: str) -> dict:
     """The pipeline's noise levels: Euler's equal our "leading" spacing; DDIM's and DPM-Solver++'s are passed."""
-    return {"spacing": "leading"} if sampler == "euler" else {"sigmas": pipe.sigmas(sampler, STEPS)}
+    return {"spacing": "leading"} if sampler == "euler" else {"sigmas": pipe.sigmas(sampler, STEPS, spacing="leading")}
 
 
 # ------------------------------------------------------------------------------------------ the checkpoint
@@ -186,7 +186,7 @@ def test_unet_without_text_encoder_is_refused(files, tmp_path: Path) -> None:
 def test_native_model_samples_what_the_pipeline_does(v1, sampler: str, guidance: float) -> None:
     ldm, pipe = v1
     theirs = pipe.text_to_image(PROMPT, NEGATIVE, steps=STEPS, sampler=sampler, generator=3,
-                                guidance_scale=guidance)
+                                guidance_scale=guidance, spacing="leading")
     ours = ldm.sample(1, sampler, steps=STEPS, generator=torch.Generator().manual_seed(3), cond={"caption": PROMPT},
                       uncond={"caption": NEGATIVE} if guidance != 1 else None, guidance_scale=guidance,
                       decode=False, **levels(pipe, sampler))
@@ -197,7 +197,7 @@ def test_native_model_samples_what_the_pipeline_does(v1, sampler: str, guidance:
 
 def test_default_negative_is_the_empty_caption_and_batches_broadcast(v1) -> None:
     ldm, pipe = v1
-    theirs = pipe.text_to_image(PROMPT, num_images=2, steps=4, sampler="euler", generator=5)
+    theirs = pipe.text_to_image(PROMPT, num_images=2, steps=4, sampler="euler", generator=5, spacing="leading")
     ours = ldm.sample(2, "euler", steps=4, generator=torch.Generator().manual_seed(5), cond={"caption": PROMPT},
                       guidance_scale=7.5, spacing="leading")
     assert max_diff((ours / 2 + 0.5).clamp(0, 1), theirs.images) <= TOL

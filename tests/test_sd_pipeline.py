@@ -15,9 +15,6 @@ pixels of these models by about 2e-3 (``test_tolerance_resolves_the_last_ddim_st
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,7 @@ from PIL import Image
 from latentdiff import cli
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.cli import generate as cli_generate
-from latentdiff.conditioning.tokenizer import default_vocab_path
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.noise_levels import sampler_sigmas, sampler_timesteps, strength_start
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
 from latentdiff.formats import StableDiffusionComponents, save_diffusers, save_native, save_original
@@ -68,30 +65,10 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
     return module
 
 
-def write_tokenizer(folder: Path, pad_token: str, like: Path | None = None) -> Path:
-    """A Hugging Face tokenizer folder (vocab.json, merges.txt) made from open_clip's CLIP merge file (or copied
-    from the folder ``like``), padding with ``pad_token``."""
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    if like is not None:
-        shutil.copytree(like, folder)
-        (folder / "special_tokens_map.json").write_text(json.dumps(special))
-        (folder / "tokenizer_config.json").write_text(json.dumps(dict(special, model_max_length=77)))
-        return folder
-    lines = gzip.open(default_vocab_path()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(256 + n)
-    vocab = list(chars.values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(special, model_max_length=77)))
-    return folder
+def write_tokenizer(folder: Path, pad_token_id: int | None = None) -> Path:
+    """A Hugging Face tokenizer folder made from open_clip's CLIP merge file, padding with ``pad_token_id`` (None:
+    the end token)."""
+    return CLIPTokenizer(pad_token_id=pad_token_id).save_folder(folder)
 
 
 def tiny_components(unet_config: UNetConfig, seed: int, v2: bool = False,
@@ -129,8 +106,8 @@ def with_scheduler(pipe, sampler: str):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sd_models")
-    v1_tokenizer = write_tokenizer(root / "tokenizer_v1", "<|endoftext|>")
-    v2_tokenizer = write_tokenizer(root / "tokenizer_v2", "!", like=v1_tokenizer)  # SD v2 pads with "!", id 0
+    v1_tokenizer = write_tokenizer(root / "tokenizer_v1")
+    v2_tokenizer = write_tokenizer(root / "tokenizer_v2", pad_token_id=0)  # SD v2 pads with "!", id 0
     v2 = tiny_components(UNET_V2, seed=20, v2=True, tokenizer=v2_tokenizer)
     return {
         "v1": save_diffusers(tiny_components(UNET, seed=0, tokenizer=v1_tokenizer), root / "v1"),
@@ -224,7 +201,8 @@ def test_tolerance_resolves_the_last_ddim_step(v1) -> None:
 
 def test_timesteps_follow_diffusers_schedulers() -> None:
     assert sampler_timesteps("ddim", 10) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
-    assert sampler_timesteps("dpmpp_2m", 10) == [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
+    assert sampler_timesteps("dpmpp_2m", 10, spacing="leading") == [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
+    assert sampler_timesteps("dpmpp_2m", 10) == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]  # linspace
     for sampler in SCHEDULERS:
         scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(dict(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
@@ -233,7 +211,7 @@ def test_timesteps_follow_diffusers_schedulers() -> None:
             scheduler.set_timesteps(steps)
             # PLMS visits its second timestep twice and Heun all but its first, as extra network evaluations.
             visited = list(dict.fromkeys(int(t) for t in scheduler.timesteps))
-            assert sampler_timesteps(sampler, steps) == visited, (sampler, steps)
+            assert sampler_timesteps(sampler, steps, spacing="leading") == visited, (sampler, steps)
     assert strength_start(10, 0.6) == 4 and strength_start(10, 1.0) == 0
     with pytest.raises(ValueError, match="no denoising step"):
         strength_start(10, 0.05)

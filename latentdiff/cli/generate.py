@@ -12,7 +12,8 @@ import torch
 
 from latentdiff.data.transforms import save_image_grid
 from latentdiff.device import select_device
-from latentdiff.diffusion.samplers import SAMPLERS, get_sampler
+from latentdiff.diffusion.noise_levels import SPACINGS
+from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, get_sampler, resolve_sampler
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
 from latentdiff.pipelines.images import read_class_map, resize_to_multiple, to_image_tensor, to_pil_images
@@ -78,6 +79,8 @@ def _pipeline_options(args: argparse.Namespace) -> dict:
                "attention_slice": args.attention_slice or None, "vae_tile": getattr(args, "vae_tile", None) or None}
     if getattr(args, "prediction_type", None):
         options["prediction_type"] = args.prediction_type
+    if getattr(args, "config", None):
+        options["config"] = args.config
     return options
 
 
@@ -173,9 +176,16 @@ def _report(paths: list[Path], n: int) -> None:
 
 
 def _common(args: argparse.Namespace, pipe) -> dict:
-    """The sampling options every task takes."""
-    return {"num_images": args.n, "steps": args.steps, "sampler": args.sampler, "guidance_scale": _guidance(args, pipe),
-            "generator": args.seed, "progress": True}
+    """The sampling options every task takes, and the noise-level options of a Stable Diffusion model."""
+    common = {"num_images": args.n, "steps": args.steps, "sampler": args.sampler,
+              "guidance_scale": _guidance(args, pipe), "generator": args.seed, "progress": True}
+    levels = {"spacing": getattr(args, "spacing", None), "sigma_ramp": getattr(args, "sigma_ramp", None)}
+    if any(levels.values()) or resolve_sampler(args.sampler)[1]:
+        if isinstance(pipe, LatentDiffusionPipeline):
+            raise ValueError("--spacing, --karras, --exponential and Karras sampler names apply to Stable Diffusion "
+                             "models; a model trained here samples its own schedule (trailing)")
+        common.update(levels)
+    return common
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -238,6 +248,15 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on any device (default 0)")
+    if stable_diffusion:
+        p.add_argument("--spacing", choices=SPACINGS, default=None,
+                       help="timestep spacing (default: the model's scheduler config, else diffusers' default for "
+                            "the sampler: linspace for Euler, Heun, DPM++; leading for DDIM, PLMS, DDPM)")
+        ramp = p.add_mutually_exclusive_group()
+        ramp.add_argument("--karras", dest="sigma_ramp", action="store_const", const="karras",
+                          help="Karras et al. noise levels (Euler, Heun, DPM++)")
+        ramp.add_argument("--exponential", dest="sigma_ramp", action="store_const", const="exponential",
+                          help="noise levels evenly spaced in log sigma (Euler, Heun, DPM++)")
     what = ("a native run folder (`latentdiff train`), checkpoint folder or model.safetensors, or Stable Diffusion "
             "weights: a .safetensors/.ckpt single file or a diffusers folder") if stable_diffusion else (
             "a native run folder (`latentdiff train`), checkpoint folder or model.safetensors")
@@ -248,6 +267,9 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     if stable_diffusion:
         p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
+        p.add_argument("--config", metavar="FILE", default=None,
+                       help="the original YAML of a single-file model (default: the model's stem with .yaml, if it "
+                            "exists)")
     p.add_argument("--device", default="auto")
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
@@ -299,7 +321,7 @@ def _add_verb(sub: argparse._SubParsersAction, name: str, func, help: str, descr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    sampler_names = ", ".join(SAMPLERS)
+    sampler_names = ", ".join(SAMPLERS) + " (or AUTOMATIC1111's: " + ", ".join(f'"{a}"' for a in SAMPLER_ALIASES) + ")"
     _add_sample_parser(sub, sampler_names)
     p = _add_verb(sub, "generate", _generate, "text-to-image with a native text model or Stable Diffusion",
                   f"Generate images from a prompt with a text-conditioned model trained here (a run folder of "

@@ -8,7 +8,7 @@ OpenCLIP's copy) both use; the two differ only in the id used for padding. The m
 
 From text to ids:
 
-1. clean: ``ftfy.fix_text`` when ftfy is installed, else Unicode NFC (the normalisation ftfy applies by default),
+1. clean: ``ftfy.fix_text`` (mojibake and other broken Unicode repaired, then NFC, as CLIP's reference does),
    HTML entities unescaped twice (captions scraped from the web are often escaped twice), runs of whitespace
    collapsed to one space, lower case;
 2. split into words: the special tokens, the English contractions ``'s 't 're 've 'm 'll 'd``, runs of letters,
@@ -24,15 +24,15 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib
-import importlib.util
 import json
 import logging
+import os
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import ftfy
 import torch
 
 from latentdiff.conditioning import package_folders
@@ -90,12 +90,6 @@ def default_vocab_path() -> Path:
         "with `pip install --no-deps open_clip_torch`, or pass the path of the file (or of a tokenizer folder "
         "holding vocab.json and merges.txt) to CLIPTokenizer"
     )
-
-
-def _load_ftfy_fix() -> Callable[[str], str] | None:
-    if importlib.util.find_spec("ftfy") is None:
-        return None
-    return importlib.import_module("ftfy").fix_text
 
 
 def _char_kind(ch: str) -> str:
@@ -185,7 +179,6 @@ class CLIPTokenizer:
         self.max_length = max_length
         self._byte_chars = byte_to_unicode()
         self._char_bytes = {c: b for b, c in self._byte_chars.items()}
-        self._fix_text = _load_ftfy_fix()
         # Prompts repeat the same words endlessly; a bounded cache keeps a long training run's memory flat.
         self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
 
@@ -194,6 +187,28 @@ class CLIPTokenizer:
         return len(self.encoder)
 
     # ---- vocabulary files -------------------------------------------------------------------------------------
+
+    def save_folder(self, folder: str | Path) -> Path:
+        """Write this tokenizer as a Hugging Face ``tokenizer/`` folder (``vocab.json``, ``merges.txt``,
+        ``tokenizer_config.json``, ``special_tokens_map.json``) that transformers' ``CLIPTokenizer`` loads with the
+        same ids, padding included. Each file is written to a temporary name and renamed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        special = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN,
+                   "pad_token": self.decoder[self.pad_token_id]}
+        merges = sorted(self.merge_ranks, key=self.merge_ranks.__getitem__)
+        files = {
+            "vocab.json": json.dumps(self.encoder, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+            "special_tokens_map.json": json.dumps(special, indent=2),
+            "tokenizer_config.json": json.dumps(dict(special, model_max_length=self.max_length, do_lower_case=True,
+                                                     tokenizer_class="CLIPTokenizer"), indent=2),
+        }
+        for name, text in files.items():
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, folder / name)
+        return folder
 
     @staticmethod
     def _read_merge_file(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -243,8 +258,8 @@ class CLIPTokenizer:
     # ---- text -> words -> BPE symbols -> ids ------------------------------------------------------------------
 
     def clean(self, text: str) -> str:
-        """Fix the encoding (ftfy, or NFC without it), unescape HTML twice, collapse whitespace, lower-case."""
-        text = self._fix_text(text) if self._fix_text is not None else unicodedata.normalize("NFC", text)
+        """Fix the encoding (ftfy), unescape HTML twice, collapse whitespace, lower-case."""
+        text = ftfy.fix_text(text)
         text = html.unescape(html.unescape(text))
         return " ".join(text.split()).lower()
 

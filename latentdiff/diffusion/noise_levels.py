@@ -17,20 +17,31 @@ alphas_cumprod[0] (sigma = 0.029 for SD) and return that slightly noisy latent, 
 step to sigma = 0 (DPM-Solver's ``final_sigmas_type="zero"``, whose last step is then first order, as
 ``sample_dpmpp_2m``'s). ``sampler_sigmas`` gives these levels from what the sampler's registry entry declares.
 
+Which spacing a sampler uses by default follows diffusers: a scheduler config's ``timestep_spacing`` when it has one,
+else the scheduler class's own default ("linspace" for Euler, Euler ancestral, Heun and DPM-Solver, "leading" for
+DDIM, PNDM and DDPM: the hub's SD 1.5 config has no such key). ``LevelOptions`` carries what a model's
+``scheduler_config.json`` says (spacing, ``steps_offset``, Karras / exponential sigmas). diffusers' sigma schedulers
+(Euler, Euler ancestral, Heun) keep "linspace" timesteps fractional and interpolate sigma linearly between the
+schedule's own; a Karras or exponential ramp spans the spaced sigmas (DPM-Solver: all of the schedule's).
+
 img2img and inpainting at ``strength`` < 1 start part way (``apply_strength``): as diffusers' ``get_timesteps``,
-``n - min(int(n * strength), n)`` levels are skipped.
+``n - min(int(n * strength), n)`` levels are skipped, counted in the scheduler's timestep list, which repeats a
+level for each warm-up step (PNDM), so such a sampler skips ``warmup_steps`` fewer levels.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from latentdiff.diffusion.samplers import SamplerSpec, get_sampler
+from latentdiff.diffusion.samplers import SAMPLERS, SamplerSpec, get_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule
 
 SPACINGS = ("leading", "linspace", "trailing")
+RAMPS = ("karras", "exponential")  # sigma ramps that replace the schedule's own levels (sigma samplers only)
 STEPS_OFFSET = 1  # SD's scheduler_config.json: "steps_offset": 1, "timestep_spacing": "leading"
 # alphas_cumprod floor that keeps the first sigma of a zero-terminal-SNR schedule finite (as diffusers does).
 _ZERO_SNR_ALPHA_BAR = 2.0 ** -24
@@ -41,12 +52,13 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def spaced_timesteps(num_timesteps: int, n: int, spacing: str = "leading", offset: int = STEPS_OFFSET,
-                     extra_level: bool = False) -> torch.Tensor:
+                     extra_level: bool = False, fractional: bool = False) -> torch.Tensor:
     """``n`` of ``num_timesteps`` training timesteps, decreasing (int64; see the module docstring).
 
     ``offset`` shifts "leading" only; ``extra_level`` spaces "leading" and "linspace" over ``n + 1`` levels and
     drops the lowest (DPM-Solver). Timesteps are clamped to [0, T - 1]; "leading" with an offset can then repeat
-    the last one (n = T), which callers that need distinct levels remove.
+    the last one (n = T), which callers that need distinct levels remove. ``fractional`` keeps "linspace"
+    unrounded (float64), as diffusers' sigma schedulers do.
     """
     T = num_timesteps
     if not 1 <= n <= T:
@@ -55,7 +67,10 @@ def spaced_timesteps(num_timesteps: int, n: int, spacing: str = "leading", offse
     if spacing == "leading":
         timesteps = torch.arange(levels, dtype=torch.float64) * (T // levels) + offset
     elif spacing == "linspace":
-        timesteps = torch.linspace(0, T - 1, levels, dtype=torch.float64).round()
+        timesteps = torch.linspace(0, T - 1, levels, dtype=torch.float64)
+        if fractional and not extra_level:
+            return timesteps.flip(0)
+        timesteps = timesteps.round()
     elif spacing == "trailing":  # already starts at the last timestep: no level to drop
         timesteps = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
     else:
@@ -101,11 +116,48 @@ def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, dtype: to
     return _append_zero(sigmas).to(device=device, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class LevelOptions:
+    """How a model's scheduler picks its levels, as its diffusers ``scheduler_config.json`` says.
+
+    ``spacing``: "leading", "linspace" or "trailing"; None gives each sampler diffusers' default when the config
+    has no ``timestep_spacing`` key (``SamplerSpec.default_spacing``). ``steps_offset`` shifts "leading" (SD's
+    configs: 1). ``ramp``: "karras" or "exponential" sigmas instead of the schedule's own (sigma samplers only).
+    """
+
+    spacing: str | None = None
+    steps_offset: int = STEPS_OFFSET
+    ramp: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
+        if self.ramp is not None and self.ramp not in RAMPS:
+            raise ValueError(f"unknown sigma ramp {self.ramp!r}; choose one of {', '.join(RAMPS)}")
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict[str, Any]) -> LevelOptions:
+        """The options of a diffusers scheduler config; a missing key means the scheduler class's default."""
+        ramp = ("karras" if config.get("use_karras_sigmas") else
+                "exponential" if config.get("use_exponential_sigmas") else None)
+        return cls(config.get("timestep_spacing"), int(config.get("steps_offset", 0)), ramp)
+
+    def spacing_for(self, sampler: str | SamplerSpec) -> str:
+        """The spacing ``sampler`` uses under these options."""
+        return self.spacing or get_sampler(sampler).default_spacing
+
+
 def sampler_timesteps(sampler: str | SamplerSpec, steps: int, num_timesteps: int = 1000,
-                      offset: int = STEPS_OFFSET, spacing: str = "leading") -> list[int]:
-    """The training timesteps diffusers' scheduler for ``sampler`` visits in ``steps`` steps, decreasing."""
-    extra_level = get_sampler(sampler).spacing_extra_level
-    return spaced_timesteps(num_timesteps, steps, spacing, offset, extra_level).tolist()
+                      offset: int = STEPS_OFFSET, spacing: str | None = None) -> list[float]:
+    """The training timesteps diffusers' scheduler for ``sampler`` visits in ``steps`` steps, decreasing.
+
+    ``spacing`` None is the sampler's own default; "linspace" timesteps of a sigma scheduler (Euler, Heun) stay
+    fractional, the others are integers.
+    """
+    spec = get_sampler(sampler)
+    timesteps = spaced_timesteps(num_timesteps, steps, spacing or spec.default_spacing, offset,
+                                 spec.spacing_extra_level, fractional=spec.fractional_timesteps)
+    return [int(t) if float(t).is_integer() else float(t) for t in timesteps.tolist()]
 
 
 def strength_start(steps: int, strength: float) -> int:
@@ -120,25 +172,64 @@ def strength_start(steps: int, strength: float) -> int:
     return start
 
 
-def apply_strength(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
-    """The levels left to run at ``strength`` (1: all of them): the first ``strength_start`` are skipped."""
-    return sigmas[strength_start(len(sigmas) - 1, strength):]
+def apply_strength(sigmas: torch.Tensor, strength: float, warmup_steps: int = 0) -> torch.Tensor:
+    """The levels left to run at ``strength`` (1: all of them): the first ``strength_start`` are skipped.
+
+    diffusers counts the skipped levels in its scheduler's timestep list, where a sampler with ``warmup_steps``
+    (PNDM) repeats its second level that many times; such a sampler starts that many levels earlier.
+    """
+    start = strength_start(len(sigmas) - 1, strength)
+    return sigmas[max(start - warmup_steps, 0):]
+
+
+def _interpolated_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
+    """The schedule's sigmas at (fractional) timesteps, linear in sigma between neighbours (diffusers' np.interp)."""
+    sigmas = schedule.sigmas.double()
+    lo = timesteps.floor().long()
+    hi = timesteps.ceil().long()
+    weight = timesteps - lo
+    return torch.where(weight > 0, (1 - weight) * sigmas[lo] + weight * sigmas[hi], sigmas[lo])
+
+
+def _ramp(ramp: str, spec: SamplerSpec, schedule: NoiseSchedule, spaced: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` Karras / exponential sigmas (no final 0) over the range diffusers' scheduler takes for ``spec``:
+    the spaced sigmas' (Euler, Heun), or the whole schedule's (DPM-Solver, which spaces over an extra level)."""
+    finite = schedule.sigmas[torch.isfinite(schedule.sigmas)].double()
+    low, high = (finite[0], finite[-1]) if spec.spacing_extra_level else (spaced[-1], spaced[0])
+    make = get_sigmas_karras if ramp == "karras" else get_sigmas_exponential
+    return make(steps, float(low), float(high), dtype=torch.float64)[:-1]
 
 
 def sampler_sigmas(schedule: NoiseSchedule, sampler: str | SamplerSpec, steps: int, offset: int = STEPS_OFFSET,
-                   spacing: str = "leading", strength: float = 1.0) -> torch.Tensor:
+                   spacing: str | None = None, strength: float = 1.0, ramp: str | None = None) -> torch.Tensor:
     """The decreasing sigmas (float32) that ``steps`` steps of ``sampler`` integrate over in diffusers' scheduler
-    conventions (see the module docstring), ending where its last step lands; ``strength`` < 1 drops the first."""
+    conventions (see the module docstring), ending where its last step lands; ``strength`` < 1 drops the first.
+
+    ``spacing`` None is the sampler's diffusers default; ``ramp`` ("karras", "exponential") replaces the levels by a
+    ramp over their range, for samplers that take any sigmas.
+    """
     spec = get_sampler(sampler)
-    timesteps = torch.tensor(sampler_timesteps(spec, steps, schedule.num_timesteps, offset, spacing))
-    sigmas = schedule.sigmas[timesteps]
+    if ramp is not None and spec.levels != "sigmas":
+        raise ValueError(f"{spec.name} steps between the schedule's own timesteps; {ramp} sigmas apply to "
+                         f"{', '.join(name for name, s in SAMPLERS.items() if s.levels == 'sigmas')}")
+    timesteps = torch.tensor(sampler_timesteps(spec, steps, schedule.num_timesteps, offset, spacing),
+                             dtype=torch.float64)
+    sigmas = _interpolated_sigmas(schedule, timesteps)
     if not torch.isfinite(sigmas).all():
         raise ValueError("the schedule has an infinite sigma (zero terminal SNR) at a visited timestep; "
                          "the Stable Diffusion pipelines need a finite starting noise level")
+    if ramp is not None:
+        sigmas = _ramp(ramp, spec, schedule, sigmas, steps)
     final = float(schedule.sigmas[0]) if spec.ends_at_first_level else 0.0
-    return apply_strength(torch.cat([sigmas, sigmas.new_tensor([final])]).float(), strength)
+    return apply_strength(torch.cat([sigmas, sigmas.new_tensor([final])]).float(), strength, spec.warmup_steps)
 
 
-__all__ = ["SPACINGS", "STEPS_OFFSET", "apply_strength", "discrete_timesteps", "get_sigmas_discrete",
-           "get_sigmas_exponential", "get_sigmas_karras", "sampler_sigmas", "sampler_timesteps", "spaced_timesteps",
-           "strength_start"]
+def starts_at_sigma_max(sampler: str | SamplerSpec, spacing: str) -> bool:
+    """Whether diffusers' scheduler for ``sampler`` starts from noise of std sigma_max (its ``init_noise_sigma``
+    for the sigma schedulers with "linspace" or "trailing" spacing) rather than sqrt(1 + sigma_max^2)."""
+    return get_sampler(sampler).fractional_timesteps and spacing in ("linspace", "trailing")
+
+
+__all__ = ["RAMPS", "SPACINGS", "STEPS_OFFSET", "LevelOptions", "apply_strength", "discrete_timesteps",
+           "get_sigmas_discrete", "get_sigmas_exponential", "get_sigmas_karras", "sampler_sigmas",
+           "sampler_timesteps", "spaced_timesteps", "starts_at_sigma_max", "strength_start"]

@@ -248,7 +248,11 @@ class SamplerSpec:
     fresh noise from the generator at every step. ``ends_at_first_level``: in diffusers' scheduler conventions the
     last step lands on alphas_cumprod[0] rather than sigma 0 (DDIM and PLMS with ``set_alpha_to_one=False``).
     ``spacing_extra_level``: diffusers spaces its timesteps as ``n + 1`` levels and drops the lowest
-    (``DPMSolverMultistepScheduler`` for "leading" and "linspace" spacing).
+    (``DPMSolverMultistepScheduler`` for "leading" and "linspace" spacing). ``default_spacing``: the
+    ``timestep_spacing`` of diffusers' scheduler class when its config has none (the hub's SD 1.5 config has none).
+    ``fractional_timesteps``: diffusers' scheduler is a sigma scheduler (Euler, Heun) that keeps fractional timesteps
+    (unrounded "linspace", Karras ramps) and feeds them to the UNet as they are, and starts from noise of std
+    sigma_max with "linspace" or "trailing" spacing.
     """
 
     name: str
@@ -259,6 +263,8 @@ class SamplerSpec:
     ancestral: bool = False
     ends_at_first_level: bool = False
     spacing_extra_level: bool = False
+    default_spacing: str = "linspace"
+    fractional_timesteps: bool = False
 
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Run the sampler: ``function(model, x, sigmas, extra_args=..., callback=..., generator=...)``."""
@@ -276,25 +282,46 @@ def _registry(*specs: SamplerSpec) -> dict[str, SamplerSpec]:
 
 
 SAMPLERS: dict[str, SamplerSpec] = _registry(
-    SamplerSpec("ddpm", sample_ddpm, levels="timesteps", ancestral=True),
-    SamplerSpec("ddim", sample_ddim, levels="timesteps", ends_at_first_level=True),
-    SamplerSpec("plms", sample_plms, levels="timesteps", warmup_steps=1, ends_at_first_level=True),
-    SamplerSpec("euler", sample_euler),
-    SamplerSpec("euler_ancestral", sample_euler_ancestral, ancestral=True),
-    SamplerSpec("heun", sample_heun, evaluations_per_step=2),
+    SamplerSpec("ddpm", sample_ddpm, levels="timesteps", ancestral=True, default_spacing="leading"),
+    SamplerSpec("ddim", sample_ddim, levels="timesteps", ends_at_first_level=True, default_spacing="leading"),
+    SamplerSpec("plms", sample_plms, levels="timesteps", warmup_steps=1, ends_at_first_level=True,
+                default_spacing="leading"),
+    SamplerSpec("euler", sample_euler, fractional_timesteps=True),
+    SamplerSpec("euler_ancestral", sample_euler_ancestral, ancestral=True, fractional_timesteps=True),
+    SamplerSpec("heun", sample_heun, evaluations_per_step=2, fractional_timesteps=True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, spacing_extra_level=True),
 )
 
+# AUTOMATIC1111's sampler names (its k-diffusion and CompVis samplers that we have), with the sigma ramp the name
+# implies; matched without regard to case.
+SAMPLER_ALIASES: dict[str, tuple[str, str | None]] = {
+    "Euler a": ("euler_ancestral", None), "Euler": ("euler", None), "Heun": ("heun", None),
+    "DPM++ 2M": ("dpmpp_2m", None), "DPM++ 2M Karras": ("dpmpp_2m", "karras"), "DDIM": ("ddim", None),
+    "PLMS": ("plms", None),
+}
+_ALIASES_LOWER = {alias.lower(): target for alias, target in SAMPLER_ALIASES.items()}
+
+
+def resolve_sampler(sampler: str | SamplerSpec) -> tuple[SamplerSpec, str | None]:
+    """(spec, sigma ramp) of a registered name, an A1111 name ("DPM++ 2M Karras": dpmpp_2m with Karras sigmas) or a
+    spec; a ValueError names the choices."""
+    if isinstance(sampler, SamplerSpec):
+        return sampler, None
+    if sampler in SAMPLERS:
+        return SAMPLERS[sampler], None
+    if sampler.lower() in _ALIASES_LOWER:
+        name, ramp = _ALIASES_LOWER[sampler.lower()]
+        return SAMPLERS[name], ramp
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)} (or an AUTOMATIC1111 name: "
+                     f"{', '.join(SAMPLER_ALIASES)})")
+
 
 def get_sampler(sampler: str | SamplerSpec) -> SamplerSpec:
-    """The sampler registered as ``sampler`` (a spec is returned as it is); a ValueError names the choices."""
-    if isinstance(sampler, SamplerSpec):
-        return sampler
-    try:
-        return SAMPLERS[sampler]
-    except KeyError:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}") from None
+    """The sampler registered as ``sampler`` or named so by A1111 (a spec is returned as it is); a ValueError names
+    the choices. ``resolve_sampler`` also gives the sigma ramp an A1111 name implies."""
+    return resolve_sampler(sampler)[0]
 
 
-__all__ = ["SAMPLERS", "SamplerSpec", "ancestral_step", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
-           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_plms"]
+__all__ = ["SAMPLERS", "SAMPLER_ALIASES", "SamplerSpec", "ancestral_step", "get_sampler", "resolve_sampler",
+           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral", "sample_heun",
+           "sample_plms"]

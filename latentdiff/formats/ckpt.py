@@ -13,6 +13,7 @@ from pathlib import Path
 
 from latentdiff.formats import diffusers_component
 from latentdiff.formats.components import CheckpointFormat, ReadOptions, StableDiffusionComponents
+from latentdiff.formats.original_config import find_original_config
 from latentdiff.formats.stable_diffusion import split_original
 from latentdiff.formats.weights import read_state_dict
 
@@ -30,7 +31,8 @@ def read(path: Path, options: ReadOptions) -> StableDiffusionComponents:
     if diffusers_component.is_diffusers_named(state_dict):
         return diffusers_component.read(path, options)
     return split_original(state_dict, ema=options.ema, text_encoder=options.text_encoder,
-                          text_encoder_converter=options.text_encoder_converter, strict=options.strict)
+                          text_encoder_converter=options.text_encoder_converter, strict=options.strict,
+                          original=find_original_config(path, options.config))
 
 
 FORMAT = CheckpointFormat("ckpt", "a pickled single file (.ckpt, .pt, .pth, .bin), read without running code",

@@ -59,6 +59,7 @@ class StableDiffusionComponents:
     prediction_type: str = "epsilon"  # diffusers' name; weights cannot tell eps (SD 1.x, 2-base) from v (2-768-v)
     image_size: int | None = None  # pixels; unknown for original files
     tokenizer_dir: Path | None = None  # a diffusers tokenizer/ folder to carry along
+    scheduler_config: dict[str, Any] | None = None  # a diffusers folder's scheduler_config.json (None: SD 1.5's)
     pad_token_id: int | None = None  # the tokenizer's padding id when the source says (a native model's config)
     source: str = ""  # "original", "diffusers" or "native"
     ema: bool = False  # the UNet weights are the checkpoint's EMA copy
@@ -97,12 +98,14 @@ class ReadOptions:
     """What a reader is asked for. ``ema``: the UNet's EMA copy when the file holds one. ``text_encoder=False``
     leaves the text encoder out. ``text_encoder_converter`` maps an SD v2 OpenCLIP text tower to ``CLIPTextModel``
     names (default: ``latentdiff.conditioning.clip.openclip_to_hf``). ``strict``: keys of no component are an
-    error (else a warning). A format reads the options that apply to it."""
+    error (else a warning). ``config``: the original YAML of a single file (``formats.original_config``). A format
+    reads the options that apply to it."""
 
     ema: bool = True
     text_encoder: bool = True
     text_encoder_converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     strict: bool = True
+    config: Path | str | None = None  # a single file's original YAML (default: the .yaml beside it, if any)
 
 
 @dataclass(frozen=True)

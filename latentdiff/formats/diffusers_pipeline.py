@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.formats.architecture import block_ids, infer_clip_text_config
 from latentdiff.formats.components import CheckpointFormat, ReadOptions, StableDiffusionComponents
 from latentdiff.formats.diffusers_component import (
@@ -35,20 +36,27 @@ from latentdiff.io.errors import CheckpointError
 
 
 def _scheduler_config(comps: StableDiffusionComponents) -> dict[str, Any]:
-    """The ``scheduler/scheduler_config.json`` of a written pipeline."""
-    # Stable Diffusion's training schedule (CompVis' "linear" = diffusers' "scaled_linear") and its PNDM defaults.
+    """The ``scheduler/scheduler_config.json`` of a written pipeline: the source's, else the hub SD 1.5 one.
+
+    The hub's config (Stable Diffusion's training schedule, CompVis' "linear" = diffusers' "scaled_linear", and its
+    PNDM defaults) has no ``timestep_spacing``, which leaves each scheduler class its own default, as the single
+    files it was converted from do here (``latentdiff.diffusion.noise_levels.LevelOptions``).
+    """
+    if comps.scheduler_config is not None:
+        return dict(comps.scheduler_config, prediction_type=comps.prediction_type)
     return {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
-            "prediction_type": comps.prediction_type, "timestep_spacing": "leading"}
+            "prediction_type": comps.prediction_type}
 
 
 def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path:
     """Write a diffusers folder that ``from_pretrained`` loads.
 
     A UNet (with VAE / text encoder) becomes a pipeline folder: ``model_index.json``, ``unet/``, ``vae/``,
-    ``text_encoder/``, ``scheduler/`` and, when the source had one, ``tokenizer/``. A VAE alone becomes a component
-    folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), as diffusers publishes its VAEs.
+    ``text_encoder/``, ``scheduler/`` and ``tokenizer/`` (the source's, else CLIP's from open_clip's vocabulary). A VAE
+    alone becomes a component folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), as diffusers
+    publishes its VAEs.
     """
     folder = Path(folder)
     try:
@@ -71,8 +79,9 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
         scheduler = folder / "scheduler"
         scheduler.mkdir(exist_ok=True)
-        (scheduler / "scheduler_config.json").write_text(json.dumps(_scheduler_config(comps), indent=2) + "\n")
-        index["scheduler"] = ["diffusers", "PNDMScheduler"]
+        scheduler_config = _scheduler_config(comps)
+        (scheduler / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+        index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
     if comps.vae is not None:
         write_component_folder(folder / "vae", vae_config, vae_to_diffusers(comps.vae, comps.vae_config),
                          DIFFUSERS_WEIGHT_FILES[0])
@@ -85,10 +94,22 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
         if Path(comps.tokenizer_dir).resolve() != (folder / "tokenizer").resolve():
             shutil.copytree(comps.tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    elif comps.text_encoder is not None:
+        _clip_tokenizer(comps).save_folder(folder / "tokenizer")
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                   "requires_safety_checker": False})
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def _clip_tokenizer(comps: StableDiffusionComponents) -> CLIPTokenizer:
+    """CLIP's tokenizer (open_clip's BPE vocabulary) with the source's padding: its own when it says, else 0 for
+    SD v2's OpenCLIP text encoder and the end token for SD v1's, as the pipeline pads them."""
+    pad = comps.pad_token_id
+    if pad is None and comps.text_encoder_layout == "openclip":
+        pad = 0
+    return CLIPTokenizer(pad_token_id=pad)
 
 
 def _diffusers_text_encoder(comps: StableDiffusionComponents) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -127,7 +148,8 @@ def read(path: Path, options: ReadOptions) -> StableDiffusionComponents:
         comps.tokenizer_dir = path / "tokenizer"
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        comps.prediction_type = read_json(scheduler).get("prediction_type", comps.prediction_type)
+        comps.scheduler_config = read_json(scheduler)
+        comps.prediction_type = comps.scheduler_config.get("prediction_type", comps.prediction_type)
     if comps.unet is not None and comps.vae_config is not None and comps.image_size:
         comps.image_size = comps.image_size // 8 * comps.vae_config.downsample_factor
     if comps.unet is None and comps.vae is None and comps.text_encoder is None:

@@ -59,7 +59,7 @@ def detect_format(path: str | Path) -> str:
 
 def read_components(path: str | Path, format: str | None = None, **options: Any) -> StableDiffusionComponents:
     """Read ``path`` in ``format`` (default: as detected) into components; ``options`` are ``ReadOptions``'
-    fields (ema, text_encoder, text_encoder_converter, strict)."""
+    fields (ema, text_encoder, text_encoder_converter, strict, config)."""
     read_options = ReadOptions(**options)
     name = format or detect_format(path)
     if name not in FORMATS:
@@ -96,15 +96,16 @@ def load_stable_diffusion_weights(path: str | Path, *, ema: bool = True, text_en
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, ema: bool = True, dtype: torch.dtype | None = None,
-            text_encoder: bool = True) -> Path:
+            text_encoder: bool = True, config: str | Path | None = None) -> Path:
     """Convert the checkpoint at ``src`` to format ``to`` (one of ``writable_formats()``: "native", "original",
     "diffusers") at ``dst``.
 
     ``dst`` is a ``.safetensors`` file (original), a folder (diffusers) or a run folder (native). Returns what was
-    written. ``dtype`` casts the floating-point weights (default: as stored).
+    written. ``dtype`` casts the floating-point weights (default: as stored). ``config``: a single file's original
+    YAML (default: the ``.yaml`` beside it, if any).
     """
     writer = _writer(to)  # an unknown format is refused before anything is read
-    comps = read_components(src, ema=ema, text_encoder=text_encoder)
+    comps = read_components(src, ema=ema, text_encoder=text_encoder, config=config)
     if dtype is not None:
         comps = comps.to(dtype)
     logger.info("read %s: %s", src, comps.describe())

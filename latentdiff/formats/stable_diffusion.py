@@ -6,7 +6,9 @@ The UNet is under ``model.diffusion_model.``, the VAE under ``first_stage_model.
 OpenCLIP's layout, converted to Hugging Face names); a bare UNet or a bare VAE file uses the same names without
 the prefix; the EMA copy of the UNet is taken when the file holds one. A pickled ``.ckpt`` in this layout is
 ``latentdiff.formats.ckpt``'s, which hands its tensors to :func:`split_original`. Without our configs in the
-metadata the architecture is read from the shapes (``latentdiff.formats.architecture``).
+metadata the architecture is read from the shapes (``latentdiff.formats.architecture``), and what they cannot tell
+from the original YAML (``latentdiff.formats.original_config``) or, without one, by SD's conventions (with a
+warning).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from latentdiff.autoencoder.model import AutoencoderConfig
 from latentdiff.conditioning.clip import hf_to_openclip, openclip_to_hf
 from latentdiff.config import to_dict
 from latentdiff.diffusion.unet import UNetConfig
-from latentdiff.formats.architecture import block_ids, infer_autoencoder_config, infer_unet_config
+from latentdiff.formats.architecture import (
+    block_ids,
+    infer_autoencoder_config,
+    infer_clip_text_config,
+    infer_unet_config,
+)
 from latentdiff.formats.components import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
@@ -37,6 +44,7 @@ from latentdiff.formats.components import (
     stored_config,
 )
 from latentdiff.formats.diffusers_names import model_state_shapes
+from latentdiff.formats.original_config import OriginalConfig, find_original_config
 from latentdiff.formats.weights import check_state_dict, plain_tensors, read_state_dict, show_keys
 from latentdiff.io.errors import CheckpointError
 
@@ -139,14 +147,45 @@ def _split_text_encoder(state_dict: dict[str, torch.Tensor], comps: StableDiffus
     return clip_keys + openclip_keys
 
 
+def _apply_original_config(comps: StableDiffusionComponents, original: OriginalConfig | None,
+                           stored: dict[str, Any]) -> None:
+    """Fill in what the shapes cannot tell from the original YAML; without one (and without our stored configs),
+    say in one warning line what SD's conventions guessed."""
+    if original is None:
+        guessed = [what for what, known in (("the UNet's attention heads", comps.unet is None or "unet" in stored),
+                                            ("the text encoder's activation", comps.text_encoder is None
+                                             or comps.text_encoder_config is not None),
+                                            ("the prediction type (eps)", "prediction_type" in stored)) if not known]
+        if comps.unet is not None and guessed:
+            logger.warning("no original config (--config FILE, or a .yaml beside the checkpoint): guessed %s by "
+                           "Stable Diffusion's conventions", ", ".join(guessed))
+        return
+    if original.prediction_type is not None:
+        comps.prediction_type = original.prediction_type
+    if original.scale_factor is not None:
+        comps.scale_factor = original.scale_factor
+    if comps.text_encoder is not None and original.text_output_layer is not None:
+        comps.text_encoder_output_layer = original.text_output_layer
+    if comps.text_encoder is not None and original.text_activation is not None:
+        comps.text_encoder_config = dict(comps.text_encoder_config or infer_clip_text_config(comps.text_encoder),
+                                         hidden_act=original.text_activation)
+
+
+def _unet_config(unet: dict[str, torch.Tensor], stored: dict[str, Any], original: OriginalConfig | None
+                 ) -> UNetConfig:
+    return stored_config(stored.get("unet"), UNetConfig, "unet") or infer_unet_config(
+        unet, **(original.unet if original is not None else {}))
+
+
 def split_original(state_dict: dict[str, torch.Tensor], *, metadata: dict[str, str] | None = None, ema: bool = True,
                    text_encoder: bool = True, text_encoder_converter: Callable | None = None,
-                   strict: bool = True) -> StableDiffusionComponents:
+                   strict: bool = True, original: OriginalConfig | None = None) -> StableDiffusionComponents:
     """Components from a state dict in the original single-file layout (full model, bare UNet or bare VAE).
 
     ``text_encoder_converter`` turns an OpenCLIP text tower (keys without ``cond_stage_model.model.``) into
     ``CLIPTextModel`` names; the default is ``latentdiff.conditioning.clip.openclip_to_hf``. With ``strict`` any
-    key that belongs to no component (other than schedule buffers and EMA bookkeeping) is an error.
+    key that belongs to no component (other than schedule buffers and EMA bookkeeping) is an error. ``original``:
+    the checkpoint's original YAML (``formats.original_config``), for what the shapes cannot tell.
     """
     stored = _metadata_components(metadata or {})
     comps = StableDiffusionComponents(source="original")
@@ -157,14 +196,16 @@ def split_original(state_dict: dict[str, torch.Tensor], *, metadata: dict[str, s
         source = ema_weights if ema_weights is not None else {k: state_dict[k] for k in unet_keys}
         comps.unet = {k[len(UNET_PREFIX):]: v for k, v in source.items()}
         comps.ema = ema_weights is not None
-        comps.unet_config = stored_config(stored.get("unet"), UNetConfig, "unet") or infer_unet_config(comps.unet)
+        comps.unet_config = _unet_config(comps.unet, stored, original)
         check_state_dict(comps.unet, model_state_shapes(comps.unet_config), "UNet")
         used.update(unet_keys)
         used.update(k for k in state_dict if k.startswith(EMA_PREFIX))  # used, or deliberately left out
     if vae_keys:
         comps.vae = {k[len(VAE_PREFIX):]: state_dict[k] for k in vae_keys}
+        resolution = {} if original is None or original.vae_resolution is None else {
+            "resolution": original.vae_resolution}
         comps.vae_config = (stored_config(stored.get("vae"), AutoencoderConfig, "vae")
-                            or infer_autoencoder_config(comps.vae))
+                            or infer_autoencoder_config(comps.vae, **resolution))
         check_state_dict(comps.vae, model_state_shapes(comps.vae_config), "VAE")
         used.update(vae_keys)
     used.update(_split_text_encoder(state_dict, comps, text_encoder, text_encoder_converter or openclip_to_hf))
@@ -184,6 +225,7 @@ def split_original(state_dict: dict[str, torch.Tensor], *, metadata: dict[str, s
     comps.image_size = stored.get("image_size", comps.image_size)
     if comps.unet is None and comps.vae is None and comps.text_encoder is None:
         raise CheckpointError("the checkpoint holds no UNet, VAE or text encoder")
+    _apply_original_config(comps, original, stored)
     return comps
 
 
@@ -235,7 +277,8 @@ def read(path: Path, options: ReadOptions) -> StableDiffusionComponents:
     """The components of an original single file (full model, bare UNet or bare VAE)."""
     state_dict, metadata = read_state_dict(path)
     return split_original(state_dict, metadata=metadata, ema=options.ema, text_encoder=options.text_encoder,
-                          text_encoder_converter=options.text_encoder_converter, strict=options.strict)
+                          text_encoder_converter=options.text_encoder_converter, strict=options.strict,
+                          original=find_original_config(path, options.config))
 
 
 FORMAT = CheckpointFormat(

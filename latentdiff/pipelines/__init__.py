@@ -57,10 +57,11 @@ def load_pipeline(path: str | Path, **options: Any) -> Pipeline:
     Raises ``CheckpointError`` naming the problem when the path is missing, unreadable or not a model a pipeline
     here runs (``ValueError`` for an option the model does not take).
     """
+    config = options.pop("config", None)  # a single file's original YAML; a native checkpoint carries its own
     file_format = detect_format(path)
     if file_format == "native" and is_native_diffusion_config(read_native_config(path)):
         return LatentDiffusionPipeline.from_checkpoint(path, **options)
-    comps = read_components(path, file_format, ema=options.pop("ema", True))
+    comps = read_components(path, file_format, ema=options.pop("ema", True), config=config)
     problem = _identify(comps)
     if problem is not None:
         raise CheckpointError(f"{path} is not a Stable Diffusion model the pipelines run: {problem}")

@@ -49,13 +49,16 @@ class PipelineOutput:
 @dataclass(frozen=True)
 class SamplingOptions:
     """How one pipeline call samples, besides its conditioning: the sampler and its options, the generator, the
-    progress callback and bar (None: tqdm's default)."""
+    progress callback and bar (None: tqdm's default), the starting noise's prior (``sampling.initial_noise_scale``)
+    and the denoiser when it depends on the sampler (None: ``sampling_denoiser()``)."""
 
     sampler: str
     generator: torch.Generator
     sampler_options: dict[str, Any] | None = None
     callback: Callback | None = None
     progress: bool | None = None
+    prior: str = "vp"
+    denoiser: Denoiser | None = None
 
 
 def as_generator(generator: Generator) -> torch.Generator:
@@ -119,8 +122,9 @@ class PipelineBase(ABC):
                  init: torch.Tensor | None = None, known: KnownRegion | None = None) -> torch.Tensor:
         """The latent at sigmas[-1] from ``noise`` (or ``init`` noised), guided against ``uncond`` when given."""
         with attention_slicing(self.attention_slice):
-            return denoise(self.sampling_denoiser(), sigmas.to(self.device), noise, sampler=run.sampler, init=init,
-                           extra_args=cond, uncond=uncond, guidance_scale=guidance_scale,
+            return denoise(run.denoiser or self.sampling_denoiser(), sigmas.to(self.device), noise,
+                           sampler=run.sampler, init=init, prior=run.prior, extra_args=cond, uncond=uncond,
+                           guidance_scale=guidance_scale,
                            step_wrapper=None if known is None else known.wrap, generator=run.generator,
                            callback=run.callback, disable=None if run.progress is None else not run.progress,
                            **(run.sampler_options or {}))

@@ -4,7 +4,9 @@ The pipeline composes what the other packages provide: the CLIP tokenizer and te
 context; the UNet is wrapped once into the denoiser D(x, sigma) (``DiscreteDenoiser``, eps- or v-prediction); the
 shared pipeline base (``latentdiff.pipelines.base``) runs the sampling core with classifier-free guidance over it
 (one batched call, unconditional half first), over the sigmas the sampler's diffusers counterpart visits
-(``latentdiff.diffusion.noise_levels.sampler_sigmas``); the VAE decodes ``latents / scale_factor``.
+(``latentdiff.diffusion.noise_levels.sampler_sigmas``) under the model's scheduler config (``LevelOptions``: a
+diffusers folder's ``scheduler_config.json``, else the hub SD 1.5 config, which leaves each scheduler its default
+spacing); the VAE decodes ``latents / scale_factor``.
 
 Given the same weights, sampler, prompt, seed and initial noise, the images equal those of diffusers'
 ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` with SD's
@@ -13,13 +15,15 @@ posterior samples of the encoded images, the initial noise, then the samplers' p
 
 Our samplers work in the variance-exploding space x = x_t / sqrt(alphas_cumprod) (see ``diffusion/denoiser.py``);
 diffusers' DDIM/PLMS/DDPM/DPM-Solver step the variance-preserving x_t. The two meet at the ends: the initial noise
-is scaled by sqrt(1 + sigma_max^2) (diffusers' ``init_noise_sigma`` for Euler-type schedulers, and the VE image of
-its x_T for the others), and the final x is divided by sqrt(1 + sigma_end^2), which is 1 except for DDIM and PLMS,
-which stop at alphas_cumprod[0] (``latentdiff.diffusion.sampling``).
+is scaled by sqrt(1 + sigma_max^2) (the VE image of diffusers' x_T; its Euler-type schedulers' ``init_noise_sigma``
+with "leading" spacing) or by sigma_max (theirs with "linspace" / "trailing", as A1111's), and the final x is
+divided by sqrt(1 + sigma_end^2), which is 1 except for DDIM and PLMS, which stop at alphas_cumprod[0]
+(``latentdiff.diffusion.sampling``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,8 +38,9 @@ from latentdiff.autoencoder.model import Autoencoder
 from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
-from latentdiff.diffusion.noise_levels import sampler_sigmas
+from latentdiff.diffusion.noise_levels import LevelOptions, sampler_sigmas, starts_at_sigma_max
 from latentdiff.diffusion.process import draw_noise
+from latentdiff.diffusion.samplers import resolve_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from latentdiff.diffusion.unet import UNetModel
 from latentdiff.formats import (
@@ -48,7 +53,15 @@ from latentdiff.formats import (
 )
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
-from latentdiff.pipelines.base import Generator, PipelineBase, PipelineOutput, as_generator, per_image, prompt_list
+from latentdiff.pipelines.base import (
+    Generator,
+    PipelineBase,
+    PipelineOutput,
+    SamplingOptions,
+    as_generator,
+    per_image,
+    prompt_list,
+)
 from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor
 from latentdiff.pipelines.tiling import decode_tiled
 
@@ -89,7 +102,8 @@ class StableDiffusionPipeline(PipelineBase):
     float32, as diffusers' ``force_upcast``); the sampler state stays float32. ``attention_slice`` attends that
     many queries at a time (``latentdiff.nn.attention.attention_slicing``); ``vae_tile`` decodes latents larger
     than that many latent pixels in tiles (``latentdiff.pipelines.tiling``) that overlap by ``vae_tile_overlap``
-    (default a quarter tile) and see as much context around them.
+    (default a quarter tile) and see as much context around them. ``levels``: the scheduler config's spacing,
+    steps offset and sigma ramp (default: the hub SD 1.5 config's; each task call can override spacing and ramp).
     """
 
     default_guidance = 7.5  # the guidance scale the command line uses when none is given (diffusers' default)
@@ -99,7 +113,7 @@ class StableDiffusionPipeline(PipelineBase):
                  prediction_type: str = "epsilon", schedule: NoiseSchedule | None = None,
                  image_size: int | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, attention_slice: int | None = None, vae_tile: int | None = None,
-                 vae_tile_overlap: int | None = None) -> None:
+                 vae_tile_overlap: int | None = None, levels: LevelOptions | None = None) -> None:
         if prediction_type not in PARAMETERIZATIONS:
             raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of "
                              f"{', '.join(PARAMETERIZATIONS)}")
@@ -116,6 +130,10 @@ class StableDiffusionPipeline(PipelineBase):
         self.schedule = schedule or NoiseSchedule(ScheduleConfig())
         self.denoiser = DiscreteDenoiser(_UNetNetwork(self.unet), self.schedule, PARAMETERIZATIONS[prediction_type],
                                          discrete_t=True)
+        # diffusers' sigma schedulers (Euler, Heun) feed the UNet fractional timesteps ("linspace", Karras ramps).
+        self.fractional_denoiser = DiscreteDenoiser(self.denoiser.network, self.schedule,
+                                                    PARAMETERIZATIONS[prediction_type])
+        self.levels = levels or LevelOptions()
         self.image_size = image_size or (768 if prediction_type == "v_prediction" else 512)
         self.attention_slice = attention_slice
         self.vae_tile = vae_tile
@@ -178,6 +196,8 @@ class StableDiffusionPipeline(PipelineBase):
                     pad_token_id = 0  # OpenCLIP pads with 0; SD v2 was trained so
                 tokenizer = CLIPTokenizer(comps.tokenizer_dir, pad_token_id=pad_token_id,
                                           max_length=min(77, config.context_length))
+        if comps.scheduler_config is not None:
+            options.setdefault("levels", LevelOptions.from_scheduler_config(comps.scheduler_config))
         return cls(unet, vae, text_encoder, tokenizer, scale_factor=comps.scale_factor,
                    prediction_type=prediction_type or comps.prediction_type, image_size=comps.image_size, **options)
 
@@ -279,10 +299,34 @@ class StableDiffusionPipeline(PipelineBase):
                 images = self.vae.decode(z)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
-    def sigmas(self, sampler: str, steps: int, strength: float = 1.0) -> torch.Tensor:
-        """The noise levels ``steps`` steps of ``sampler`` visit (diffusers' conventions for SD), the first
-        skipped at ``strength`` < 1."""
-        return sampler_sigmas(self.schedule, sampler, steps, strength=strength)
+    def sigmas(self, sampler: str, steps: int, strength: float = 1.0, spacing: str | None = None,
+               sigma_ramp: str | None = None) -> torch.Tensor:
+        """The noise levels ``steps`` steps of ``sampler`` visit (diffusers' conventions under ``levels``), the
+        first skipped at ``strength`` < 1; ``spacing`` and ``sigma_ramp`` ("karras", "exponential") override the
+        model's scheduler config."""
+        return self._levels(sampler, steps, strength, spacing, sigma_ramp)[0]
+
+    def _levels(self, sampler: str, steps: int, strength: float, spacing: str | None, sigma_ramp: str | None
+                ) -> tuple[torch.Tensor, str, bool]:
+        """(sigmas, spacing, whether the sampler steps between the schedule's own timesteps) for one call.
+
+        An A1111 name brings its ramp ("DPM++ 2M Karras"); the config's ramp applies to the samplers that take any
+        sigmas (diffusers' DDIM / PNDM / DDPM ignore ``use_karras_sigmas``), an explicit one fails on the others.
+        """
+        spec, named_ramp = resolve_sampler(sampler)
+        ramp = sigma_ramp or named_ramp or (self.levels.ramp if spec.levels == "sigmas" else None)
+        spacing = spacing or self.levels.spacing_for(spec)
+        sigmas = sampler_sigmas(self.schedule, spec, steps, self.levels.steps_offset, spacing, strength, ramp)
+        return sigmas, spacing, spec.fractional_timesteps
+
+    def _planned(self, run: SamplingOptions, steps: int, strength: float, spacing: str | None,
+                 sigma_ramp: str | None) -> tuple[torch.Tensor, SamplingOptions]:
+        """The call's sigmas, and its options with the starting noise and the denoiser its scheduler implies."""
+        sigmas, spacing, fractional = self._levels(run.sampler, steps, strength, spacing, sigma_ramp)
+        prior = "ve" if starts_at_sigma_max(run.sampler, spacing) else "vp"
+        denoiser = self.fractional_denoiser if fractional else self.denoiser
+        return sigmas, dataclasses.replace(run, sampler=resolve_sampler(run.sampler)[0].name, prior=prior,
+                                           denoiser=denoiser)
 
     def sampling_denoiser(self) -> DiscreteDenoiser:
         return self.denoiser
@@ -302,21 +346,23 @@ class StableDiffusionPipeline(PipelineBase):
                       *, num_images: int = 1, height: int | None = None, width: int | None = None, steps: int = 25,
                       sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, generator: Generator = None,
                       latents: torch.Tensor | None = None, sampler_options: dict[str, Any] | None = None,
-                      decode: bool = True, callback: Callable | None = None,
-                      progress: bool | None = None) -> StableDiffusionOutput:
+                      decode: bool = True, callback: Callable | None = None, progress: bool | None = None,
+                      spacing: str | None = None, sigma_ramp: str | None = None) -> StableDiffusionOutput:
         """Generate ``num_images`` images per prompt.
 
         ``generator``: a CPU ``torch.Generator`` or a seed. ``latents``: the initial noise (N, 4, h, w), unit
         normal, as diffusers' ``latents=`` argument (it is scaled for the first noise level here); drawn from the
         generator when None. ``guidance_scale`` 1 skips the unconditional half. ``sampler_options`` go to the
-        sampler (e.g. ``{"eta": 1.0}`` for DDIM).
+        sampler (e.g. ``{"eta": 1.0}`` for DDIM). ``spacing`` ("leading", "linspace", "trailing") and
+        ``sigma_ramp`` ("karras", "exponential") override the model's scheduler config (``sigmas``).
         """
         run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        sigmas, run = self._planned(run, steps, 1.0, spacing, sigma_ramp)
         height, width = self._size(height, width)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
         noise = self._noise(latents, shape, run.generator)
-        out = self._denoise(self.sigmas(sampler, steps), noise, cond, uncond, guidance_scale, run)
+        out = self._denoise(sigmas, noise, cond, uncond, guidance_scale, run)
         return self._finish(out, decode)
 
     @torch.no_grad()
@@ -325,18 +371,19 @@ class StableDiffusionPipeline(PipelineBase):
                        num_images: int = 1, steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5,
                        generator: Generator = None, noise: torch.Tensor | None = None, sample_posterior: bool = True,
                        sampler_options: dict[str, Any] | None = None, decode: bool = True,
-                       callback: Callable | None = None, progress: bool | None = None) -> StableDiffusionOutput:
+                       callback: Callable | None = None, progress: bool | None = None, spacing: str | None = None,
+                       sigma_ramp: str | None = None) -> StableDiffusionOutput:
         """SDEdit (Meng et al. 2022): encode the image, noise it to the level ``strength`` of the way up, denoise.
 
         As diffusers' img2img: ``int(steps * strength)`` of the ``steps`` levels are run; the image's latent is a
         posterior sample drawn from the generator first (``sample_posterior=False``: the posterior mean), then the
         noise (``noise`` overrides it). ``image``: one image for all prompts or one per prompt, sides multiples of
-        ``size_multiple``.
+        ``size_multiple``. ``spacing``, ``sigma_ramp``: as ``text_to_image``.
         """
         run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = to_image_tensor(image)
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "init image")
-        sigmas = self.sigmas(sampler, steps, strength)
+        sigmas, run = self._planned(run, steps, strength, spacing, sigma_ramp)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         init = self._encode(pixels * 2 - 1, run.generator if sample_posterior else None)
         init = per_image(init, batch, num_images, "init image")
@@ -349,7 +396,8 @@ class StableDiffusionPipeline(PipelineBase):
                 steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, generator: Generator = None,
                 latents: torch.Tensor | None = None, sample_posterior: bool = True, keep_unmasked: bool = False,
                 sampler_options: dict[str, Any] | None = None, decode: bool = True, callback: Callable | None = None,
-                progress: bool | None = None) -> StableDiffusionOutput:
+                progress: bool | None = None, spacing: str | None = None,
+                sigma_ramp: str | None = None) -> StableDiffusionOutput:
         """Repaint where ``mask`` is white (>= 0.5), keep the rest; as diffusers' ``StableDiffusionInpaintPipeline``.
 
         With an inpainting UNet (9 channels) the mask and the latent of the masked image (pixels to repaint set to
@@ -358,7 +406,8 @@ class StableDiffusionPipeline(PipelineBase):
         (``latentdiff.diffusion.sampling.KnownRegion``). ``latents``: the initial unit-normal noise, also the noise
         of the re-imposed region. ``strength`` < 1 starts from the image noised with it (diffusers starts from the
         noise alone when given ``latents``, whatever the strength). ``keep_unmasked`` pastes the original pixels
-        back outside the mask (the autoencoder alters them slightly otherwise).
+        back outside the mask (the autoencoder alters them slightly otherwise). ``spacing``, ``sigma_ramp``: as
+        ``text_to_image``.
         """
         run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
         pixels = to_image_tensor(image)
@@ -367,7 +416,7 @@ class StableDiffusionPipeline(PipelineBase):
             raise ValueError(f"the mask is {masks.shape[-1]}x{masks.shape[-2]} but the image is "
                              f"{pixels.shape[-1]}x{pixels.shape[-2]}; they must be the same size")
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "image")
-        sigmas = self.sigmas(sampler, steps, strength)
+        sigmas, run = self._planned(run, steps, strength, spacing, sigma_ramp)
         full_strength = strength == 1.0
         post_gen = run.generator if sample_posterior else None
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
