@@ -129,7 +129,7 @@ def _experiment(init_from, out_dir, **overrides: str) -> DiffusionExperiment:
 def tiny_sd(tmp_path_factory):
     """A tiny SD diffusers folder, a LoRA run of 3 steps on it, and the run's folder."""
     root = tmp_path_factory.mktemp("lora_sd")
-    tokenizer = write_tokenizer(root / "tokenizer", "<|endoftext|>")
+    tokenizer = write_tokenizer(root / "tokenizer")  # padded with the end token, as SD v1
     base = save_diffusers(tiny_components(UNET, seed=0, tokenizer=tokenizer), root / "base")
     run = DiffusionTrainer(_experiment(base, root / "run")).run()
     return base, run / "checkpoints" / "step_0000003"
