@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 from torch.utils.data import Dataset
 
+from latentdiff.data.buckets import bucket_sizes
 from latentdiff.data.transforms import RESIZE_MODES, convert_mode, fit_to_size, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ BUILTIN_DATASETS = ("fashion_mnist", "mnist5k", "photos")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FOLDER_TEST_EVERY = 20
+CROP_MODES = ("center", "random")
 
 # Photos shipped inside the scikit-image wheel (skimage/data/*.png|jpg). Synthetic images (checkerboard,
 # blobs, phantom, colorwheel, logo) and those that need pooch to download are deliberately left out.
@@ -108,6 +111,19 @@ class DataConfig:
     limit: int = 0  # if > 0, use only the first `limit` items (for fast tests/eval)
     seed: int = 0
     root: str = ""  # directory of the fashion_mnist idx files; empty means FASHION_MNIST_DIR
+    # A folder of captioned images (data/captioned.py); when set it is the dataset, and data.name is set to it so
+    # that logs and errors name the folder. data.name=FOLDER still reads a folder's images without captions.
+    path: str = ""
+    # Augmentations of captioned folders (train split), drawn from torch's global RNG like random_flip:
+    caption_dropout: float = 0.0  # probability of the empty caption (see data/captioned.py for CFG dropout)
+    shuffle_tags: bool = False  # comma-separated tags in random order, the first keep_tokens kept in place
+    keep_tokens: int = 0
+    crop: str = "center"  # center | random: where resize=center_crop and buckets cut the covering image
+    buckets: bool = False  # aspect-ratio buckets for the train split (data/buckets.py)
+    bucket_resolution: int = 0  # buckets hold at most this squared many pixels; 0: image_size
+    bucket_step: int = 64  # bucket sides are multiples of this (the model's multiple: 64 for SD, 8 for scenes)
+    min_bucket_side: int = 0  # 0: bucket_resolution // 2
+    max_bucket_side: int = 0  # 0: bucket_resolution * 2
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -118,6 +134,48 @@ class DataConfig:
             raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.photos_max_scale < 1.0:
             raise ValueError(f"data.photos_max_scale must be >= 1, got {self.photos_max_scale}")
+        if self.path:
+            self.name = self.path
+        self._check_captioned_fields()
+
+    def _check_captioned_fields(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"data.crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        if self.crop == "random" and not self.buckets and self.resize != "center_crop":
+            raise ValueError("data.crop=random crops images, which data.resize="
+                             f"{self.resize} does not: set data.resize=center_crop or data.buckets=true")
+        if self.buckets:
+            bucket_sizes(*self.bucket_geometry)  # a bucket list that cannot be made fails here, not at step 1
+
+    @property
+    def bucket_geometry(self) -> tuple[int, int, int, int]:
+        """(resolution, step, min side, max side) of the buckets, the zeros filled in."""
+        resolution = self.bucket_resolution or self.image_size
+        return (resolution, self.bucket_step, self.min_bucket_side or max(self.bucket_step, resolution // 2),
+                self.max_bucket_side or 2 * resolution)
+
+    def step_augmentations(self) -> list[str]:
+        """The captioned folders' options that change an item every time it is read (a cache would freeze them)."""
+        options = {"data.caption_dropout": self.caption_dropout > 0, "data.shuffle_tags": self.shuffle_tags,
+                   "data.crop=random": self.crop == "random", "data.buckets": self.buckets}
+        return [name for name, used in options.items() if used]
+
+    def check_cacheable(self) -> None:
+        """Refuse the options that a latent cache made once would freeze: one clear error with what to change."""
+        if self.step_augmentations():
+            raise ValueError(f"{', '.join(self.step_augmentations())}: items change from read to read or differ in "
+                             "size, but cache_latents encodes them once: set cache_latents=false (or, for caption "
+                             "dropout, use model.conditioner.embedders.caption.dropout, which works with the cache)")
+
+    def check_captioned_options(self) -> None:
+        """The captioned folders' options on another dataset: an error rather than silently ignored."""
+        if self.step_augmentations() and not self.path:
+            raise ValueError(f"{', '.join(self.step_augmentations())} apply to captioned folders: give the folder as "
+                             f"data.path (data.name {self.name!r} does not have them)")
 
 
 def _check_split(split: str) -> None:
@@ -354,6 +412,12 @@ class PhotoCropDataset(ImageDataset):
 
 def scan_image_folder(root: Path) -> list[Path]:
     """All image files under ``root`` (recursively, following links once), sorted by relative path."""
+    return scan_folder(root, lambda name: name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def scan_folder(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
+    """The files under ``root`` whose names are ``wanted`` (recursively, following links once), sorted by
+    relative path."""
     found = []
     seen_dirs = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -363,10 +427,23 @@ def scan_image_folder(root: Path) -> list[Path]:
             continue
         seen_dirs.add(real)
         for fn in filenames:
-            if fn.lower().endswith(IMAGE_EXTENSIONS):
+            if wanted(fn):
                 found.append(Path(dirpath) / fn)
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     return found
+
+
+def folder_split(all_files: list[Path], split: str, root: Path) -> list[Path]:
+    """A folder listing's files of ``split``: every 20th is test, the rest train; under 20 files, all are both.
+
+    Split on the full listing, before verification, so a file's split never depends on whether other files
+    happen to decode (or, in a captioned folder, have captions)."""
+    if len(all_files) < FOLDER_TEST_EVERY:
+        logger.warning("image folder %s has only %d images (< %d): train and test both use all of them", root,
+                       len(all_files), FOLDER_TEST_EVERY)
+        return all_files
+    want_test = split == "test"
+    return [p for i, p in enumerate(all_files) if ((i + 1) % FOLDER_TEST_EVERY == 0) == want_test]
 
 
 def _verify_image(path: Path) -> str | None:
@@ -406,21 +483,7 @@ class ImageFolderDataset(ImageDataset):
                 f"no images found in folder {str(root)!r} (searched recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)})"
             )
-        if len(all_files) < FOLDER_TEST_EVERY:
-            logger.warning(
-                "image folder %s has only %d images (< %d): train and test both use all of them",
-                root,
-                len(all_files),
-                FOLDER_TEST_EVERY,
-            )
-            candidates = all_files
-        else:
-            # Split on the full listing, before verification, so a file's split never depends on
-            # whether other files happen to decode.
-            is_test = [(i + 1) % FOLDER_TEST_EVERY == 0 for i in range(len(all_files))]
-            want_test = split == "test"
-            candidates = [p for p, t in zip(all_files, is_test, strict=True) if t == want_test]
-
+        candidates = folder_split(all_files, split, root)
         self.skipped_files: list[str] = []
         self.files: list[Path] = []
         for path in candidates:

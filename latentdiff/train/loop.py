@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from latentdiff.data import seed_worker
+from latentdiff.data.buckets import BucketBatchSampler
 from latentdiff.device import select_device
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, start_step: int) -> Iterator[dict[str, Any]]:
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, env.rank, env.world_size)
+    if getattr(dataset, "item_buckets", None) is not None:  # aspect-ratio buckets: batches within one bucket
+        sampler = BucketBatchSampler(dataset.item_buckets, cfg.batch_size, cfg.seed, start_step, env.rank,
+                                     env.world_size)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, env.rank, env.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=env.device.type != "cpu", persistent_workers=cfg.num_workers > 0,
                         worker_init_fn=seed_worker if cfg.num_workers > 0 else None)
