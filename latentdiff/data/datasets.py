@@ -30,6 +30,9 @@ any folder path
     images uses all of them for both splits (with a warning). Unreadable files are skipped, logged and
     counted in ``num_skipped`` / ``skipped_files``. Built-in names take precedence over a folder of the
     same name: write ``./photos`` to mean a folder.
+``data.path``: a folder of captioned images
+    Images with their captions (kohya's ``image.txt`` or Hugging Face's ``metadata.jsonl`` / ``metadata.csv``),
+    caption augmentation, crops and aspect-ratio buckets: see :mod:`latentdiff.data.captioned`.
 
 Images from files are EXIF-rotated, converted to L or RGB (transparency composited on white, see
 :func:`latentdiff.data.transforms.convert_mode`) and brought to ``image_size`` with ``DataConfig.resize``.
