@@ -12,13 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.cli import main
-from latentdiff.config import ConfigError, load_config, read_yaml, to_dict
+from latentdiff.config import ConfigError, load_config, read_yaml
 from latentdiff.data import DataConfig, build_dataset
 from latentdiff.data.captioned import CaptionedFolderDataset, CaptionedFolderError, shuffle_tags
 from latentdiff.formats.native import load_latent_diffusion
-from latentdiff.io.checkpoint import save_checkpoint
 from latentdiff.train.diffusion import DiffusionExperiment
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230), "yellow": (230, 220, 30)}
@@ -191,16 +189,6 @@ TINY = ["model.unet.model_channels=32", "model.unet.num_res_blocks=1", "model.sc
         "sample_images=4", "sample_steps=2", "ema_decay=0.99", "train.device=cpu",
         "model.conditioner.text.width=32", "model.conditioner.text.layers=1", "model.conditioner.text.heads=2",
         "model.unet.context_dim=32"]
-
-
-@pytest.fixture(scope="module")
-def scenes_first_stage(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(in_channels=3, out_ch=3, resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            z_channels=4, embed_dim=4, norm_groups=8)
-    root = tmp_path_factory.mktemp("ae_scenes")
-    save_checkpoint(root, 5, Autoencoder(cfg).state_dict(), {"task": "autoencoder", "model": to_dict(cfg)})
-    return root
 
 
 @pytest.mark.parametrize("extra", [[], ["cache_latents=false", "data.buckets=true", "data.bucket_step=8",

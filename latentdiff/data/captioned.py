@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from latentdiff.data.buckets import Size, assign_bucket, bucket_sizes
 from latentdiff.data.datasets import (
@@ -66,6 +66,8 @@ from latentdiff.data.datasets import (
     ImageDataset,
     Item,
     folder_split,
+    load_image_file,
+    read_or_next,
     scan_folder,
     scan_image_folder,
 )
@@ -265,9 +267,7 @@ class CaptionedFolderDataset(ImageDataset):
         return img.crop((left, top, left + width, top + height)), (top, left)
 
     def _item(self, index: int) -> Item:
-        with Image.open(self.files[index]) as file:
-            file.load()
-            img = ImageOps.exif_transpose(file)  # phone photos store their rotation in EXIF
+        img = load_image_file(self.files[index])
         original = (img.height, img.width)
         img, corner = self._shape(convert_mode(img, self.cfg.channels), index)
         x = to_tensor(img)
@@ -277,23 +277,17 @@ class CaptionedFolderDataset(ImageDataset):
                 "original_size": torch.tensor(original), "crop_coords_top_left": torch.tensor(corner)}
 
     def __getitem__(self, index: int) -> Item:
-        n = len(self.files)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        index %= n
         # A file that passed verify() but fails to decode is replaced by the next good one of the same size (the
-        # same bucket), so that a long run never stops on one bad image and a batch never mixes sizes.
-        for offset in range(n):
-            i = (index + offset) % n
-            if i in self._bad or self.target_size(i) != self.target_size(index):
-                continue
-            try:
-                return self._item(i)
-            except Exception as exc:  # whatever the decoder raises: skip the file, keep training
-                self._bad.add(i)
-                logger.warning("skipping image %s that fails to decode (%s: %s)", self.files[i], type(exc).__name__,
-                               exc)
-        raise CaptionedFolderError(f"no image of size {self.target_size(index)} in {self.root} decodes")
+        # same bucket), so that a batch never mixes sizes.
+        size = self.target_size(index)
+        item = read_or_next(index, len(self.files), self._bad, self._item, self._report,
+                            lambda i: self.target_size(i) == size)
+        if item is None:
+            raise CaptionedFolderError(f"no image of size {size} in {self.root} decodes")
+        return item
+
+    def _report(self, index: int, error: str) -> None:
+        logger.warning("skipping image %s that fails to decode (%s)", self.files[index], error)
 
     def __repr__(self) -> str:
         buckets = f", buckets={len(set(self.item_buckets))}" if self.item_buckets is not None else ""

@@ -459,6 +459,33 @@ def _verify_image(path: Path) -> str | None:
     return None
 
 
+def load_image_file(path: Path) -> Image.Image:
+    """A decoded image file, turned as its EXIF says (phone photos store rotation there rather than in the pixels)."""
+    with Image.open(path) as img:
+        img.load()
+        return ImageOps.exif_transpose(img)
+
+
+def read_or_next(index: int, count: int, bad: set[int], read: Callable[[int], Item],
+                 report: Callable[[int, str], None], usable: Callable[[int], bool] | None = None) -> Item | None:
+    """``read(index)``, or where that file fails to decode the next file (cyclically) that is ``usable`` and decodes,
+    so that a long run never stops on one bad image; failures are added to ``bad`` and ``report``-ed. None when
+    no file decodes."""
+    if not -count <= index < count:
+        raise IndexError(f"index {index} out of range for {count} images")
+    index %= count
+    for offset in range(count):
+        i = (index + offset) % count
+        if i in bad or (usable is not None and not usable(i)):
+            continue
+        try:
+            return read(i)
+        except Exception as exc:  # whatever the decoder raises: skip the file, keep training
+            bad.add(i)
+            report(i, f"{type(exc).__name__}: {exc}")
+    return None
+
+
 class ImageFolderDataset(ImageDataset):
     """Images found recursively under a folder, with a deterministic every-20th-file test split.
 
@@ -515,29 +542,15 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            img.load()
-            # Phone photos store rotation in EXIF rather than in the pixels.
-            return ImageOps.exif_transpose(img)
+    def _read(self, index: int) -> Item:
+        return {"image": self._finish(load_image_file(self.files[index])), "label": -1}
 
     def __getitem__(self, index: int) -> Item:
-        n = len(self.files)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        index %= n
-        for offset in range(n):
-            i = (index + offset) % n
-            if i in self._bad:
-                continue
-            try:
-                img = self._load(self.files[i])
-            except Exception as exc:  # whatever the decoder raises: skip the file, keep training
-                self._bad.add(i)
-                self._skip(self.files[i], f"{type(exc).__name__}: {exc}")
-                continue
-            return {"image": self._finish(img), "label": -1}
-        raise RuntimeError(f"every image in {self.root} failed to decode ({n} files)")
+        item = read_or_next(index, len(self.files), self._bad, self._read,
+                            lambda i, error: self._skip(self.files[i], error))
+        if item is None:
+            raise RuntimeError(f"every image in {self.root} failed to decode ({len(self.files)} files)")
+        return item
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, num_skipped={self.num_skipped})"
