@@ -16,6 +16,7 @@ from latentdiff.diffusion.sampling import sample as run_sampler
 from latentdiff.io.checkpoint import save_checkpoint
 from latentdiff.train.diffusion import step_generator
 from latentdiff.train.ema import EMA
+from latentdiff.train.latent_cache import read_latent_cache
 from latentdiff.train.loop import ResumableBatchSampler
 
 TINY = [  # a UNet on 8x8x4 latents of 16x16 images that trains in well under a second per step
@@ -49,7 +50,7 @@ def class_run(first_stage, tmp_path_factory):
 
 def test_latent_training_writes_checkpoints_logs_grids_and_the_scale_factor(class_run):
     out = class_run
-    for name in ("config.yaml", "samples.png", "latent_cache.safetensors", "log.csv"):
+    for name in ("config.yaml", "samples.png", "latent_cache/index.json", "log.csv"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     assert Image.open(out / "samples.png").size == (4 * 18 + 2, 18 + 2)  # 4 classes in one row of 16px cells
@@ -63,7 +64,7 @@ def test_latent_training_writes_checkpoints_logs_grids_and_the_scale_factor(clas
         assert torch.equal(weights[f"model.{name}"], value)
     assert any(not torch.equal(state["model"][k], state["ema"]["shadow"][k]) for k in state["model"])
     # The scale factor is 1 / std of the first batch's latents, drawn as the trainer draws them.
-    cache = load_file(str(out / "latent_cache.safetensors"))
+    cache = read_latent_cache(out)
     first_batch = next(iter(ResumableBatchSampler(32, 4, seed=0)))
     posterior_params = cache["params"][first_batch]
     mean, logvar = posterior_params.chunk(2, dim=1)
@@ -79,7 +80,7 @@ def test_pixel_space_training_and_eval_nll(tmp_path):
     weights, state, config = latest(out)
     assert config["model"]["scale_factor"] == 1.0 and config["model"]["first_stage_config"] is None
     assert all(k.startswith("model.diffusion_model.") for k in weights)
-    assert load_file(str(out / "latent_cache.safetensors"))["params"].dtype == torch.uint8  # images, exactly
+    assert read_latent_cache(out)["params"].dtype == torch.uint8  # images, exactly
     result_file = tmp_path / "nll.json"
     assert main(["eval-nll", str(out), "--limit", "4", "--timesteps", "all", "-o", str(result_file)]) == 0
     results = json.loads(result_file.read_text())
@@ -93,13 +94,13 @@ def test_resume_is_bit_identical_and_reuses_the_latent_cache(first_stage, tmp_pa
     assert train(tmp_path / "full", "train.steps=4", "train.device=cpu", first_stage=first_stage) == 0
     part = tmp_path / "part"
     assert train(part, "train.steps=2", "train.device=cpu", first_stage=first_stage) == 0
-    cache_time = (part / "latent_cache.safetensors").stat().st_mtime_ns
+    cache_time = (part / "latent_cache" / "index.json").stat().st_mtime_ns
     calls = []
     original = LatentDiffusion.first_stage_parameters
     monkeypatch.setattr(LatentDiffusion, "first_stage_parameters",
                         lambda self, x: calls.append(len(x)) or original(self, x))
     assert main(["train", "--resume", str(part), "train.steps=4"]) == 0
-    assert calls == [] and (part / "latent_cache.safetensors").stat().st_mtime_ns == cache_time
+    assert calls == [] and (part / "latent_cache" / "index.json").stat().st_mtime_ns == cache_time
     (full_w, full_s, full_c), (part_w, part_s, part_c) = latest(tmp_path / "full"), latest(part)
     assert full_w.keys() == part_w.keys() and full_c["model"]["scale_factor"] == part_c["model"]["scale_factor"]
     for k in full_w:
@@ -117,7 +118,7 @@ def test_without_the_cache_the_first_stage_encodes_every_batch(first_stage, tmp_
                         lambda self, x: calls.append(len(x)) or original(self, x))
     assert train(tmp_path / "nocache", "train.steps=2", "cache_latents=false", "train.sample_every=10",
                  config="configs/ldm-fmnist-uncond.yaml", first_stage=first_stage) == 0
-    assert calls == [4, 4] and not (tmp_path / "nocache" / "latent_cache.safetensors").exists()
+    assert calls == [4, 4] and not (tmp_path / "nocache" / "latent_cache").exists()
 
 
 def test_intervals_of_zero_mean_only_at_the_end_of_the_run(first_stage, tmp_path):
@@ -361,9 +362,11 @@ def test_scene_configs_train_and_their_checkpoints_load_and_sample_with_guidance
         assert "sneaker" in conditioner.text.vocab or "bag" in conditioner.text.vocab
     else:
         assert conditioner.text_encoder == "none" and not text_weights
-    cache = load_file(str(out / "latent_cache.safetensors"))
+    cache = read_latent_cache(out)
     want_cached = {"txt2img": {"cond.input_ids"}, "seg2img": {"cond.class_map"}, "upscale": {"cond.lowres"},
                    "inpaint": {"cond.input_ids", "cond.image"}}[name]
+    if key == "txt2img-minilm":  # a frozen text encoder's states are cached: training never runs it
+        want_cached |= {"cond.caption.states", "cond.caption.states_mask"}
     assert {k for k in cache if k.startswith("cond.")} == want_cached
     if name in ("txt2img", "inpaint"):
         captions = (out / "samples" / "captions.txt").read_text().splitlines()

@@ -10,12 +10,12 @@ import argparse
 import logging
 import sys
 
-from latentdiff.cli import convert, generate, train
+from latentdiff.cli import convert, data, generate, train
 
 # Errors a user can cause and fix: reported in one line, without a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
                                                  ImportError)
-VERB_GROUPS = (train, generate, convert)
+VERB_GROUPS = (train, generate, convert, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,8 @@ class DataConfig:
     photos_crops_per_epoch: int = 20000  # virtual length of the random-crop photo dataset (train)
     photos_test_crops: int = 1000  # fixed, seeded crops for the test split
     photos_max_scale: float = 4.0  # photo crops span image_size * s pixels, s log-uniform in [1, this]
+    shards: str = ""  # webdataset tar shards (path, data-{000000..000099}.tar, glob, folder; "::" joins several)
+    shuffle_buffer: int = 1000  # samples in a shard stream's seeded shuffle buffer (see latentdiff.data.shards)
     limit: int = 0  # if > 0, use only the first `limit` items (for fast tests/eval)
     seed: int = 0
     root: str = ""  # directory of the fashion_mnist idx files; empty means FASHION_MNIST_DIR
@@ -137,6 +139,10 @@ class DataConfig:
             raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.photos_max_scale < 1.0:
             raise ValueError(f"data.photos_max_scale must be >= 1, got {self.photos_max_scale}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.path and self.shards:
+            raise ValueError("data.path and data.shards each name a dataset: give one of them")
         if self.path:
             self.name = self.path
         self._check_captioned_fields()

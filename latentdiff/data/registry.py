@@ -20,6 +20,7 @@ from latentdiff.data.datasets import (
     mnist5k,
 )
 from latentdiff.data.scenes import FashionScenes
+from latentdiff.data.shards import ShardDataset
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,12 @@ _BUILDERS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
 }
 
 
-def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
-    """Build the dataset of ``cfg.path`` (a captioned folder) or ``cfg.name`` (built-in name or folder path) for
-    ``split``."""
+def build_dataset(cfg: DataConfig, split: str) -> ImageDataset | ShardDataset:
+    """Build the dataset of ``cfg.shards`` (webdataset shards), ``cfg.path`` (a captioned folder) or ``cfg.name``
+    (built-in name or folder path) for ``split``."""
     cfg.check_captioned_options()
+    if cfg.shards:  # a shard set replaces data.name (see data/shards.py)
+        return ShardDataset(cfg, split)
     key = cfg.name.strip().lower().replace("-", "_")
     if key == "fmnist_scenes" and not cfg.path:  # captioned colour scenes, with a third split "test_heldout"
         return FashionScenes.from_config(cfg, split)

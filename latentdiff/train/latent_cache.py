@@ -1,22 +1,29 @@
-"""The latent cache: a diffusion run's training set encoded once by its frozen first stage.
+"""The latent cache: a diffusion run's training set encoded once by its frozen first stage (and text encoders).
 
-With a frozen first stage, encoding the same images every epoch is wasted work, so with
-``cache_latents`` the training set is encoded once into ``<out_dir>/latent_cache.safetensors``: the KL
-posterior's parameters (each step still samples z ~ q(z|x) with the step's generator), the quantised latents
-of a VQ model, or the images themselves (as uint8, exactly) in pixel space, with the labels. The file carries a
-key made of the first-stage checkpoint (resolved path, size, mtime) and the data config, and is reused on
-resume or restart only when the key matches. Caching freezes the data: random flips are then applied once,
-not per epoch.
+With a frozen first stage, encoding the same images every epoch is wasted work, so with ``cache_latents`` the
+training set is encoded once into ``<out_dir>/latent_cache/``: the KL posterior's parameters (each step still
+samples z ~ q(z|x) with the step's generator), the quantised latents of a VQ model, or the images themselves (as
+uint8, exactly) in pixel space, with the labels. The cache is sharded so that a big dataset neither has to fit in
+memory nor be encoded in one go: ``part-000000.safetensors``, ... hold ``CACHE_PART_ITEMS`` items each, in dataset
+order, and ``index.json`` lists them with the cache key. Parts are written (temp name + rename) as the encoding
+proceeds and the index after each, so an interrupted build resumes after its last part. Training reads items from
+the parts through memory maps. The key is made of the first-stage checkpoint (resolved path, size, mtime), the data
+config and the conditioner; a cache is reused on resume or restart only when its key matches, else rebuilt (a
+single-file ``latent_cache.safetensors`` of earlier versions is left alone and not read). Caching freezes the
+data: random flips are then applied once, not per epoch.
 
 With a conditioner the cache also holds what ``Conditioner.prepare`` makes of each item: token ids (captions are
 tokenised once), class maps (uint8), low-res images, and for inpainting the images themselves (uint8: an 8-bit
 copy, like the files real inpainting inputs come from; the masks are drawn per step, so the masked image is
-encoded each step). A frozen text encoder (MiniLM) is run each step on the cached ids rather than cached: its
-outputs would be ~100 KB per caption.
+encoded each step). A frozen text encoder (MiniLM, CLIP: an embedder with no trainable weights) is run here once
+per caption and its hidden states (and attention mask) cached as ``<embedder name>.states`` (float32, about
+L x width x 4 bytes per caption: 37 KB for MiniLM with 24 tokens), so that training never runs it; a dropped
+caption then takes the empty caption's states, as it would have taken its ids.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -26,10 +33,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from latentdiff.conditioning.embedders.caption import CaptionEmbedder
 from latentdiff.config import to_dict
 from latentdiff.data import DataConfig
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
@@ -39,8 +47,10 @@ from latentdiff.train.loop import DistEnv
 
 logger = logging.getLogger(__name__)
 
-CACHE_NAME = "latent_cache.safetensors"
-CACHE_VERSION = 1
+CACHE_DIR = "latent_cache"
+CACHE_VERSION = 2  # 2: sharded parts with an index (1: one latent_cache.safetensors)
+CACHE_PART_ITEMS = 4096  # items per part: a multiple of ENCODE_BATCH, so a resumed build batches as an unbroken one
+ENCODE_BATCH = 256
 
 
 def latent_cache_key(model: LatentDiffusionConfig, data: DataConfig) -> str:
@@ -71,39 +81,60 @@ def _from_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCacheDataset(Dataset):
-    """Items ``{"params": first-stage parameters, "label": int, **conditioning inputs}`` from an in-memory cache.
+    """Items ``{"params": first-stage parameters, "label": int, **conditioning inputs}`` from a cache's parts.
 
-    ``extras`` are ``Conditioner.prepare``'s tensors per item (token ids, class maps, low-res images, images);
-    uint8 images come back in [-1, 1] and uint8 class maps as int64.
+    Each part is a safetensors file of ``params``, ``labels`` and ``cond.<input>`` tensors (``Conditioner.prepare``'s
+    token ids, class maps, low-res images, images, frozen text encoders' states), read item by item through a
+    memory map that each process opens itself; uint8 images come back in [-1, 1] and uint8 class maps as int64.
     """
 
-    def __init__(self, params: torch.Tensor, labels: torch.Tensor,
-                 extras: dict[str, torch.Tensor] | None = None) -> None:
-        self.params, self.labels = params, labels
-        self.pixels_uint8 = params.dtype == torch.uint8
-        self.extras = dict(extras or {})
-        for name, values in self.extras.items():
-            if len(values) != len(params):
-                raise ValueError(f"latent cache: {name!r} has {len(values)} items, params {len(params)}")
+    def __init__(self, parts: list[Path], sizes: list[int]) -> None:
+        self.parts, self.sizes = parts, sizes
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._open: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.params)
+        return self.starts[-1]
+
+    def _part(self, index: int) -> tuple[Any, int]:
+        part = bisect.bisect_right(self.starts, index) - 1
+        if part not in self._open:
+            self._open[part] = safe_open(str(self.parts[part]), framework="pt")
+        return self._open[part], index - self.starts[part]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        p = self.params[index]
-        if self.pixels_uint8:
-            p = _from_uint8(p)
-        item: dict[str, Any] = {"params": p, "label": int(self.labels[index])}
-        for name, values in self.extras.items():
-            value = values[index]
-            if value.dtype == torch.uint8:
-                value = _from_uint8(value) if name in ("image", "lowres") else value.long()
-            item[name] = value
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a latent cache of {len(self)} items")
+        part, row = self._part(index)
+        item: dict[str, Any] = {}
+        for name in part.keys():
+            value = part.get_slice(name)[row:row + 1][0]
+            if name == "labels":
+                item["label"] = int(value)
+            elif name == "params":
+                item["params"] = _from_uint8(value) if value.dtype == torch.uint8 else value
+            else:
+                name = name[len("cond."):]
+                if value.dtype == torch.uint8:
+                    value = _from_uint8(value) if name in ("image", "lowres") else value.long()
+                item[name] = value
         return item
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # memory maps are per process
+
+
+def _frozen_captions(model: LatentDiffusion) -> list[CaptionEmbedder]:
+    """The caption embedders whose text encoder is frozen: their states can be cached."""
+    if model.cond_stage_model is None:
+        return []
+    return [e for e in model.cond_stage_model.embedders
+            if isinstance(e, CaptionEmbedder) and not any(p.requires_grad for p in e.parameters())]
 
 
 def _cacheable_inputs(model: LatentDiffusion, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The conditioner's prepared inputs of a batch, in their compact cache form (labels are cached apart)."""
+    """The conditioner's prepared inputs of a batch, in their compact cache form (labels are cached apart), with
+    the frozen text encoders' states."""
     if model.cond_stage_model is None:
         return {}
     prepared = model.cond_stage_model.prepare(batch)
@@ -112,63 +143,121 @@ def _cacheable_inputs(model: LatentDiffusion, batch: dict[str, Any]) -> dict[str
         prepared["image"] = _to_uint8(prepared["image"])
     if "class_map" in prepared and model.config.conditioner.num_map_classes <= 256:
         prepared["class_map"] = prepared["class_map"].to(torch.uint8)
+    for embedder in _frozen_captions(model):
+        states, mask = embedder.transformer.encode_ids(prepared["input_ids"])
+        prepared[embedder.states_key] = states.float()
+        if mask is not None:
+            prepared[embedder.states_key + "_mask"] = mask
     return {k: v.cpu() for k, v in prepared.items()}
 
 
-@torch.no_grad()
-def encode_dataset(model: LatentDiffusion, dataset: Dataset, device: torch.device, batch_size: int = 256,
-                   num_workers: int = 0,
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """First-stage parameters (see ``LatentDiffusion.first_stage_parameters``), labels and the conditioner's
-    cacheable inputs (``Conditioner.prepare``; empty without a conditioner) of every item."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    params, labels, extras = [], [], {}
-    for batch in tqdm(loader, desc="encode latents", disable=not progress, dynamic_ncols=True):
-        x = batch["image"].to(device)
-        p = model.first_stage_parameters(x).float().cpu()
-        if model.pixel_space:
-            p = _to_uint8(p)
-        params.append(p)
-        labels.append(torch.as_tensor(batch["label"], dtype=torch.long))
-        for name, value in _cacheable_inputs(model, batch).items():
-            extras.setdefault(name, []).append(value)
-    return torch.cat(params), torch.cat(labels), {name: torch.cat(values) for name, values in extras.items()}
+def _encode_batch(model: LatentDiffusion, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch's cache tensors: first-stage parameters (uint8 images in pixel space), labels, cond inputs."""
+    p = model.first_stage_parameters(batch["image"].to(device)).float().cpu()
+    tensors = {"params": _to_uint8(p) if model.pixel_space else p,
+               "labels": torch.as_tensor(batch["label"], dtype=torch.long)}
+    tensors.update({f"cond.{name}": value for name, value in _cacheable_inputs(model, batch).items()})
+    return tensors
 
 
-def _cache_matches(path: Path, key: str) -> bool:
-    if not path.is_file():
-        return False
+def _write_atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_index(folder: Path, key: str) -> dict[str, Any] | None:
+    """The index of a cache made under ``key`` whose listed parts all exist; None otherwise."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("cache_key") == key
-    except Exception:  # a damaged cache is rebuilt, whatever safetensors raises for it
-        return False
+        index = json.loads((folder / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if index.get("cache_key") != key or not all((folder / part["file"]).is_file() for part in index["parts"]):
+        return None
+    return index
+
+
+class _PartWriter:
+    """Collects encoded batches and writes a part of ``part_items`` items whenever enough are there, then the
+    index (both atomically), so that the cache on disk is always a usable prefix of the dataset."""
+
+    def __init__(self, folder: Path, index: dict[str, Any], part_items: int) -> None:
+        self.folder, self.index, self.part_items = folder, index, part_items
+        self.pending: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, tensors: dict[str, torch.Tensor], last: bool = False) -> None:
+        for name, value in tensors.items():
+            self.pending.setdefault(name, []).append(value)
+        held = sum(len(v) for v in self.pending.get("params", []))
+        while held >= self.part_items or (last and held > 0):
+            joined = {name: torch.cat(values) for name, values in self.pending.items()}
+            n = min(held, self.part_items)
+            self._write({name: value[:n].contiguous() for name, value in joined.items()})
+            self.pending = {name: [value[n:]] for name, value in joined.items()}
+            held -= n
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"part-{len(self.index['parts']):06d}.safetensors"
+        tmp = self.folder / f".{name}.tmp"
+        save_file(tensors, str(tmp), metadata={"cache_key": self.index["cache_key"]})
+        os.replace(tmp, self.folder / name)
+        self.index["parts"].append({"file": name, "items": len(tensors["params"])})
+        _write_atomic_json(self.folder / "index.json", self.index)
+
+
+@torch.no_grad()
+def build_latent_cache(model: LatentDiffusion, dataset: Dataset, folder: Path, key: str, device: torch.device,
+                       num_workers: int = 0, part_items: int = CACHE_PART_ITEMS, progress: bool = True) -> None:
+    """Encode ``dataset`` into ``folder``'s parts, continuing after the parts an interrupted build wrote."""
+    if part_items % ENCODE_BATCH and part_items > ENCODE_BATCH:
+        raise ValueError(f"part_items must divide into encoding batches of {ENCODE_BATCH}, got {part_items}")
+    folder.mkdir(parents=True, exist_ok=True)
+    index = _read_index(folder, key)
+    if index is None:
+        for stale in folder.glob("part-*.safetensors"):
+            stale.unlink()
+        index = {"cache_key": key, "items": len(dataset), "part_items": part_items, "parts": []}
+    done = sum(part["items"] for part in index["parts"])
+    if done:
+        logger.info("the latent cache %s has %d of %d items: encoding the rest", folder, done, len(dataset))
+    writer = _PartWriter(folder, index, part_items)
+    loader = DataLoader(Subset(dataset, range(done, len(dataset))), batch_size=min(ENCODE_BATCH, part_items),
+                        shuffle=False, num_workers=num_workers)
+    for batch in tqdm(loader, desc="encode latents", disable=not progress, dynamic_ncols=True):
+        writer.add(_encode_batch(model, batch, device))
+    writer.add({}, last=True)
 
 
 def load_or_build_latent_cache(model: LatentDiffusion, dataset: Dataset, data: DataConfig, run_dir: Path,
-                               env: DistEnv, num_workers: int = 0) -> LatentCacheDataset:
-    """Reuse ``run_dir/latent_cache.safetensors`` if its key matches (``data`` is the config ``dataset`` was
-    built from), else encode ``dataset`` (rank 0) and write it."""
-    path = run_dir / CACHE_NAME
+                               env: DistEnv, num_workers: int = 0,
+                               part_items: int = CACHE_PART_ITEMS) -> LatentCacheDataset:
+    """Reuse ``run_dir/latent_cache`` if its key matches and it is complete (``data`` is the config ``dataset``
+    was built from), else encode what is missing of ``dataset`` (rank 0)."""
+    folder = run_dir / CACHE_DIR
     key = latent_cache_key(model.config, data)
     if env.is_main:
-        if _cache_matches(path, key):
-            logger.info("reusing the latent cache %s", path)
+        index = _read_index(folder, key)
+        if index is not None and sum(part["items"] for part in index["parts"]) == len(dataset):
+            logger.info("reusing the latent cache %s", folder)
         else:
-            if path.exists():
-                logger.info("the latent cache %s was made from another first stage or data: re-encoding", path)
-            params, labels, extras = encode_dataset(model, dataset, env.device, num_workers=num_workers)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tensors = {"params": params.contiguous(), "labels": labels}
-            tensors.update({f"cond.{name}": value.contiguous() for name, value in extras.items()})
-            save_file(tensors, str(tmp), metadata={"cache_key": key})
-            os.replace(tmp, path)
-            logger.info("wrote the latent cache %s (%d items, %s per item)", path, len(params), tuple(params.shape[1:]))
+            if index is None and (folder / "index.json").exists():
+                logger.info("the latent cache %s was made from another first stage or data: re-encoding", folder)
+            build_latent_cache(model, dataset, folder, key, env.device, num_workers, part_items)
+            logger.info("wrote the latent cache %s (%d items)", folder, len(dataset))
     if env.distributed:
         dist.barrier()
-    tensors = load_file(str(path))
-    extras = {name[len("cond."):]: value for name, value in tensors.items() if name.startswith("cond.")}
-    return LatentCacheDataset(tensors["params"], tensors["labels"], extras)
+    index = _read_index(folder, key)
+    return LatentCacheDataset([folder / part["file"] for part in index["parts"]],
+                              [part["items"] for part in index["parts"]])
 
 
+def read_latent_cache(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's whole latent cache as tensors (``params``, ``labels``, ``cond.*``), its parts joined: for inspection."""
+    folder = Path(run_dir) / CACHE_DIR
+    index = json.loads((folder / "index.json").read_text())
+    joined: dict[str, list[torch.Tensor]] = {}
+    for part in index["parts"]:
+        with safe_open(str(folder / part["file"]), framework="pt") as f:
+            for name in f.keys():
+                joined.setdefault(name, []).append(f.get_tensor(name))
+    return {name: torch.cat(values) for name, values in joined.items()}

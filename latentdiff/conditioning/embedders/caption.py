@@ -36,15 +36,26 @@ class CaptionEmbedder(Embedder):
         """(1, L) the token ids of the empty caption, the unconditional version."""
         return self.tokenize([""])
 
+    @property
+    def states_key(self) -> str:
+        """The batch key of this encoder's states when a latent cache holds them (a frozen encoder's)."""
+        return f"{self.config.name}.states"
+
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        cached = {k: batch[k] for k in (self.states_key, self.states_key + "_mask") if batch.get(k) is not None}
         if batch.get("input_ids") is not None:
-            return {"input_ids": torch.as_tensor(batch["input_ids"], dtype=torch.long)}
+            return {"input_ids": torch.as_tensor(batch["input_ids"], dtype=torch.long), **cached}
         if batch.get("caption") is not None:
             return {"input_ids": self.tokenize(batch["caption"])}
         return {}
 
     def forward(self, prepared: dict[str, torch.Tensor], dropped: torch.Tensor,
                 encode: Encode | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.states_key in prepared:  # cached states: only the empty caption is encoded, for the dropped ones
+            empty, empty_mask = self.transformer.encode_ids(self.empty_ids.to(dropped.device))
+            states = torch.where(dropped[:, None, None], empty, prepared[self.states_key].to(dropped.device))
+            mask = prepared.get(self.states_key + "_mask")
+            return states, None if mask is None else torch.where(dropped[:, None], empty_mask, mask.to(dropped.device))
         ids = prepared.get("input_ids")
         empty = self.empty_ids.to(dropped.device).expand(len(dropped), -1)
         ids = empty if ids is None else torch.where(dropped[:, None], empty, ids.to(dropped.device))

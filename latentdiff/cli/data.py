@@ -1,0 +1,91 @@
+"""``latentdiff make-shards``: a folder of images (and their captions) into webdataset tar shards."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from pathlib import Path
+
+from PIL import Image
+
+from latentdiff.data.datasets import scan_image_folder
+from latentdiff.data.webdataset import ShardWriter, shard_pattern
+
+logger = logging.getLogger(__name__)
+
+MAKE_SHARDS_TEXT = ("Pack every readable image under FOLDER (recursively) and its same-stem .txt caption into tar "
+                    "shards OUT/data-000000.tar, ... (webdataset's layout: 000000042.png + 000000042.txt + "
+                    "000000042.json with the source path). Train on them with data.shards=OUT.")
+
+
+def _readable(path: Path) -> bytes | None:
+    """The file's bytes when it decodes as an image (fully: a truncated file fails here, not in training)."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as e:  # whatever PIL raises for a bad file
+        logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+        return None
+    return data
+
+
+def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwrite: bool) -> list[Path]:
+    """Every readable image under ``folder`` (recursively, sorted) with its same-stem ``.txt`` caption as one sample
+    (key: its number; ``json``: its path in the folder) in shards ``out/data-000000.tar``, ...; returns them."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder of images")
+    old = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds {len(old)} shards: give --overwrite to replace them")
+    images = scan_image_folder(folder)
+    if not images:
+        raise ValueError(f"no images found in {folder} (searched recursively)")
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, max_count, int(max_mb * 2**20))
+    written = captioned = 0
+    try:
+        for path in images:
+            data = _readable(path)
+            if data is None:
+                continue
+            members = {path.suffix.lower().lstrip("."): data}
+            caption = path.with_suffix(".txt")
+            if caption.is_file():
+                members["txt"] = caption.read_bytes()
+                captioned += 1
+            members["json"] = json.dumps({"file_name": path.relative_to(folder).as_posix()}).encode()
+            writer.write(f"{written:09d}", members)
+            written += 1
+        if written == 0:
+            raise ValueError(f"none of the {len(images)} images in {folder} could be read")
+    except BaseException:
+        writer.abort()
+        raise
+    for stale in old:  # replaced: the new set must not pick up shards of the old one
+        stale.unlink()
+    shards = writer.finish()
+    logger.info("%d samples (%d with captions, %d unreadable images skipped) in %d shards", written, captioned,
+                len(images) - written, len(shards))
+    return shards
+
+
+def _make_shards(args: argparse.Namespace) -> None:
+    if args.max_count < 1 or args.max_size <= 0:
+        raise ValueError(f"--max-count must be >= 1 and --max-size > 0, got {args.max_count} and {args.max_size}")
+    shards = write_shards(Path(args.folder), Path(args.out), args.max_count, args.max_size, args.overwrite)
+    print(f"wrote {len(shards)} shards: data.shards={shard_pattern(shards)}")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-shards", help="write a folder of images + .txt captions as webdataset tar shards",
+                       description=MAKE_SHARDS_TEXT)
+    p.add_argument("folder", metavar="FOLDER", help="a folder of images, each with an optional caption IMAGE.txt")
+    p.add_argument("out", metavar="OUT", help="the folder the shards are written to")
+    p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most (default 10000)")
+    p.add_argument("--max-size", type=float, default=1000.0, metavar="MB",
+                   help="MB per shard at most (default 1000; a bigger single sample gets a shard of its own)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
+    p.set_defaults(func=_make_shards)
