@@ -106,6 +106,8 @@ def test_empty_results_and_wrong_paths_are_one_clear_error(tmp_path, capsys, sce
         build_dataset(DataConfig(path=str(tmp_path / "nowhere")), "train")
     with pytest.raises(ValueError, match="apply to captioned folders"):
         build_dataset(DataConfig(name="mnist5k", shuffle_tags=True), "train")
+    with pytest.raises(ValueError, match="give one of them"):
+        DataConfig(path=str(tmp_path), shards=str(tmp_path / "data-{000000..000001}.tar"))
     # through the CLI: one line, no traceback
     assert main(["train", "configs/ldm-scenes-txt2img.yaml", f"data.path={tmp_path / 'only'}",
                  f"train.out_dir={tmp_path / 'run'}", f"model.first_stage={scenes_first_stage}"]) != 0
