@@ -213,6 +213,31 @@ def native_conditioning(comps: StableDiffusionComponents) -> tuple[str, Conditio
     return _CONDITIONING_MODES[clip is not None, inpaint], conditioner
 
 
+def native_diffusion_state(comps: StableDiffusionComponents) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights (in the native names) and the ``LatentDiffusionConfig`` dict of a UNet with its VAE (see
+    ``save_native``), for writing them or building the model from them."""
+    parameterization = PARAMETERIZATIONS.get(comps.prediction_type, "eps")
+    conditioning, conditioner = native_conditioning(comps)
+    image_size = comps.image_size or 0
+    if conditioner is not None and not image_size:
+        image_size = 768 if comps.prediction_type == "v_prediction" else 512
+    model = {"first_stage": "", "first_stage_config": to_dict(comps.vae_config), "sample_posterior": True,
+             "scale_factor": comps.scale_factor, "image_size": image_size,
+             "channels": comps.vae_config.in_channels, "unet": to_dict(comps.unet_config),
+             "schedule": to_dict(comps.schedule or ScheduleConfig()),
+             "loss": to_dict(DiffusionLossConfig(parameterization)), "conditioning": conditioning,
+             "conditioner": to_dict(conditioner) if conditioner is not None else None}
+    weights = {UNET_PREFIX + k: v for k, v in comps.unet.items()}
+    weights.update({VAE_PREFIX + k: v for k, v in comps.vae.items()})
+    if conditioner is not None and conditioner.text_encoder == "clip":
+        unused = sorted(k for k in comps.text_encoder if k.startswith(CLIP_UNUSED_PREFIXES))
+        if unused:
+            logger.info("leaving out %d text-encoder weights the conditioning does not use (%s)", len(unused),
+                        ", ".join(unused[:4]))
+        weights.update({CLIP_PREFIX + k: v for k, v in comps.text_encoder.items() if k not in unused})
+    return weights, model
+
+
 def save_native(comps: StableDiffusionComponents, run_dir: str | Path, step: int = 0) -> Path:
     """Write a native checkpoint (``run_dir/checkpoints/step_N/``) through ``save_checkpoint``.
 
@@ -235,25 +260,7 @@ def save_native(comps: StableDiffusionComponents, run_dir: str | Path, step: int
     if comps.vae is None:
         raise CheckpointError("a native diffusion checkpoint holds the UNet with its first stage, and this source "
                               "has no VAE; convert to 'original' or 'diffusers' instead")
-    parameterization = PARAMETERIZATIONS.get(comps.prediction_type, "eps")
-    conditioning, conditioner = native_conditioning(comps)
-    image_size = comps.image_size or 0
-    if conditioner is not None and not image_size:
-        image_size = 768 if comps.prediction_type == "v_prediction" else 512
-    model = {"first_stage": "", "first_stage_config": to_dict(comps.vae_config), "sample_posterior": True,
-             "scale_factor": comps.scale_factor, "image_size": image_size,
-             "channels": comps.vae_config.in_channels, "unet": to_dict(comps.unet_config),
-             "schedule": to_dict(comps.schedule or ScheduleConfig()),
-             "loss": to_dict(DiffusionLossConfig(parameterization)), "conditioning": conditioning,
-             "conditioner": to_dict(conditioner) if conditioner is not None else None}
-    weights = {UNET_PREFIX + k: v for k, v in comps.unet.items()}
-    weights.update({VAE_PREFIX + k: v for k, v in comps.vae.items()})
-    if conditioner is not None and conditioner.text_encoder == "clip":
-        unused = sorted(k for k in comps.text_encoder if k.startswith(CLIP_UNUSED_PREFIXES))
-        if unused:
-            logger.info("leaving out %d text-encoder weights the conditioning does not use (%s)", len(unused),
-                        ", ".join(unused[:4]))
-        weights.update({CLIP_PREFIX + k: v for k, v in comps.text_encoder.items() if k not in unused})
+    weights, model = native_diffusion_state(comps)
     config = {"task": "diffusion", "model": model, "stable_diffusion": extra}
     return save_checkpoint(run_dir, step, plain_tensors(weights), config, keep=0)
 

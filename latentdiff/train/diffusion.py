@@ -44,8 +44,11 @@ from latentdiff.data.transforms import save_image_grid
 from latentdiff.device import autocast_context
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.formats.lora import KOHYA_FILE, PEFT_FILE, lora_from_layers, write_lora
 from latentdiff.formats.native import load_autoencoder
+from latentdiff.nn.lora import load_lora_state, lora_state_dict, merged_state_dict
 from latentdiff.train.ema import EMA
+from latentdiff.train.finetune import TEXT_ENCODER_MODES, LoRAConfig, add_lora, adopt_base, set_text_encoder_training
 from latentdiff.train.latent_cache import load_or_build_latent_cache
 from latentdiff.train.loop import DistEnv, TrainConfig
 from latentdiff.train.trainer import ScheduledOptimizer, Trainer, WeightAverage
@@ -83,8 +86,26 @@ class DiffusionExperiment:
     sample_steps: int = 50
     sample_guidance: float = 1.0
     sample_split: str = "test"
+    # Fine-tuning (train/finetune.py): the base model (a native run/export, an SD single file or a diffusers folder;
+    # "" trains from scratch), which text-encoder weights train ("", frozen, trained) and LoRA adapters.
+    init_from: str = ""
+    text_encoder: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        if self.text_encoder not in TEXT_ENCODER_MODES:
+            raise ValueError(f"text_encoder must be frozen or trained (or empty: as the model is built), got "
+                             f"{self.text_encoder!r}")
+        if self.lora.rank and not self.init_from:
+            raise ValueError("lora adapts a trained model: set init_from to it")
+        if self.lora.rank and self.text_encoder == "trained":
+            raise ValueError("a LoRA run keeps the base weights frozen: for the text encoder use lora.text_encoder: "
+                             "true instead of text_encoder: trained")
+        if not self.init_from:  # else the model is the base's, checked when the trainer has loaded it
+            self.check_model()
+
+    def check_model(self) -> None:
+        """The model section against the data and the sampling settings."""
         m, d = self.model, self.data
         if m.image_size == 0:
             m.image_size = d.image_size
@@ -235,10 +256,18 @@ class DiffusionTrainer(Trainer):
 
     def build(self, resuming: bool) -> None:
         exp, cfg, env = self.exp, self.cfg, self.env
-        mc = exp.model
         if env.is_main and tuple(cfg.betas) == (0.5, 0.9):
             logger.warning("train.betas is (0.5, 0.9), TrainConfig's GAN default; diffusion models usually train "
                            "with (0.9, 0.999)")
+        # A fine-tuning run starts from its base; a LoRA run reloads it on resume too (its checkpoints hold the
+        # adapters, not the base weights).
+        base = adopt_base(exp.model, exp.data, exp.init_from) if exp.init_from and (
+            not resuming or exp.lora.rank) else None
+        if base is not None:
+            exp.model = base.config
+        if exp.init_from:
+            exp.check_model()
+        mc = exp.model
         self.train_set: Dataset | None = None
         if mc.conditioner is not None:  # built first: the conditioner's checks (and vocabulary) read the data
             self.train_set = build_dataset(exp.data, "train")
@@ -247,7 +276,9 @@ class DiffusionTrainer(Trainer):
                 if resuming:
                     raise ValueError("the run's config has no text vocabulary; it cannot be resumed")
                 _build_vocabulary(exp, self.train_set)
-        if resuming:
+        if base is not None:
+            model = base
+        elif resuming:
             model = LatentDiffusion(mc)  # the first stage's weights come from the checkpoint (restore)
         else:
             if mc.first_stage_config is not None and not mc.first_stage:
@@ -255,6 +286,8 @@ class DiffusionTrainer(Trainer):
                                  "the autoencoder checkpoint as model.first_stage")
             model = LatentDiffusion(mc, load_autoencoder(mc.first_stage, "cpu") if mc.first_stage else None)
         exp.model = model.config  # what building the model filled in (the first stage's config...) is saved
+        set_text_encoder_training(model, exp.text_encoder)
+        self.lora_unet, self.lora_text = add_lora(model, exp.lora) if exp.lora.rank else ({}, {})
         self.model = model.to(env.device)
         self.cond_params = model.conditioner_parameters()
         if env.distributed and self.cond_params:
@@ -264,6 +297,17 @@ class DiffusionTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
         self.optimizers = {"optimizer": ScheduledOptimizer(self.optimizer, cfg.lr)}
+        self._add_averages()
+        self.ddp_net = self.distributed(model.model)
+        self.grid_inputs: dict[str, torch.Tensor] = {}
+
+    def _add_averages(self) -> None:
+        """EMAs of the UNet and a trained conditioner; none in a LoRA run (its checkpoints stay small: the raw
+        weights an average needs beside it would be the whole UNet)."""
+        exp, model = self.exp, self.model
+        self.ema: EMA | None = None
+        if exp.lora.rank:
+            return
         self.ema = EMA(model.model, exp.ema_decay, exp.ema_warmup)
         self.averages = [WeightAverage("ema", self.ema, model.model, prefix="model.", raw_name="model")]
         if self.cond_params:
@@ -271,12 +315,24 @@ class DiffusionTrainer(Trainer):
             self.averages.append(WeightAverage("cond_ema", cond_ema, model.cond_stage_model,
                                                prefix="cond_stage_model.", raw_name="cond_stage_model"))
         self.use_averages = exp.use_ema
-        self.ddp_net = self.distributed(model.model)
-        self.grid_inputs: dict[str, torch.Tensor] = {}
 
     def restore(self, weights: dict[str, torch.Tensor], config: dict[str, Any], state: dict[str, Any]) -> None:
-        super().restore(weights, config, state)
+        if self.exp.lora.rank:  # model.safetensors is the merged model; the adapters are in train_state.pt
+            load_lora_state(self.model, state["lora"])
+        else:
+            super().restore(weights, config, state)
         self.model.config.scale_factor = float(config["model"]["scale_factor"])
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """A LoRA run's model.safetensors is the base with the adapters merged: every loader samples it as is."""
+        return merged_state_dict(self.model) if self.exp.lora.rank else super().checkpoint_weights()
+
+    def checkpoint_saved(self, folder: Path) -> None:
+        """A LoRA run's adapters, beside its checkpoint, in the kohya and the diffusers/PEFT formats."""
+        if self.exp.lora.rank:
+            lora = lora_from_layers(self.lora_unet, self.lora_text)
+            for file_format, name in (("kohya", KOHYA_FILE), ("peft", PEFT_FILE)):
+                write_lora(lora, self.model.config.unet, folder / name, file_format)
 
     def training_data(self) -> Dataset:
         if self.train_set is None:
@@ -288,6 +344,11 @@ class DiffusionTrainer(Trainer):
         model = self.model
         space = "pixel space" if model.pixel_space else f"latents {model.latent_shape} (f={model.downsample_factor})"
         cond_note = f" + conditioner {sum(p.numel() for p in self.cond_params) / 1e6:.2f}M" if self.cond_params else ""
+        if self.exp.lora.rank:
+            trained = sum(p.numel() for p in model.trainable_parameters())
+            return (f"training LoRA adapters (rank {self.exp.lora.rank}, {self.exp.lora.targets}, "
+                    f"{len(self.lora_unet)} UNet + {len(self.lora_text)} text-encoder layers, {trained / 1e6:.3f}M "
+                    f"params) on {self.exp.init_from} ({space})")
         return (f"training a {model.config.conditioning} diffusion model ({space}, UNet "
                 f"{sum(p.numel() for p in model.model.parameters()) / 1e6:.2f}M params{cond_note})")
 
@@ -330,10 +391,13 @@ class DiffusionTrainer(Trainer):
         return logs if self.optimizer_step(loss, self.optimizer, step, average=self.cond_params) else None
 
     def log_values(self) -> dict[str, Any]:
-        return {"ema_decay": self.ema.current_decay(), "scale_factor": self.model.scale_factor}
+        return {"ema_decay": self.ema.current_decay() if self.ema is not None else None,
+                "scale_factor": self.model.scale_factor}
 
     def train_state(self) -> dict[str, Any]:
         state = {"scale_factor": self.model.scale_factor}
+        if self.exp.lora.rank:
+            return {**state, "lora": lora_state_dict(self.model)}
         if self.model.cond_stage_model is not None and not self.cond_params:
             # A frozen conditioner is not averaged (its raw weights are the saved ones), yet train_state.pt has
             # always held its weights too.

@@ -176,6 +176,10 @@ class Trainer(ABC):
         weights they average, RNG state and CPU time)."""
         return {}
 
+    def checkpoint_saved(self, folder: Path) -> None:
+        """Rank 0, after each checkpoint is in ``folder``: files a trainer writes beside it (a LoRA's adapters)."""
+        return None  # most trainers write nothing more
+
     @abstractmethod
     def save_samples(self, path: Path) -> None:
         """Write a sample grid to ``path`` (rank 0; the averaged weights are in place when ``use_averages``)."""
@@ -326,5 +330,6 @@ class Trainer(ABC):
                  **{average.raw_name: average.module.state_dict() for average in self.averages},
                  **{average.name: average.ema.state_dict() for average in self.averages},
                  "rng": rng_state(self.env.device), "cpu_seconds": clock.total_cpu()}
-        save_checkpoint(self.run_dir, step, self.checkpoint_weights(), to_dict(self.exp), state,
-                        keep=self.cfg.keep_checkpoints)
+        folder = save_checkpoint(self.run_dir, step, self.checkpoint_weights(), to_dict(self.exp), state,
+                                 keep=self.cfg.keep_checkpoints)
+        self.checkpoint_saved(folder)
