@@ -7,10 +7,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.cli import main
 from latentdiff.conditioning.conditioner import ConditionerConfig
-from latentdiff.config import from_dict, to_dict
+from latentdiff.config import from_dict
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.diffusion.sampling import sample as run_sampler
@@ -27,16 +26,6 @@ TINY = [  # a UNet on 8x8x4 latents of 16x16 images that trains in well under a 
     "sample_images=4", "sample_steps=2", "ema_decay=0.99",
 ]
 PIXEL = ["model.unet.channel_mult=1,2", "model.unet.attention_resolutions=2", "model.unet.dropout=0.1"]
-
-
-@pytest.fixture(scope="module")
-def first_stage(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(in_channels=1, out_ch=1, resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            z_channels=4, embed_dim=4, norm_groups=8)
-    root = tmp_path_factory.mktemp("ae")
-    save_checkpoint(root, 5, Autoencoder(cfg).state_dict(), {"task": "autoencoder", "model": to_dict(cfg)})
-    return root
 
 
 def train(out, *extra, config="configs/ldm-fmnist-class.yaml", first_stage=None):
@@ -339,16 +328,6 @@ SCENE_CONFIGS = {  # the tiny first stage has f = 2: 16 px scenes give 8x8 laten
 TEXT_TRANSFORMER = ["model.conditioner.text_encoder=transformer", "model.unet.context_dim=32",
                     "model.conditioner.text.width=32", "model.conditioner.text.layers=1",
                     "model.conditioner.text.heads=2"]
-
-
-@pytest.fixture(scope="module")
-def scenes_first_stage(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(in_channels=3, out_ch=3, resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            z_channels=4, embed_dim=4, norm_groups=8)
-    root = tmp_path_factory.mktemp("ae_scenes")
-    save_checkpoint(root, 5, Autoencoder(cfg).state_dict(), {"task": "autoencoder", "model": to_dict(cfg)})
-    return root
 
 
 def scene_inputs(n: int) -> dict:

@@ -1,5 +1,8 @@
-"""Data loading for latentdiff: built-in datasets, image folders, loaders and image/grid transforms."""
+"""Data loading for latentdiff: built-in datasets, image folders, captioned folders, aspect-ratio buckets, loaders and
+image/grid transforms."""
 
+from latentdiff.data.buckets import BucketBatchSampler, assign_bucket, bucket_sizes
+from latentdiff.data.captioned import CaptionedFolderDataset, shuffle_tags
 from latentdiff.data.datasets import (
     BUILTIN_DATASETS,
     ArrayImageDataset,
@@ -26,10 +29,14 @@ from latentdiff.data.transforms import (
 __all__ = [
     "BUILTIN_DATASETS",
     "ArrayImageDataset",
+    "BucketBatchSampler",
+    "CaptionedFolderDataset",
     "DataConfig",
     "ImageDataset",
     "ImageFolderDataset",
     "PhotoCropDataset",
+    "assign_bucket",
+    "bucket_sizes",
     "build_dataset",
     "center_crop_resize",
     "convert_mode",
@@ -39,6 +46,7 @@ __all__ = [
     "resize_square",
     "save_image_grid",
     "seed_worker",
+    "shuffle_tags",
     "to_pil",
     "to_tensor",
     "to_uint8",

@@ -30,6 +30,9 @@ any folder path
     images uses all of them for both splits (with a warning). Unreadable files are skipped, logged and
     counted in ``num_skipped`` / ``skipped_files``. Built-in names take precedence over a folder of the
     same name: write ``./photos`` to mean a folder.
+``data.path``: a folder of captioned images
+    Images with their captions (kohya's ``image.txt`` or Hugging Face's ``metadata.jsonl`` / ``metadata.csv``),
+    caption augmentation, crops and aspect-ratio buckets: see :mod:`latentdiff.data.captioned`.
 
 Images from files are EXIF-rotated, converted to L or RGB (transparency composited on white, see
 :func:`latentdiff.data.transforms.convert_mode`) and brought to ``image_size`` with ``DataConfig.resize``.
@@ -44,6 +47,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 from torch.utils.data import Dataset
 
+from latentdiff.data.buckets import bucket_sizes
 from latentdiff.data.transforms import RESIZE_MODES, convert_mode, fit_to_size, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ BUILTIN_DATASETS = ("fashion_mnist", "mnist5k", "photos")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FOLDER_TEST_EVERY = 20
+CROP_MODES = ("center", "random")
 
 # Photos shipped inside the scikit-image wheel (skimage/data/*.png|jpg). Synthetic images (checkerboard,
 # blobs, phantom, colorwheel, logo) and those that need pooch to download are deliberately left out.
@@ -110,6 +116,19 @@ class DataConfig:
     limit: int = 0  # if > 0, use only the first `limit` items (for fast tests/eval)
     seed: int = 0
     root: str = ""  # directory of the fashion_mnist idx files; empty means FASHION_MNIST_DIR
+    # A folder of captioned images (data/captioned.py); when set it is the dataset, and data.name is set to it so
+    # that logs and errors name the folder. data.name=FOLDER still reads a folder's images without captions.
+    path: str = ""
+    # Augmentations of captioned folders (train split), drawn from torch's global RNG like random_flip:
+    caption_dropout: float = 0.0  # probability of the empty caption (see data/captioned.py for CFG dropout)
+    shuffle_tags: bool = False  # comma-separated tags in random order, the first keep_tokens kept in place
+    keep_tokens: int = 0
+    crop: str = "center"  # center | random: where resize=center_crop and buckets cut the covering image
+    buckets: bool = False  # aspect-ratio buckets for the train split (data/buckets.py)
+    bucket_resolution: int = 0  # buckets hold at most this squared many pixels; 0: image_size
+    bucket_step: int = 64  # bucket sides are multiples of this (the model's multiple: 64 for SD, 8 for scenes)
+    min_bucket_side: int = 0  # 0: bucket_resolution // 2
+    max_bucket_side: int = 0  # 0: bucket_resolution * 2
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -122,6 +141,50 @@ class DataConfig:
             raise ValueError(f"data.photos_max_scale must be >= 1, got {self.photos_max_scale}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.path and self.shards:
+            raise ValueError("data.path and data.shards each name a dataset: give one of them")
+        if self.path:
+            self.name = self.path
+        self._check_captioned_fields()
+
+    def _check_captioned_fields(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"data.crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        if self.crop == "random" and not self.buckets and self.resize != "center_crop":
+            raise ValueError("data.crop=random crops images, which data.resize="
+                             f"{self.resize} does not: set data.resize=center_crop or data.buckets=true")
+        if self.buckets:
+            bucket_sizes(*self.bucket_geometry)  # a bucket list that cannot be made fails here, not at step 1
+
+    @property
+    def bucket_geometry(self) -> tuple[int, int, int, int]:
+        """(resolution, step, min side, max side) of the buckets, the zeros filled in."""
+        resolution = self.bucket_resolution or self.image_size
+        return (resolution, self.bucket_step, self.min_bucket_side or max(self.bucket_step, resolution // 2),
+                self.max_bucket_side or 2 * resolution)
+
+    def step_augmentations(self) -> list[str]:
+        """The captioned folders' options that change an item every time it is read (a cache would freeze them)."""
+        options = {"data.caption_dropout": self.caption_dropout > 0, "data.shuffle_tags": self.shuffle_tags,
+                   "data.crop=random": self.crop == "random", "data.buckets": self.buckets}
+        return [name for name, used in options.items() if used]
+
+    def check_cacheable(self) -> None:
+        """Refuse the options that a latent cache made once would freeze: one clear error with what to change."""
+        if self.step_augmentations():
+            raise ValueError(f"{', '.join(self.step_augmentations())}: items change from read to read or differ in "
+                             "size, but cache_latents encodes them once: set cache_latents=false (or, for caption "
+                             "dropout, use model.conditioner.embedders.caption.dropout, which works with the cache)")
+
+    def check_captioned_options(self) -> None:
+        """The captioned folders' options on another dataset: an error rather than silently ignored."""
+        if self.step_augmentations() and not self.path:
+            raise ValueError(f"{', '.join(self.step_augmentations())} apply to captioned folders: give the folder as "
+                             f"data.path (data.name {self.name!r} does not have them)")
 
 
 def _check_split(split: str) -> None:
@@ -358,6 +421,12 @@ class PhotoCropDataset(ImageDataset):
 
 def scan_image_folder(root: Path) -> list[Path]:
     """All image files under ``root`` (recursively, following links once), sorted by relative path."""
+    return scan_folder(root, lambda name: name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def scan_folder(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
+    """The files under ``root`` whose names are ``wanted`` (recursively, following links once), sorted by
+    relative path."""
     found = []
     seen_dirs = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -367,10 +436,23 @@ def scan_image_folder(root: Path) -> list[Path]:
             continue
         seen_dirs.add(real)
         for fn in filenames:
-            if fn.lower().endswith(IMAGE_EXTENSIONS):
+            if wanted(fn):
                 found.append(Path(dirpath) / fn)
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     return found
+
+
+def folder_split(all_files: list[Path], split: str, root: Path) -> list[Path]:
+    """A folder listing's files of ``split``: every 20th is test, the rest train; under 20 files, all are both.
+
+    Split on the full listing, before verification, so a file's split never depends on whether other files
+    happen to decode (or, in a captioned folder, have captions)."""
+    if len(all_files) < FOLDER_TEST_EVERY:
+        logger.warning("image folder %s has only %d images (< %d): train and test both use all of them", root,
+                       len(all_files), FOLDER_TEST_EVERY)
+        return all_files
+    want_test = split == "test"
+    return [p for i, p in enumerate(all_files) if ((i + 1) % FOLDER_TEST_EVERY == 0) == want_test]
 
 
 def _verify_image(path: Path) -> str | None:
@@ -380,6 +462,33 @@ def _verify_image(path: Path) -> str | None:
             img.verify()
     except Exception as exc:  # PIL raises many unrelated exception types for bad files
         return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def load_image_file(path: Path) -> Image.Image:
+    """A decoded image file, turned as its EXIF says (phone photos store rotation there rather than in the pixels)."""
+    with Image.open(path) as img:
+        img.load()
+        return ImageOps.exif_transpose(img)
+
+
+def read_or_next(index: int, count: int, bad: set[int], read: Callable[[int], Item],
+                 report: Callable[[int, str], None], usable: Callable[[int], bool] | None = None) -> Item | None:
+    """``read(index)``, or where that file fails to decode the next file (cyclically) that is ``usable`` and decodes,
+    so that a long run never stops on one bad image; failures are added to ``bad`` and ``report``-ed. None when
+    no file decodes."""
+    if not -count <= index < count:
+        raise IndexError(f"index {index} out of range for {count} images")
+    index %= count
+    for offset in range(count):
+        i = (index + offset) % count
+        if i in bad or (usable is not None and not usable(i)):
+            continue
+        try:
+            return read(i)
+        except Exception as exc:  # whatever the decoder raises: skip the file, keep training
+            bad.add(i)
+            report(i, f"{type(exc).__name__}: {exc}")
     return None
 
 
@@ -410,21 +519,7 @@ class ImageFolderDataset(ImageDataset):
                 f"no images found in folder {str(root)!r} (searched recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)})"
             )
-        if len(all_files) < FOLDER_TEST_EVERY:
-            logger.warning(
-                "image folder %s has only %d images (< %d): train and test both use all of them",
-                root,
-                len(all_files),
-                FOLDER_TEST_EVERY,
-            )
-            candidates = all_files
-        else:
-            # Split on the full listing, before verification, so a file's split never depends on
-            # whether other files happen to decode.
-            is_test = [(i + 1) % FOLDER_TEST_EVERY == 0 for i in range(len(all_files))]
-            want_test = split == "test"
-            candidates = [p for p, t in zip(all_files, is_test, strict=True) if t == want_test]
-
+        candidates = folder_split(all_files, split, root)
         self.skipped_files: list[str] = []
         self.files: list[Path] = []
         for path in candidates:
@@ -453,29 +548,15 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            img.load()
-            # Phone photos store rotation in EXIF rather than in the pixels.
-            return ImageOps.exif_transpose(img)
+    def _read(self, index: int) -> Item:
+        return {"image": self._finish(load_image_file(self.files[index])), "label": -1}
 
     def __getitem__(self, index: int) -> Item:
-        n = len(self.files)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        index %= n
-        for offset in range(n):
-            i = (index + offset) % n
-            if i in self._bad:
-                continue
-            try:
-                img = self._load(self.files[i])
-            except Exception as exc:  # whatever the decoder raises: skip the file, keep training
-                self._bad.add(i)
-                self._skip(self.files[i], f"{type(exc).__name__}: {exc}")
-                continue
-            return {"image": self._finish(img), "label": -1}
-        raise RuntimeError(f"every image in {self.root} failed to decode ({n} files)")
+        item = read_or_next(index, len(self.files), self._bad, self._read,
+                            lambda i, error: self._skip(self.files[i], error))
+        if item is None:
+            raise RuntimeError(f"every image in {self.root} failed to decode ({len(self.files)} files)")
+        return item
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, num_skipped={self.num_skipped})"

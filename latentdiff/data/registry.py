@@ -1,4 +1,5 @@
-"""Datasets by name: a built-in dataset's name or an image folder's path -> the dataset for a split."""
+"""Datasets by name: a built-in dataset's name, an image folder's path or a captioned folder (``data.path``) ->
+the dataset for a split."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from latentdiff.data.captioned import CaptionedFolderDataset
 from latentdiff.data.datasets import (
     BUILTIN_DATASETS,
     DataConfig,
@@ -31,14 +33,18 @@ _BUILDERS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageDataset | ShardDataset:
-    """Build the dataset named by ``cfg.name`` (built-in name or folder path) for ``split``."""
+    """Build the dataset of ``cfg.shards`` (webdataset shards), ``cfg.path`` (a captioned folder) or ``cfg.name``
+    (built-in name or folder path) for ``split``."""
+    cfg.check_captioned_options()
     if cfg.shards:  # a shard set replaces data.name (see data/shards.py)
         return ShardDataset(cfg, split)
     key = cfg.name.strip().lower().replace("-", "_")
-    if key == "fmnist_scenes":  # captioned colour scenes, with a third split "test_heldout": see data/scenes.py
+    if key == "fmnist_scenes" and not cfg.path:  # captioned colour scenes, with a third split "test_heldout"
         return FashionScenes.from_config(cfg, split)
     _check_split(split)
-    if key in _BUILDERS:
+    if cfg.path:
+        dataset = CaptionedFolderDataset(cfg, split)
+    elif key in _BUILDERS:
         dataset = _BUILDERS[key](cfg, split)
     else:
         path = Path(cfg.name).expanduser()

@@ -121,15 +121,20 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), _BICUBIC)
 
 
+def resize_to_cover(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Bicubic resize, aspect ratio kept, to the smallest size that covers ``height x width`` (ready to crop)."""
+    w, h = img.size
+    if (w, h) == (width, height):
+        return img
+    scale = max(width / w, height / h)
+    # Rounding may leave a side a pixel short of the target; max() keeps the crop inside the image.
+    return img.resize((max(width, round(w * scale)), max(height, round(h * scale))), _BICUBIC)
+
+
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is ``size``, then crop the central ``size x size`` square."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    # Rounding may leave the shorter side a pixel short of `size`; max() keeps the crop inside the image.
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), _BICUBIC)
+    img = resize_to_cover(img, size, size)
+    nw, nh = img.size
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
 

@@ -118,6 +118,8 @@ class DiffusionExperiment:
         if m.pixel_space and m.unet.in_channels != d.channels:
             raise ValueError(f"a pixel-space model's model.unet.in_channels and out_channels ({m.unet.in_channels}) "
                              f"must equal data.channels ({d.channels})")
+        if self.cache_latents:
+            d.check_cacheable()
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.sample_steps < 1 or self.sample_images < 1:
@@ -167,9 +169,7 @@ def sample_inputs(model: LatentDiffusion, exp: DiffusionExperiment) -> tuple[dic
         return {}, []
     n = exp.sample_images
     dataset = build_dataset(exp.data, exp.sample_split)
-    if len(dataset) < n:
-        raise ValueError(f"sample_images is {n} but the {exp.sample_split!r} split has only {len(dataset)} items")
-    batch = default_collate([dataset[i] for i in range(n)])
+    batch = default_collate([dataset[i % len(dataset)] for i in range(n)])  # a small split's inputs repeat
     inputs = model.cond_stage_model.prepare(batch)
     if model.config.conditioner.image == "inpaint":
         boxes = model.cond_stage_model.draw(n, torch.Generator().manual_seed(exp.train.seed))["inpaint_box"]
@@ -375,7 +375,9 @@ class DiffusionTrainer(Trainer):
         else:
             params = model.first_stage_parameters(batch["image"].to(env.device, non_blocking=True))
         n = params.shape[0]
-        draws = model.draw_training_noise(n * env.world_size, step_generator(self.cfg.seed, step))
+        # The batch's own latent size: aspect-ratio buckets (data.buckets) change it from batch to batch.
+        draws = model.draw_training_noise(n * env.world_size, step_generator(self.cfg.seed, step),
+                                          latent_shape=(model.latent_channels, *params.shape[2:]))
         draws = {k: v[env.rank::env.world_size] for k, v in draws.items()}
         latents = model.latents_from_parameters(params.float(), noise=draws.get("posterior"))
         if model.scale_factor == 0:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from latentdiff.data import seed_worker
+from latentdiff.data.buckets import BucketBatchSampler
 from latentdiff.data.shards import ShardDataset, ShardStream
 from latentdiff.device import select_device
 
@@ -128,14 +129,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, env: DistEnv, start_step: int) -> Iterator[dict[str, Any]]:
     """Endless batches from ``start_step`` on, the same a run that never stopped would see: a shard set streams
-    (``ShardStream``), any other dataset is indexed by ``ResumableBatchSampler``."""
+    (``ShardStream``), a bucketed dataset is drawn by ``BucketBatchSampler`` (batches within one aspect-ratio
+    bucket), any other dataset is indexed by ``ResumableBatchSampler``."""
     workers = {"num_workers": cfg.num_workers, "pin_memory": env.device.type != "cpu",
                "persistent_workers": cfg.num_workers > 0,
                "worker_init_fn": seed_worker if cfg.num_workers > 0 else None}
     if isinstance(dataset, ShardDataset):
         stream = ShardStream(dataset, cfg.batch_size, cfg.seed, start_step, env.rank, env.world_size, cfg.num_workers)
         return iter(DataLoader(stream, batch_size=cfg.batch_size, **workers))
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, env.rank, env.world_size)
+    if getattr(dataset, "item_buckets", None) is not None:
+        sampler = BucketBatchSampler(dataset.item_buckets, cfg.batch_size, cfg.seed, start_step, env.rank,
+                                     env.world_size)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, env.rank, env.world_size)
     return iter(DataLoader(dataset, batch_sampler=sampler, **workers))
 
 
