@@ -9,20 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_sd_pipeline as sd
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from test_sd_pipeline import (
-    UNET,
-    initial_latents,
-    load_theirs,
-    max_diff,
-    one_error_line,
-    run_cli,
-    tiny_components,
-    with_scheduler,
-    write_tokenizer,
-)
 
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.formats import save_diffusers
@@ -55,7 +45,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_file({"emb_params": _vectors(3, 2)}, str(a1111_st))
     learned = root / "learned_embeds.safetensors"
     save_file({"<toy>": _vectors(1, 3)[0]}, str(learned))
-    base = save_diffusers(tiny_components(UNET, seed=0, tokenizer=write_tokenizer(root / "tokenizer")), root / "base")
+    tokenizer = sd.write_tokenizer(root / "tokenizer")
+    base = save_diffusers(sd.tiny_components(sd.UNET, seed=0, tokenizer=tokenizer), root / "base")
     return {"a1111_pt": a1111_pt, "a1111_st": a1111_st, "learned": learned, "base": base}
 
 
@@ -93,35 +84,36 @@ def test_added_words_become_their_tokens() -> None:
 
 def test_embeddings_match_diffusers_load_textual_inversion(files) -> None:
     ours = load_pipeline(files["base"], embeddings=[files["a1111_pt"], files["learned"]])
-    theirs = with_scheduler(load_theirs(files["base"]), "ddim")
+    theirs = sd.with_scheduler(sd.load_theirs(files["base"]), "ddim")
     theirs.load_textual_inversion(str(files["a1111_pt"]), token="mystyle")
     theirs.load_textual_inversion(str(files["learned"]))
     ids = theirs.tokenizer(theirs.maybe_convert_prompt(PROMPT, theirs.tokenizer)).input_ids
     assert ours.tokenizer.text_to_ids(PROMPT) == ids[1:-1]
     run = dict(guidance_scale=7.5, steps=4, sampler="ddim")
-    got = ours.text_to_image(PROMPT, latents=initial_latents(), generator=1, **run).images
-    expected = theirs(PROMPT, guidance_scale=7.5, num_inference_steps=4, latents=initial_latents(),
+    got = ours.text_to_image(PROMPT, latents=sd.initial_latents(), generator=1, **run).images
+    expected = theirs(PROMPT, guidance_scale=7.5, num_inference_steps=4, latents=sd.initial_latents(),
                       generator=torch.Generator().manual_seed(1), output_type="pt").images
-    assert max_diff(got, expected) <= TOL
-    plain = load_pipeline(files["base"]).text_to_image(PROMPT.replace("<toy>", "toy"), latents=initial_latents(),
-                                                       generator=1, **run).images
-    assert max_diff(got, plain) > 20 * TOL  # the learned vectors matter
+    assert sd.max_diff(got, expected) <= TOL
+    plain = load_pipeline(files["base"]).text_to_image(PROMPT.replace("<toy>", "toy"),
+                                                       latents=sd.initial_latents(), generator=1, **run).images
+    assert sd.max_diff(got, plain) > 20 * TOL  # the learned vectors matter
 
 
 def test_cli_embedding_flag(tmp_path, capsys, files) -> None:
     out = tmp_path / "out.png"
-    code, stdout, _ = run_cli(capsys, "generate", PROMPT, "--steps", 2, "--sampler", "ddim", "--model", files["base"],
-                              "--embedding", files["a1111_pt"], "--embedding", files["learned"], "-o", out)
+    code, stdout, _ = sd.run_cli(capsys, "generate", PROMPT, "--steps", 2, "--sampler", "ddim", "--model",
+                                 files["base"], "--embedding", files["a1111_pt"], "--embedding", files["learned"],
+                                 "-o", out)
     assert code == 0 and "wrote 1 image" in stdout
     pipe = load_pipeline(files["base"], embeddings=[files["a1111_pt"], files["learned"]])
     expected = pipe.text_to_image(PROMPT, steps=2, sampler="ddim", generator=0).pil()[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     torch.save({"string_to_param": {"*": RunsCode()}}, tmp_path / "evil.pt")
-    code, _, err = run_cli(capsys, "generate", PROMPT, "--steps", 1, "--model", files["base"], "--embedding",
-                           tmp_path / "evil.pt", "-o", tmp_path / "x.png")
-    one_error_line(code, err, "refused")
+    code, _, err = sd.run_cli(capsys, "generate", PROMPT, "--steps", 1, "--model", files["base"], "--embedding",
+                              tmp_path / "evil.pt", "-o", tmp_path / "x.png")
+    sd.one_error_line(code, err, "refused")
     save_file({"emb_params": torch.zeros(1, 8)}, str(tmp_path / "wide.safetensors"))
-    code, _, err = run_cli(capsys, "generate", PROMPT, "--steps", 1, "--model", files["base"], "--embedding",
-                           tmp_path / "wide.safetensors", "-o", tmp_path / "x.png")
-    one_error_line(code, err, "8-wide vectors")
+    code, _, err = sd.run_cli(capsys, "generate", PROMPT, "--steps", 1, "--model", files["base"], "--embedding",
+                              tmp_path / "wide.safetensors", "-o", tmp_path / "x.png")
+    sd.one_error_line(code, err, "8-wide vectors")
     assert not (tmp_path / "x.png").exists()
