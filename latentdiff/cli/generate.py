@@ -81,6 +81,7 @@ def _pipeline_options(args: argparse.Namespace) -> dict:
         options["prediction_type"] = args.prediction_type
     if getattr(args, "config", None):
         options["config"] = args.config
+    options.update({key: getattr(args, key) for key in ("loras", "embeddings") if getattr(args, key, None)})
     return options
 
 
@@ -237,6 +238,24 @@ def _upscale(args: argparse.Namespace) -> None:
     _report(_save_images(result.images, args.output, args.separate), args.n)
 
 
+def _lora_argument(text: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> (FILE, SCALE), the scale 1 when none is given (the last colon: paths may hold one)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def _add_lora_and_embedding_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", dest="loras", action="append", type=_lora_argument, metavar="FILE[:SCALE]",
+                   help="a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) fused into the model at SCALE "
+                        "(default 1); repeat for several")
+    p.add_argument("--embedding", dest="embeddings", action="append", metavar="FILE",
+                   help="a textual-inversion embedding (A1111 .pt/.safetensors, whose file name is the word to use "
+                        "in the prompt, or diffusers' learned_embeds.safetensors); repeat for several")
+
+
 def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size: bool = True,
                             stable_diffusion: bool = True) -> None:
     verb = p.prog.split()[-1]
@@ -270,6 +289,7 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
         p.add_argument("--config", metavar="FILE", default=None,
                        help="the original YAML of a single-file model (default: the model's stem with .yaml, if it "
                             "exists)")
+        _add_lora_and_embedding_options(p)
     p.add_argument("--device", default="auto")
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],

@@ -262,6 +262,22 @@ class CLIPTextModel(nn.Module):
         """The cross-attention context (N, L, width); see ``forward`` about the attention mask."""
         return self(input_ids, attention_mask)
 
+    def add_token_embeddings(self, vectors: torch.Tensor) -> list[int]:
+        """Grow the token embedding by the rows ``vectors`` [n, width] (a textual-inversion embedding) and return
+        their ids, which follow the vocabulary's; ``config.vocab_size`` grows with it."""
+        old = self.text_model.embeddings.token_embedding
+        if vectors.dim() != 2 or vectors.shape[1] != self.config.width:
+            raise ValueError(f"token vectors must be [n, {self.config.width}] for this text encoder, got "
+                             f"{tuple(vectors.shape)}")
+        grown = nn.Embedding(old.num_embeddings + vectors.shape[0], self.config.width,
+                             device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight.copy_(torch.cat([old.weight, vectors.to(old.weight)]))
+        grown.requires_grad_(old.weight.requires_grad)
+        self.text_model.embeddings.token_embedding = grown
+        self.config.vocab_size = grown.num_embeddings
+        return list(range(old.num_embeddings, grown.num_embeddings))
+
     # ---- weights -----------------------------------------------------------------------------------------------
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

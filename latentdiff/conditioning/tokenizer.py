@@ -17,6 +17,10 @@ From text to ids:
    lowest rank first, with ``</w>`` marking the end of the word;
 4. ``<|startoftext|>`` (49406) + ids + ``<|endoftext|>`` (49407), truncated to the context length (the end token
    kept last, and a warning logged) and padded.
+
+Added words (``add_word``: a textual-inversion embedding's trigger) are cut out of the cleaned text before step 2
+and become their own ids, after the vocabulary's, as Hugging Face's added tokens do; a word of n vectors becomes n
+tokens, ``word``, ``word_1``, ... (diffusers' names for them).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import html
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,10 +186,36 @@ class CLIPTokenizer:
         self._char_bytes = {c: b for b, c in self._byte_chars.items()}
         # Prompts repeat the same words endlessly; a bounded cache keeps a long training run's memory flat.
         self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
+        self.added_words: dict[str, list[int]] = {}
+        self._added_pattern: re.Pattern[str] | None = None
 
     @property
     def vocab_size(self) -> int:
-        return len(self.encoder)
+        """The vocabulary's entries and the added words' tokens: the text encoder's embedding must have as many."""
+        return len(self.encoder) + sum(len(ids) for ids in self.added_words.values())
+
+    def add_word(self, word: str, count: int = 1) -> list[int]:
+        """Make ``word`` ``count`` new tokens (``word``, ``word_1``, ...) with the next free ids, and return them.
+
+        The word is matched in the cleaned (lower-cased) text wherever it occurs, even inside a longer word, as
+        Hugging Face's added tokens are. Raises ``ValueError`` for a word already added or one the cleaning changes.
+        """
+        if count < 1:
+            raise ValueError(f"a word needs at least one token, got {count}")
+        key = self.clean(word)
+        if not key or key != word.lower() or " " in key:
+            raise ValueError(f"{word!r} cannot be an added word: it must be one word that cleaning leaves as it is")
+        if key in self.added_words:
+            raise ValueError(f"the word {word!r} was already added to the tokenizer")
+        first = self.vocab_size
+        ids = list(range(first, first + count))
+        names = [key] + [f"{key}_{i}" for i in range(1, count)]
+        self.decoder.update({i: "".join(self._byte_chars[b] for b in name.encode("utf-8")) + _WORD_END
+                             for i, name in zip(ids, names, strict=True)})
+        self.added_words[key] = ids
+        longest_first = sorted(self.added_words, key=len, reverse=True)
+        self._added_pattern = re.compile("|".join(map(re.escape, longest_first)))
+        return ids
 
     # ---- vocabulary files -------------------------------------------------------------------------------------
 
@@ -286,8 +317,20 @@ class CLIPTokenizer:
 
     def text_to_ids(self, text: str) -> list[int]:
         """The ids of one text, without start/end tokens, padding or truncation."""
+        text = self.clean(text)
+        if self._added_pattern is None:
+            return self._bpe_ids(text)
         ids: list[int] = []
-        for word in split_words(self.clean(text)):
+        start = 0
+        for found in self._added_pattern.finditer(text):
+            ids += self._bpe_ids(text[start:found.start()]) + self.added_words[found.group()]
+            start = found.end()
+        return ids + self._bpe_ids(text[start:])
+
+    def _bpe_ids(self, text: str) -> list[int]:
+        """The BPE ids of cleaned text."""
+        ids: list[int] = []
+        for word in split_words(text):
             if word in (START_TOKEN, END_TOKEN):
                 ids.append(self.encoder[word])
                 continue

@@ -52,7 +52,8 @@ def _identify(comps: StableDiffusionComponents) -> str | None:
 
 
 def load_pipeline(path: str | Path, **options: Any) -> Pipeline:
-    """The pipeline for the checkpoint at ``path``; ``options`` go to its constructor (device, dtype, ...).
+    """The pipeline for the checkpoint at ``path``; ``options`` go to its constructor (device, dtype, ...; for
+    Stable Diffusion also ``loras=[(file, scale), ...]`` and ``embeddings=[file, ...]``).
 
     Raises ``CheckpointError`` naming the problem when the path is missing, unreadable or not a model a pipeline
     here runs (``ValueError`` for an option the model does not take).
@@ -60,6 +61,9 @@ def load_pipeline(path: str | Path, **options: Any) -> Pipeline:
     config = options.pop("config", None)  # a single file's original YAML; a native checkpoint carries its own
     file_format = detect_format(path)
     if file_format == "native" and is_native_diffusion_config(read_native_config(path)):
+        for option, what in (("loras", "LoRA files"), ("embeddings", "textual-inversion embeddings")):
+            if options.pop(option, None):
+                raise ValueError(f"{what} load into Stable Diffusion models; {path} is a model trained here")
         return LatentDiffusionPipeline.from_checkpoint(path, **options)
     comps = read_components(path, file_format, ema=options.pop("ema", True), config=config)
     problem = _identify(comps)

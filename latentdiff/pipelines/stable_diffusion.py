@@ -51,6 +51,8 @@ from latentdiff.formats import (
     infer_clip_text_config,
     load_stable_diffusion_weights,
 )
+from latentdiff.formats.embeddings import read_embedding
+from latentdiff.formats.lora import apply_lora_to_components
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.base import (
@@ -166,14 +168,19 @@ class StableDiffusionPipeline(PipelineBase):
     @classmethod
     def from_components(cls, comps: StableDiffusionComponents, *, tokenizer: CLIPTokenizer | None = None,
                         pad_token_id: int | None = None, prediction_type: str | None = None,
+                        loras: Sequence[tuple[str | Path, float]] = (), embeddings: Sequence[str | Path] = (),
                         **options: Any) -> StableDiffusionPipeline:
         """Build the pipeline from loaded weights (``latentdiff.formats.load_stable_diffusion_weights``).
 
         The tokenizer is the checkpoint's ``tokenizer/`` folder when it has one, else CLIP's vocabulary from
         ``open_clip_torch``, padding with the end token (SD v1) or 0 (SD v2's OpenCLIP text encoder), unless
         ``pad_token_id`` says otherwise. ``prediction_type`` overrides the checkpoint's (an original SD 2.x-768-v
-        file cannot tell it is v-prediction). ``options`` go to the constructor.
+        file cannot tell it is v-prediction). ``loras``: (LoRA file, scale) pairs fused into the weights, in order
+        (``latentdiff.formats.lora``); ``embeddings``: textual-inversion files whose words the prompts may use
+        (``load_embedding``). ``options`` go to the constructor.
         """
+        for lora_path, lora_scale in loras:
+            comps = apply_lora_to_components(comps, lora_path, lora_scale)
         if comps.unet is None or comps.vae is None:
             missing = " and ".join(n for n, part in (("UNet", comps.unet), ("VAE", comps.vae)) if part is None)
             raise CheckpointError(f"a Stable Diffusion pipeline needs a UNet and a VAE; the checkpoint has no "
@@ -198,13 +205,36 @@ class StableDiffusionPipeline(PipelineBase):
                                           max_length=min(77, config.context_length))
         if comps.scheduler_config is not None:
             options.setdefault("levels", LevelOptions.from_scheduler_config(comps.scheduler_config))
-        return cls(unet, vae, text_encoder, tokenizer, scale_factor=comps.scale_factor,
+        pipe = cls(unet, vae, text_encoder, tokenizer, scale_factor=comps.scale_factor,
                    prediction_type=prediction_type or comps.prediction_type, image_size=comps.image_size, **options)
+        for embedding_path in embeddings:
+            pipe.load_embedding(embedding_path)
+        return pipe
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, **options: Any) -> StableDiffusionPipeline:
         """Load an original single file (.safetensors / .ckpt), a diffusers folder or a native checkpoint."""
         return cls.from_components(load_stable_diffusion_weights(path, ema=ema), **options)
+
+    def load_embedding(self, path: str | Path) -> str:
+        """Teach the tokenizer and text encoder the word of the textual-inversion file at ``path``
+        (``latentdiff.formats.embeddings``) and return the word, as diffusers' ``load_textual_inversion`` does."""
+        word, vectors = read_embedding(path)
+        if self.text_encoder is None:
+            raise ValueError(f"{path}: this model has no text encoder to load an embedding into")
+        if vectors.shape[1] != self.text_encoder.config.width:
+            raise CheckpointError(f"{path} holds {vectors.shape[1]}-wide vectors; this model's text encoder is "
+                                  f"{self.text_encoder.config.width} wide (an embedding for another model?)")
+        if self.tokenizer.vocab_size != self.text_encoder.config.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens and the text encoder "
+                             f"{self.text_encoder.config.vocab_size}; their new tokens would not line up")
+        try:
+            ids = self.tokenizer.add_word(word, len(vectors))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        self.text_encoder.add_token_embeddings(vectors)  # the same ids: the vocabulary sizes agreed above
+        logger.info("loaded the embedding %r (%d vectors) from %s", word, len(ids), path)
+        return word
 
     # ---- properties -----------------------------------------------------------------------------------------
 

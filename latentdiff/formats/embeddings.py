@@ -1,0 +1,75 @@
+"""Textual-inversion embedding files: the learned token vectors that A1111 and diffusers load into CLIP's vocabulary.
+
+Three layouts are read, each a word (the trigger) and its vectors [n, width]:
+
+- A1111 ``.pt``: a pickle with ``string_to_param = {"*": tensor}``, read only with ``torch.load(weights_only=True)``
+  (``latentdiff.formats.weights.safe_torch_load``; a pickle that would run code is refused);
+- A1111 ``.safetensors``: one tensor ``emb_params``;
+- diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: tensor}``, the token named inside the file.
+
+A1111's files are triggered by their file name (the stem), as A1111 does; a diffusers file by the token it holds.
+A multi-vector embedding becomes that many tokens, ``word``, ``word_1``, ``word_2``, ... (diffusers'
+``load_textual_inversion`` names them so); the tokenizer turns the word into all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from latentdiff.formats.weights import safe_torch_load
+from latentdiff.io.errors import CheckpointError
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+def _as_vectors(tensor: object, path: Path, what: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2) or not tensor.numel():
+        raise CheckpointError(f"{path}: {what} is not a vector or a [tokens, width] matrix of vectors")
+    return tensor.detach().float().reshape(-1, tensor.shape[-1])
+
+
+def _from_dict(content: dict, path: Path) -> dict[str, torch.Tensor]:
+    if "string_to_param" in content:  # A1111 .pt
+        params = content["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise CheckpointError(f"{path}: string_to_param must hold exactly one tensor")
+        return {path.stem: _as_vectors(next(iter(params.values())), path, "string_to_param")}
+    if "emb_params" in content:  # A1111 .safetensors
+        return {path.stem: _as_vectors(content["emb_params"], path, "emb_params")}
+    tensors = {k: v for k, v in content.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if len(tensors) != 1:  # diffusers' learned_embeds: {token: tensor}
+        raise CheckpointError(f"{path} is not a textual-inversion embedding: it has no string_to_param or "
+                              f"emb_params, nor a single {{token: tensor}} entry (keys: "
+                              f"{', '.join(map(str, list(content)[:6]))})")
+    (token, tensor), = tensors.items()
+    return {token: _as_vectors(tensor, path, token)}
+
+
+def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
+    """The trigger word and the vectors [n, width] of the embedding file at ``path``. Raises ``CheckpointError`` for a
+    missing, unreadable or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"embedding file not found: {path}")
+    if path.suffix not in EMBEDDING_SUFFIXES:
+        raise CheckpointError(f"{path}: embeddings are {', '.join(EMBEDDING_SUFFIXES)} files")
+    if path.suffix == ".safetensors":
+        try:
+            content: object = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    else:
+        content = safe_torch_load(path)
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} holds a {type(content).__name__}, not a textual-inversion embedding")
+    (word, vectors), = _from_dict(content, path).items()
+    if not word or any(c.isspace() for c in word):
+        raise CheckpointError(f"{path}: the trigger word {word!r} must be one word without spaces")
+    return word, vectors
+
+
+__all__ = ["EMBEDDING_SUFFIXES", "read_embedding"]
