@@ -113,6 +113,8 @@ def _check_generation_args(args: argparse.Namespace) -> None:
         raise ValueError("--vae-tile is in latent pixels and must be at least 4")
     if args.attention_slice is not None and args.attention_slice < 0:
         raise ValueError("--attention-slice must be a positive number of queries (0: off)")
+    if getattr(args, "clip_skip", None) is not None and args.clip_skip < 1:
+        raise ValueError(f"--clip-skip must be at least 1 (1: the text encoder's usual output), got {args.clip_skip}")
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
@@ -132,7 +134,19 @@ def _load_for_generation(args: argparse.Namespace, native_only: str | None = Non
         raise ValueError(f"{args.model} has no text conditioning ({why}); leave out the prompt")
     if args.negative and not pipe.has_text_conditioning:
         raise ValueError(f"{args.model} has no text conditioning ({why}); --negative does not apply")
+    _set_clip_skip(args, pipe)
     return pipe
+
+
+def _set_clip_skip(args: argparse.Namespace, pipe) -> None:
+    """--clip-skip on a Stable Diffusion model's text encoder; a native model's own text encoder has no such choice."""
+    clip_skip = getattr(args, "clip_skip", None)
+    if clip_skip is None:
+        return
+    if isinstance(pipe, LatentDiffusionPipeline) or not pipe.has_text_conditioning:
+        raise ValueError(f"--clip-skip applies to Stable Diffusion models with a CLIP text encoder; {args.model} "
+                         "has none")
+    pipe.clip_skip = clip_skip
 
 
 def _guidance(args: argparse.Namespace, pipe) -> float:
@@ -290,6 +304,9 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                        help="the original YAML of a single-file model (default: the model's stem with .yaml, if it "
                             "exists)")
         _add_lora_and_embedding_options(p)
+        p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                       help="take the text encoder's output N - 1 layers before its last, as A1111's Clip skip "
+                            "(1: the usual output; Stable Diffusion models only)")
     p.add_argument("--device", default="auto")
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],

@@ -230,8 +230,13 @@ class CLIPTextModel(nn.Module):
         self.config = CLIPTextConfig() if config is None else config
         self.text_model = CLIPTextTransformer(self.config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                clip_skip: int = 1) -> torch.Tensor:
         """Token ids (N, L), L <= context_length -> features (N, L, width) after the final LayerNorm.
+
+        ``clip_skip`` N stops N - 1 layers before the model's output layer (A1111's "Clip skip": 1 is the usual
+        output, 2 the layer before it), still through the final LayerNorm. It counts from the layer the model
+        uses, so on SD v2 (penultimate) 2 takes the third layer from the end, as diffusers' ``clip_skip=1`` does.
 
         Stable Diffusion v1 and v2 were trained *without* an attention mask: causal attention already keeps the
         padding out of the real tokens' features, and the padding positions' own features (which the UNet does
@@ -246,6 +251,9 @@ class CLIPTextModel(nn.Module):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if not 1 <= clip_skip <= self.config.layers_run:
+            raise ValueError(f"clip skip must be between 1 and {self.config.layers_run} (the layers this text "
+                             f"encoder runs), got {clip_skip}")
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -254,13 +262,14 @@ class CLIPTextModel(nn.Module):
             mask = causal_attention_mask(attention_mask.to(input_ids.device))
         tm = self.text_model
         x = tm.embeddings(input_ids)
-        for layer in tm.encoder.layers[: self.config.layers_run]:
+        for layer in tm.encoder.layers[: self.config.layers_run - (clip_skip - 1)]:
             x = layer(x, mask)
         return tm.final_layer_norm(x)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The cross-attention context (N, L, width); see ``forward`` about the attention mask."""
-        return self(input_ids, attention_mask)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               clip_skip: int = 1) -> torch.Tensor:
+        """The cross-attention context (N, L, width); see ``forward`` about the attention mask and ``clip_skip``."""
+        return self(input_ids, attention_mask, clip_skip)
 
     def add_token_embeddings(self, vectors: torch.Tensor) -> list[int]:
         """Grow the token embedding by the rows ``vectors`` [n, width] (a textual-inversion embedding) and return

@@ -36,6 +36,7 @@ from torch import nn
 from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.model import Autoencoder
 from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
+from latentdiff.conditioning.prompt_syntax import PromptChunk, apply_emphasis, prompt_chunks, stack_chunks
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.noise_levels import LevelOptions, sampler_sigmas, starts_at_sigma_max
@@ -127,6 +128,7 @@ class StableDiffusionPipeline(PipelineBase):
         self.text_encoder = (None if text_encoder is None
                              else text_encoder.to(self.device, dtype).eval().requires_grad_(False))
         self.tokenizer = tokenizer
+        self._clip_skip = 1
         self.scale_factor = scale_factor
         self.prediction_type = prediction_type
         self.schedule = schedule or NoiseSchedule(ScheduleConfig())
@@ -262,13 +264,42 @@ class StableDiffusionPipeline(PipelineBase):
 
     # ---- building blocks ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """The cross-attention context (N, 77, width) of the prompts, in float32."""
+    @property
+    def clip_skip(self) -> int:
+        """A1111's "Clip skip": the text encoder's output is taken ``clip_skip - 1`` layers before its usual one."""
+        return self._clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, value: int) -> None:
+        layers = self.text_encoder.config.layers_run if self.text_encoder is not None else 1
+        if not 1 <= value <= layers:
+            raise ValueError(f"clip skip must be between 1 and {layers} (the layers this model's text encoder runs), "
+                             f"got {value}")
+        self._clip_skip = value
+
+    def _prompt_chunks(self, prompts: str | Sequence[str]) -> list[list[PromptChunk]]:
         if self.text_encoder is None:
             raise ValueError("this model has no text conditioning (its UNet has no cross-attention); give no prompt")
-        ids = self.tokenizer(prompt_list(prompts)).input_ids.to(self.device)
-        return self.text_encoder.encode(ids).float()
+        return [prompt_chunks(p, self.tokenizer) for p in prompt_list(prompts)]
+
+    @torch.no_grad()
+    def _encode_chunks(self, prompts: list[list[PromptChunk]], num_chunks: int) -> torch.Tensor:
+        """Each prompt's chunks encoded on their own, weighted, and concatenated: (N, num_chunks * L, width)."""
+        ids, weights = stack_chunks(prompts, num_chunks, self.tokenizer)
+        flat_ids, flat_weights = ids.flatten(0, 1).to(self.device), weights.flatten(0, 1).to(self.device)
+        context = self.text_encoder.encode(flat_ids, clip_skip=self.clip_skip).float()
+        context = apply_emphasis(context, flat_weights)
+        return context.reshape(ids.shape[0], -1, context.shape[-1])
+
+    def encode_prompt(self, prompts: str | Sequence[str], num_chunks: int | None = None) -> torch.Tensor:
+        """The cross-attention context (N, 77 * chunks, width) of prompts in A1111's syntax, in float32.
+
+        A prompt past 75 tokens (or with ``BREAK``) takes several 77-token chunks
+        (``latentdiff.conditioning.prompt_syntax``); all prompts are padded with empty-prompt chunks to the longest
+        one's count, or to ``num_chunks``. A plain prompt of at most 75 tokens is one chunk, encoded as it always was.
+        """
+        chunks = self._prompt_chunks(prompts)
+        return self._encode_chunks(chunks, num_chunks or max(len(c) for c in chunks))
 
     def _conditioning(self, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None,
                       num_images: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
@@ -290,8 +321,11 @@ class StableDiffusionPipeline(PipelineBase):
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images, 0)
-        uncond = self.encode_prompt(negatives).repeat_interleave(num_images, 0)
+        # The prompts and the negatives are padded to one number of chunks, so both halves of a CFG batch match.
+        cond_chunks, uncond_chunks = self._prompt_chunks(prompts), self._prompt_chunks(negatives)
+        num_chunks = max(len(c) for c in cond_chunks + uncond_chunks)
+        cond = self._encode_chunks(cond_chunks, num_chunks).repeat_interleave(num_images, 0)
+        uncond = self._encode_chunks(uncond_chunks, num_chunks).repeat_interleave(num_images, 0)
         return {"context": cond}, {"context": uncond}, cond.shape[0]
 
     def _posterior(self, pixels: torch.Tensor) -> DiagonalGaussian:
