@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from latentdiff.data.transforms import make_grid, save_image_grid
+from latentdiff.data.transforms import make_grid
 from latentdiff.device import select_device
 from latentdiff.diffusion.noise_levels import SPACINGS
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, get_sampler, resolve_sampler
@@ -83,8 +83,20 @@ def _sample(args: argparse.Namespace) -> None:
     images = model.sample(args.n, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
                           cond=cond or None, uncond=uncond, guidance_scale=args.guidance, karras=args.karras,
                           disable_progress=False)
-    path = save_image_grid(images.cpu(), args.output, nrow=nrow)
+    record = None if args.no_metadata else {
+        "verb": "sample", "prompt": "\n".join(prompts), "prompts": prompts, "classes": classes,
+        "negative": args.negative, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
+        "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n, "nrow": nrow,
+        "sigma_ramp": "karras" if args.karras else None, "no_ema": args.no_ema, "index": None,
+        **model_identity(args.checkpoint)}
+    path = save_png(_grid_image(images.cpu(), nrow), args.output, record)
     print(f"wrote {args.n} samples to {path}")
+
+
+def _grid_image(images, nrow: int) -> Image.Image:
+    """``images`` in [-1, 1] tiled ``nrow`` to a row, as a PIL image (greyscale or RGB)."""
+    grid = make_grid(images, nrow=nrow)
+    return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
 
 
 def _pipeline_options(args: argparse.Namespace) -> dict:
@@ -188,8 +200,7 @@ def _save_images(images, output: str, separate: bool, record: dict | None = None
         paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
         return [save_png(image, path, rec) for image, path, rec in zip(to_pil_images(images), paths, records,
                                                                        strict=True)]
-    grid = make_grid(images * 2 - 1, nrow=math.ceil(math.sqrt(count)))
-    return [save_png(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid), out, records[0])]
+    return [save_png(_grid_image(images * 2 - 1, math.ceil(math.sqrt(count))), out, records[0])]
 
 
 def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str, str | None]) -> dict | None:
@@ -386,6 +397,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
+    p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
     p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
     p.set_defaults(func=_sample)
 
