@@ -27,8 +27,9 @@ from latentdiff.pipelines.metadata import (
 )
 
 PROMPT = "a red sneaker on the left"
-RECORD = {"prompt": "a cat, (sitting:1.2)\nsecond line", "negative": "blurry", "steps": 20, "sampler": "euler_ancestral",
-          "guidance": 7.0, "seed": 1, "width": 512, "height": 768, "model_name": "sd15", "model_hash": "abcdef1234"}
+RECORD = {"prompt": "a cat, (sitting:1.2)\nsecond line", "negative": "blurry", "steps": 20,
+          "sampler": "euler_ancestral", "guidance": 7.0, "seed": 1, "width": 512, "height": 768, "model_name": "sd15",
+          "model_hash": "abcdef1234"}
 A1111_TEXT = ("a cat, (sitting:1.2)\nsecond line\nNegative prompt: blurry\n"
               "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, Model hash: abcdef1234, Model: sd15")
 
