@@ -6,21 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_sd_pipeline as sd
 import torch
 from PIL import Image
-from test_sd_pipeline import (
-    NEGATIVE,
-    PROMPT,
-    STEPS,
-    TOL,
-    UNET,
-    initial_latents,
-    load_theirs,
-    max_diff,
-    tiny_components,
-    with_scheduler,
-    write_tokenizer,
-)
 
 from latentdiff.cli import main
 from latentdiff.diffusion.guidance import CFGDenoiser, rescale_guided
@@ -36,8 +24,9 @@ RESCALE = 0.7
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory):
     root = tmp_path_factory.mktemp("rescale_models")
-    folder = save_diffusers(tiny_components(UNET, seed=0, tokenizer=write_tokenizer(root / "tokenizer")), root / "v1")
-    return folder, load_pipeline(folder), load_theirs(folder)
+    components = sd.tiny_components(sd.UNET, seed=0, tokenizer=sd.write_tokenizer(root / "tokenizer"))
+    folder = save_diffusers(components, root / "v1")
+    return folder, load_pipeline(folder), sd.load_theirs(folder)
 
 
 def test_x0_rescale_is_diffusers_noise_rescale() -> None:
@@ -71,24 +60,24 @@ def test_rescale_zero_and_no_guidance_leave_cfg_alone() -> None:
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 def test_rescale_matches_diffusers(v1, sampler: str) -> None:
     _, ours, theirs = v1
-    latents = initial_latents()
-    expected = with_scheduler(theirs, sampler)(
-        PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, guidance_rescale=RESCALE, num_inference_steps=STEPS,
-        latents=latents, output_type="pt").images
-    got = ours.text_to_image(PROMPT, NEGATIVE, guidance_scale=7.5, steps=STEPS, sampler=sampler, latents=latents,
-                             sampler_options={"guidance_rescale": RESCALE}).images
-    assert max_diff(got, expected) <= TOL
-    plain = ours.text_to_image(PROMPT, NEGATIVE, guidance_scale=7.5, steps=STEPS, sampler=sampler,
+    latents = sd.initial_latents()
+    expected = sd.with_scheduler(theirs, sampler)(
+        sd.PROMPT, negative_prompt=sd.NEGATIVE, guidance_scale=7.5, guidance_rescale=RESCALE,
+        num_inference_steps=sd.STEPS, latents=latents, output_type="pt").images
+    got = ours.text_to_image(sd.PROMPT, sd.NEGATIVE, guidance_scale=7.5, steps=sd.STEPS, sampler=sampler,
+                             latents=latents, sampler_options={"guidance_rescale": RESCALE}).images
+    assert sd.max_diff(got, expected) <= sd.TOL
+    plain = ours.text_to_image(sd.PROMPT, sd.NEGATIVE, guidance_scale=7.5, steps=sd.STEPS, sampler=sampler,
                                latents=latents).images
-    assert max_diff(plain, expected) > 10 * TOL  # the tolerance tells rescaled from plain CFG
+    assert sd.max_diff(plain, expected) > 10 * sd.TOL  # the tolerance tells rescaled from plain CFG
 
 
 def test_cli_guidance_rescale(v1, tmp_path, capsys) -> None:
     folder, ours, _ = v1
     out = tmp_path / "rescaled.png"
-    args = ["generate", PROMPT, "--model", str(folder), "--steps", "3", "--sampler", "ddim", "--seed", "2"]
+    args = ["generate", sd.PROMPT, "--model", str(folder), "--steps", "3", "--sampler", "ddim", "--seed", "2"]
     assert main([*args, "--guidance-rescale", "0.7", "-o", str(out)]) == 0
-    expected = ours.text_to_image(PROMPT, steps=3, sampler="ddim", generator=2,
+    expected = ours.text_to_image(sd.PROMPT, steps=3, sampler="ddim", generator=2,
                                   sampler_options={"guidance_rescale": 0.7}).pil()[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert main([*args, "--guidance-rescale", "2", "-o", str(tmp_path / "bad.png")]) == 2

@@ -157,3 +157,20 @@ def test_from_png_errors_are_one_line(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("latentdiff: error: ")
         assert re.search(message, err[0]), err[0]
+
+
+def test_from_png_falls_back_to_a1111_text(tmp_path: Path, capsys) -> None:
+    """A PNG with only A1111's text (as A1111 writes it): the run is rebuilt from it, with --model for the model
+    A1111 names by its stem; the pixels come back."""
+    ours = tmp_path / "ours.png"
+    assert _run(PROMPT, "--steps", "3", "--seed", "6", "--sampler", "Euler a", "--negative", "a bag",
+                "-o", str(ours)) == 0
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, _chunks(ours)[PARAMETERS_KEY])
+    a1111 = tmp_path / "a1111.png"
+    Image.open(ours).save(a1111, pnginfo=info)
+    again = tmp_path / "again.png"
+    model = Path(__file__).resolve().parents[1] / "models" / "scenes-txt2img"
+    assert _run("--from-png", str(a1111), "--model", str(model), "-o", str(again)) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(ours)))
+    assert read_png_parameters(again)["negative"] == "a bag"

@@ -235,12 +235,12 @@ def _apply_png_parameters(args: argparse.Namespace) -> int | None:
     for name in FROM_PNG_ARGUMENTS:
         if record.get(name) is not None and getattr(args, name, None) == args.png_defaults.get(name):
             setattr(args, name, record[name])
+    recorded_hash = record.get("model_sha256") or record.get("model_hash")  # ours, else A1111's short one
     if args.model is None:
         args.model = _recorded_model(record, args.from_png)
-    elif record.get("model_sha256") and Path(args.model).is_file() and file_sha256(args.model) != record[
-            "model_sha256"]:
-        print(f"latentdiff: warning: {args.model} is not the model {args.from_png} was made with (sha256 differs)",
-              file=sys.stderr)
+    elif recorded_hash and Path(args.model).is_file() and not file_sha256(args.model).startswith(recorded_hash):
+        print(f"latentdiff: warning: {args.model} is not the model {args.from_png} was made with (its sha256 is not "
+              f"{recorded_hash})", file=sys.stderr)
     index = record.get("index")
     if index is not None and not 0 <= index < args.n:
         raise ValueError(f"{args.from_png}: image {index} of a run of {args.n} does not exist")
