@@ -9,14 +9,23 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from latentdiff.data.transforms import save_image_grid
+from latentdiff.data.transforms import make_grid
 from latentdiff.device import select_device
 from latentdiff.diffusion.noise_levels import SPACINGS
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, get_sampler, resolve_sampler
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
 from latentdiff.pipelines.images import read_class_map, resize_to_multiple, to_image_tensor, to_pil_images
+from latentdiff.pipelines.metadata import (
+    file_sha256,
+    image_records,
+    input_hashes,
+    model_identity,
+    read_png_parameters,
+    save_png,
+)
 
 # The models the task verbs use without --model: the bundled models in models/ (native runs of
 # configs/ldm-<name>.yaml, exported; <name> is the folder's name).
@@ -24,6 +33,11 @@ DEFAULT_MODEL = "models/scenes-txt2img"
 DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": DEFAULT_MODEL,
                   "seg2img": "models/scenes-seg2img", "upscale": "models/scenes-upscale"}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+# What `generate --from-png` takes from the PNG's record, unless given on the command line.
+FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
+                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type")
+# The options besides the shared ones that change a verb's image, recorded with it.
+_VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -69,8 +83,20 @@ def _sample(args: argparse.Namespace) -> None:
     images = model.sample(args.n, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
                           cond=cond or None, uncond=uncond, guidance_scale=args.guidance, karras=args.karras,
                           disable_progress=False)
-    path = save_image_grid(images.cpu(), args.output, nrow=nrow)
+    record = None if args.no_metadata else {
+        "verb": "sample", "prompt": "\n".join(prompts), "prompts": prompts, "classes": classes,
+        "negative": args.negative, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
+        "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n, "nrow": nrow,
+        "sigma_ramp": "karras" if args.karras else None, "no_ema": args.no_ema, "index": None,
+        **model_identity(args.checkpoint)}
+    path = save_png(_grid_image(images.cpu(), nrow), args.output, record)
     print(f"wrote {args.n} samples to {path}")
+
+
+def _grid_image(images, nrow: int) -> Image.Image:
+    """``images`` in [-1, 1] tiled ``nrow`` to a row, as a PIL image (greyscale or RGB)."""
+    grid = make_grid(images, nrow=nrow)
+    return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
 
 
 def _pipeline_options(args: argparse.Namespace) -> dict:
@@ -118,6 +144,8 @@ def _check_generation_args(args: argparse.Namespace) -> None:
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     args.model = _model_path(args)
 
 
@@ -173,16 +201,65 @@ def _read_input(pipe, path: str, what: str, mask: bool = False):
     return _read_image(path, pipe.size_multiple, what, mask=mask)
 
 
-def _save_images(images, output: str, separate: bool) -> list[Path]:
+def _save_images(images, output: str, separate: bool, record: dict | None = None,
+                 pick: int | None = None) -> list[Path]:
+    """Write the images (one file, ``--separate`` files or a grid; ``pick``: only that image, for ``--from-png`` of
+    one ``--separate`` file), each carrying its own ``record`` of parameters unless it is None (--no-metadata)."""
     out = Path(output)
-    if images.shape[0] == 1 or separate:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        paths = [out] if images.shape[0] == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-                                                     for i in range(images.shape[0])]
-        for image, path in zip(to_pil_images(images), paths, strict=True):
-            image.save(path)
-        return paths
-    return [save_image_grid(images * 2 - 1, out, nrow=math.ceil(math.sqrt(images.shape[0])))]
+    if pick is not None:
+        return [save_png(to_pil_images(images[pick:pick + 1])[0], out, None if record is None else
+                         dict(record, index=pick))]
+    count = images.shape[0]
+    records = [None] * count if record is None else image_records(record, count, separate)
+    if count == 1 or separate:
+        paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
+        return [save_png(image, path, rec) for image, path, rec in zip(to_pil_images(images), paths, records,
+                                                                       strict=True)]
+    return [save_png(_grid_image(images * 2 - 1, math.ceil(math.sqrt(count))), out, records[0])]
+
+
+def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str, str | None]) -> dict | None:
+    """Every argument a re-run needs (the PNG's ``latentdiff`` chunk), or None with --no-metadata."""
+    if args.no_metadata:
+        return None
+    record = {"verb": args.command, "prompt": args.prompt, "negative": args.negative, "steps": args.steps,
+              "sampler": args.sampler, "guidance": _guidance(args, pipe), "guidance_rescale": args.guidance_rescale,
+              "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
+              "inputs": input_hashes(inputs), **model_identity(args.model)}
+    record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
+    return record
+
+
+def _recorded_model(record: dict, png: str) -> str:
+    """The model a PNG was made with, found by its file name here, in models/ or among the bundled models."""
+    name = record.get("model_file") or record.get("model_name")
+    for candidate in ([] if not name else [Path(name), Path("models") / name, _REPO_ROOT / "models" / name]):
+        if candidate.exists():
+            return str(candidate)
+    digest = record.get("model_sha256") or record.get("model_hash")
+    raise ValueError(f"{png} was made with the model {name or '(not recorded)'}"
+                     f"{f' (sha256 {digest})' if digest else ''}, which is not here; give --model PATH")
+
+
+def _apply_png_parameters(args: argparse.Namespace) -> int | None:
+    """--from-png: the PNG's parameters for every argument left at its default; which image of its run it is."""
+    record = read_png_parameters(args.from_png)
+    if record.get("verb", "generate") != "generate":
+        raise ValueError(f"{args.from_png} was made by `latentdiff {record['verb']}`; --from-png re-runs images of "
+                         "`latentdiff generate`")
+    for name in FROM_PNG_ARGUMENTS:
+        if record.get(name) is not None and getattr(args, name, None) == args.png_defaults.get(name):
+            setattr(args, name, record[name])
+    recorded_hash = record.get("model_sha256") or record.get("model_hash")  # ours, else A1111's short one
+    if args.model is None:
+        args.model = _recorded_model(record, args.from_png)
+    elif recorded_hash and Path(args.model).is_file() and not file_sha256(args.model).startswith(recorded_hash):
+        print(f"latentdiff: warning: {args.model} is not the model {args.from_png} was made with (its sha256 is not "
+              f"{recorded_hash})", file=sys.stderr)
+    index = record.get("index")
+    if index is not None and not 0 <= index < args.n:
+        raise ValueError(f"{args.from_png}: image {index} of a run of {args.n} does not exist")
+    return index
 
 
 def _report(paths: list[Path], n: int) -> None:
@@ -194,6 +271,9 @@ def _common(args: argparse.Namespace, pipe) -> dict:
     """The sampling options every task takes, and the noise-level options of a Stable Diffusion model."""
     common = {"num_images": args.n, "steps": args.steps, "sampler": args.sampler,
               "guidance_scale": _guidance(args, pipe), "generator": args.seed, "progress": True}
+    if args.guidance_rescale:
+        # CFG rescale is an option of the sampling core (``sampling.denoise``), reached through sampler_options.
+        common["sampler_options"] = {"guidance_rescale": args.guidance_rescale}
     levels = {"spacing": getattr(args, "spacing", None), "sigma_ramp": getattr(args, "sigma_ramp", None)}
     if any(levels.values()) or resolve_sampler(args.sampler)[1]:
         if isinstance(pipe, LatentDiffusionPipeline):
@@ -204,11 +284,14 @@ def _common(args: argparse.Namespace, pipe) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    pick = _apply_png_parameters(args) if args.from_png else None
     _check_generation_args(args)
     pipe = _load_for_generation(args)
     result = pipe.text_to_image(args.prompt, args.negative, height=args.height, width=args.width,
                                 **_common(args, pipe))
-    _report(_save_images(result.images, args.output, args.separate), args.n)
+    record = _generation_record(args, pipe, result.images, {})
+    _report(_save_images(result.images, args.output, args.separate and pick is None, record, pick),
+            1 if pick is not None else args.n)
 
 
 def _img2img(args: argparse.Namespace) -> None:
@@ -217,7 +300,8 @@ def _img2img(args: argparse.Namespace) -> None:
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.init, "init image")
     result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
-    _report(_save_images(result.images, args.output, args.separate), args.n)
+    record = _generation_record(args, pipe, result.images, {"init": args.init})
+    _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
 
 def _inpaint(args: argparse.Namespace) -> None:
@@ -232,7 +316,8 @@ def _inpaint(args: argparse.Namespace) -> None:
     extra = {"mask_decoder": False} if args.no_mask_decoder and getattr(pipe, "has_mask_decoder", False) else {}
     result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength,
                           keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
-    _report(_save_images(result.images, args.output, args.separate), args.n)
+    record = _generation_record(args, pipe, result.images, {"image": args.image, "mask": args.mask})
+    _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
 
 def _seg2img(args: argparse.Namespace) -> None:
@@ -240,7 +325,8 @@ def _seg2img(args: argparse.Namespace) -> None:
     class_map = read_class_map(args.map)  # a missing or non-index image fails before the model loads
     pipe = _load_for_generation(args, native_only="seg2img")
     result = pipe.segmentation_to_image(class_map, args.prompt, args.negative, **_common(args, pipe))
-    _report(_save_images(result.images, args.output, args.separate), args.n)
+    record = _generation_record(args, pipe, result.images, {"map": args.map})
+    _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
 
 def _upscale(args: argparse.Namespace) -> None:
@@ -249,7 +335,8 @@ def _upscale(args: argparse.Namespace) -> None:
     pipe = _load_for_generation(args, native_only="upscale")
     lowres = _read_input(pipe, args.lowres, "low-res image")
     result = pipe.upscale(lowres, args.prompt, args.negative, **_common(args, pipe))
-    _report(_save_images(result.images, args.output, args.separate), args.n)
+    record = _generation_record(args, pipe, result.images, {"lowres": args.lowres})
+    _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
 
 def _lora_argument(text: str) -> tuple[str, float]:
@@ -278,6 +365,9 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: off; default 7.5 for Stable Diffusion, and a native "
                         "model's sample_guidance from its training config)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="CFG rescale (Lin et al. 2023) in [0, 1]: match the guided prediction's spread to the "
+                        "conditional one's, as diffusers' guidance_rescale (0.7 in the paper; default 0: off)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on any device (default 0)")
@@ -317,6 +407,9 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
         p.add_argument("--vae-tile", type=int, default=None, metavar="T",
                        help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
     p.add_argument("--separate", action="store_true", help="with -n > 1, one file per image (OUT-0.png, ...)")
+    p.add_argument("--no-metadata", action="store_true",
+                   help="write no generation parameters into the PNGs (default: A1111's 'parameters' text chunk and "
+                        "a 'latentdiff' JSON chunk)")
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
 
 
@@ -341,6 +434,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
+    p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
     p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
     p.set_defaults(func=_sample)
 
@@ -367,6 +461,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "are those of diffusers' StableDiffusionPipeline; with a native model, those of `latentdiff sample "
                   "--prompt`.", (), "the prompt (leave out for a model without text)")
     _add_generation_options(p, sampler_names)
+    p.add_argument("--from-png", metavar="FILE", default=None,
+                   help="re-run the image FILE was made from (its latentdiff JSON chunk, else A1111's parameters "
+                        "text), byte for byte; options given here override the recorded ones")
+    p.set_defaults(png_defaults={name: p.get_default(name) for name in FROM_PNG_ARGUMENTS})
 
     p = _add_verb(sub, "img2img", _img2img, "redraw an image guided by a prompt (SDEdit)",
                   "Noise INIT to --strength of the way and denoise it with the prompt, as diffusers' "

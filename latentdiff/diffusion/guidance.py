@@ -2,8 +2,9 @@
 conditional.
 
 D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)), evaluated with one
-network call on a doubled batch. Guidance sits between the samplers and the denoiser and knows neither's
-internals: a sampler calls it as ``model(x, sigma, cond=..., uncond=..., scale=...)`` through ``extra_args``.
+network call on a doubled batch, optionally rescaled (``rescale_guided``). Guidance sits between the samplers and
+the denoiser and knows neither's internals: a sampler calls it as ``model(x, sigma, cond=..., uncond=..., scale=...)``
+through ``extra_args``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ def concat_conditioning(first: dict[str, torch.Tensor], second: dict[str, torch.
     return {k: torch.cat([_batched(k, first[k], n), _batched(k, second[k], n)]) for k in first}
 
 
+def rescale_guided(x: torch.Tensor, guided: torch.Tensor, conditional: torch.Tensor,
+                   rescale: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4) on
+    x0 estimates: the guided prediction's per-sample standard deviation is brought back to the conditional one's,
+    mixed with the plain guided prediction by ``rescale`` (phi; 0 leaves it unchanged, the paper uses 0.7).
+
+    diffusers' ``rescale_noise_cfg`` acts on the noise prediction eps. Our denoiser returns
+    D = x - sigma * eps (an eps-predicting network under the VE scalings), so eps = (x - D) / sigma and the ratio
+    std(eps_cond) / std(eps_cfg) = std(x - D_cond) / std(x - D_cfg): sigma cancels. With
+    factor = phi * ratio + (1 - phi), eps_out = factor * eps_cfg, hence D_out = x - factor * (x - D_cfg), which is
+    diffusers' step exactly for epsilon models. (For a v-predicting network diffusers rescales v, whose standard
+    deviation is a different mix of x and D; this follows the eps formulation for every parameterisation.)
+    """
+    dims = list(range(1, x.ndim))
+    eps_cfg, eps_cond = x - guided, x - conditional
+    ratio = eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True)
+    return x - (rescale * ratio + (1 - rescale)) * eps_cfg
+
+
 class CFGDenoiser(nn.Module):
     """Wraps a denoiser ``D(x, sigma, **cond)`` with classifier-free guidance."""
 
@@ -47,8 +67,10 @@ class CFGDenoiser(nn.Module):
         self.denoiser = denoiser
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, torch.Tensor],
-                uncond: dict[str, torch.Tensor], scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """The guided x0 estimate. ``scale`` is a number or an (N,) tensor; 1 gives the conditional model."""
+                uncond: dict[str, torch.Tensor], scale: float | torch.Tensor = 1.0,
+                rescale: float = 0.0) -> torch.Tensor:
+        """The guided x0 estimate. ``scale`` is a number or an (N,) tensor; 1 gives the conditional model.
+        ``rescale`` (phi in [0, 1]) applies CFG rescale (``rescale_guided``) to the guided estimate."""
         n = x.shape[0]
         if not isinstance(scale, torch.Tensor) and scale == 1:
             # The unconditional half would be multiplied by 0: skip it (still validate the inputs).
@@ -59,4 +81,5 @@ class CFGDenoiser(nn.Module):
         d_uncond, d_cond = both.chunk(2)
         if isinstance(scale, torch.Tensor):
             scale = append_dims(scale.to(x.device, x.dtype), x.ndim)
-        return d_uncond + scale * (d_cond - d_uncond)
+        guided = d_uncond + scale * (d_cond - d_uncond)
+        return rescale_guided(x, guided, d_cond, rescale) if rescale else guided

@@ -54,14 +54,22 @@ def start_latent(noise: torch.Tensor, sigma_max: float, init: torch.Tensor | Non
 
 
 def guided(denoiser: Denoiser, cond: dict[str, Any] | None, uncond: dict[str, Any] | None,
-           guidance_scale: float | torch.Tensor = 1.0) -> tuple[Denoiser, dict[str, Any]]:
-    """(model, extra_args) for a sampler: D with ``cond`` alone, or classifier-free guidance against ``uncond``.
+           guidance_scale: float | torch.Tensor = 1.0, guidance_rescale: float = 0.0
+           ) -> tuple[Denoiser, dict[str, Any]]:
+    """(model, extra_args) for a sampler: D with ``cond`` alone, or classifier-free guidance against ``uncond``,
+    rescaled by ``guidance_rescale`` (phi of CFG rescale, ``guidance.rescale_guided``; 0: off).
 
-    A guidance scale of 1 gives the conditional model, so the unconditional half is not evaluated at all.
+    A guidance scale of 1 gives the conditional model, so the unconditional half is not evaluated at all (and there
+    is nothing to rescale, as in diffusers).
     """
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     if uncond is None or (not isinstance(guidance_scale, torch.Tensor) and guidance_scale == 1):
         return denoiser, dict(cond or {})
-    return CFGDenoiser(denoiser), {"cond": cond or {}, "uncond": uncond, "scale": guidance_scale}
+    extra = {"cond": cond or {}, "uncond": uncond, "scale": guidance_scale}
+    if guidance_rescale:
+        extra["rescale"] = guidance_rescale
+    return CFGDenoiser(denoiser), extra
 
 
 class KnownRegion:
@@ -95,18 +103,20 @@ class KnownRegion:
 def denoise(denoiser: Denoiser, sigmas: torch.Tensor, noise: torch.Tensor, *,
             sampler: str | SamplerSpec = "euler", init: torch.Tensor | None = None,
             extra_args: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None,
-            guidance_scale: float | torch.Tensor = 1.0, step_wrapper: Callable[[Denoiser], Denoiser] | None = None,
-            generator: torch.Generator | None = None, prior: str = "vp", callback: Callback | None = None,
-            disable: bool | None = None, **sampler_options: Any) -> torch.Tensor:
+            guidance_scale: float | torch.Tensor = 1.0, guidance_rescale: float = 0.0,
+            step_wrapper: Callable[[Denoiser], Denoiser] | None = None, generator: torch.Generator | None = None,
+            prior: str = "vp", callback: Callback | None = None, disable: bool | None = None,
+            **sampler_options: Any) -> torch.Tensor:
     """Run ``sampler`` from ``noise`` (and ``init``) over ``sigmas``; the variance-preserving latent at sigmas[-1].
 
     ``extra_args`` is the conditioning D takes (its keyword arguments); with ``uncond`` and ``guidance_scale`` it
-    is guided (``guided``). ``step_wrapper`` wraps the (guided) denoiser, e.g. ``KnownRegion.wrap``. The sampler's
-    noise comes from ``generator`` (see the module docstring).
+    is guided (``guided``), with CFG rescale ``guidance_rescale`` (pipelines pass it in their ``sampler_options``).
+    ``step_wrapper`` wraps the (guided) denoiser, e.g. ``KnownRegion.wrap``. The sampler's noise comes from
+    ``generator`` (see the module docstring).
     """
     spec = get_sampler(sampler)
     x = start_latent(noise, float(sigmas[0]), init, prior)
-    model, extra = guided(denoiser, extra_args, uncond, guidance_scale)
+    model, extra = guided(denoiser, extra_args, uncond, guidance_scale, guidance_rescale)
     if step_wrapper is not None:
         model = step_wrapper(model)
     steps = len(sigmas) - 1

@@ -264,7 +264,9 @@ def save_original(comps: StableDiffusionComponents, path: str | Path,
         raise ValueError(f"original single files are written as .safetensors, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = plain_tensors(to_original_state_dict(comps, text_encoder_converter))
-    save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(_stored_configs(comps))})
+    # One metadata key: safetensors writes several in a per-process hash order, so the same weights would give files
+    # of different bytes, and a different sha256 (A1111's model hash, recorded in every PNG) from run to run.
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(_stored_configs(comps))})
     return path
 
 

@@ -48,7 +48,8 @@ class PipelineOutput:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How one pipeline call samples, besides its conditioning: the sampler and its options, the generator, the
+    """How one pipeline call samples, besides its conditioning: the sampler and its options (those of the sampling
+    core too: ``{"guidance_rescale": 0.7}`` is CFG rescale, ``sampling.denoise``), the generator, the
     progress callback and bar (None: tqdm's default), the starting noise's prior (``sampling.initial_noise_scale``)
     and the denoiser when it depends on the sampler (None: ``sampling_denoiser()``)."""
 
