@@ -28,6 +28,7 @@ from latentdiff.formats import save_diffusers
 from latentdiff.formats.lora import LoRAPair, LoRAWeights, write_lora
 from latentdiff.io.errors import CheckpointError
 from latentdiff.pipelines import load_pipeline
+from latentdiff.pipelines.metadata import read_png_parameters
 
 TOL = 1e-4
 SCALES = (0.8, -0.5)
@@ -104,6 +105,23 @@ def test_cli_lora_flags_give_the_pipeline_image(tmp_path, capsys, lora_files) ->
     pipe = load_pipeline(lora_files["base"], loras=[(lora_files["kohya"], SCALES[0]), (lora_files["peft"], 1.0)])
     expected = pipe.text_to_image(PROMPT, steps=3, sampler="ddim", generator=0).pil()[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_png_records_loras_and_clip_skip_and_from_png_reproduces_them(tmp_path, capsys, lora_files) -> None:
+    """The PNG names each LoRA with its scale and hash (A1111's "Lora hashes") and the clip skip; --from-png finds
+    the LoRA files again by name and gives the same bytes."""
+    out, again = tmp_path / "out.png", tmp_path / "again.png"
+    code, _, _ = run_cli(capsys, "generate", PROMPT, "--steps", 2, "--sampler", "ddim", "--model", lora_files["base"],
+                         "--lora", f"{lora_files['kohya']}:{SCALES[0]}", "--clip-skip", 2, "-o", out)
+    assert code == 0
+    text = Image.open(out).text["parameters"]
+    assert "Clip skip: 2" in text and f'Lora hashes: "{lora_files["kohya"].stem}: ' in text
+    record = read_png_parameters(out)
+    assert record["clip_skip"] == 2 and record["loras"][0]["scale"] == SCALES[0]
+    with pytest.MonkeyPatch.context() as m:  # the LoRA is found by its file name, as a model is
+        m.chdir(lora_files["kohya"].parent)
+        assert run_cli(capsys, "generate", "--from-png", out, "--model", lora_files["base"], "-o", again)[0] == 0
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_bad_lora_files_are_one_line(tmp_path, capsys, lora_files) -> None:

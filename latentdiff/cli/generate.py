@@ -35,9 +35,10 @@ DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # What `generate --from-png` takes from the PNG's record, unless given on the command line.
 FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
-                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type")
+                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip")
 # The options besides the shared ones that change a verb's image, recorded with it.
-_VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
+_VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type",
+                 "clip_skip")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -227,7 +228,21 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
               "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
               "inputs": input_hashes(inputs), **model_identity(args.model)}
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
+    if getattr(args, "loras", None):
+        record["loras"] = [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
+                           for path, scale in args.loras]
+    if getattr(args, "embeddings", None):
+        record["embeddings"] = [{"file": Path(path).name, "sha256": file_sha256(path)} for path in args.embeddings]
     return record
+
+
+def _recorded_file(entry: dict, png: str, flag: str) -> str:
+    """A LoRA or embedding file a PNG was made with, found by its name here or in models/, its sha256 checked."""
+    for candidate in (Path(entry["file"]), Path("models") / entry["file"], _REPO_ROOT / "models" / entry["file"]):
+        if candidate.is_file() and entry.get("sha256") in (None, file_sha256(candidate)):
+            return str(candidate)
+    raise ValueError(f"{png} was made with {entry['file']} (sha256 {entry.get('sha256')}), which is not here; give "
+                     f"{flag} PATH")
 
 
 def _recorded_model(record: dict, png: str) -> str:
@@ -250,6 +265,10 @@ def _apply_png_parameters(args: argparse.Namespace) -> int | None:
     for name in FROM_PNG_ARGUMENTS:
         if record.get(name) is not None and getattr(args, name, None) == args.png_defaults.get(name):
             setattr(args, name, record[name])
+    if record.get("loras") and not getattr(args, "loras", None):
+        args.loras = [(_recorded_file(entry, args.from_png, "--lora"), entry["scale"]) for entry in record["loras"]]
+    if record.get("embeddings") and not getattr(args, "embeddings", None):
+        args.embeddings = [_recorded_file(entry, args.from_png, "--embedding") for entry in record["embeddings"]]
     recorded_hash = record.get("model_sha256") or record.get("model_hash")  # ours, else A1111's short one
     if args.model is None:
         args.model = _recorded_model(record, args.from_png)

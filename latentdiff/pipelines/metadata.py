@@ -29,7 +29,7 @@ SHORT_HASH_DIGITS = 10
 # Our record's keys and A1111's names for them, in the order A1111 writes them.
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "guidance": "CFG scale", "seed": "Seed", "size": "Size",
               "model_hash": "Model hash", "model": "Model", "strength": "Denoising strength",
-              "guidance_rescale": "CFG Rescale phi"}
+              "guidance_rescale": "CFG Rescale phi", "clip_skip": "Clip skip", "lora_hashes": "Lora hashes"}
 _A1111_NAMES = {target: alias for alias, target in SAMPLER_ALIASES.items()}
 # `Key: value` pairs of the last line: a value runs to the next comma unless it is quoted.
 _PAIR = re.compile(r'\s*([^:,]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -65,7 +65,10 @@ def a1111_parameters(record: dict[str, Any]) -> str:
               "guidance": float(record["guidance"]), "seed": record["seed"],
               "size": f"{record['width']}x{record['height']}", "model_hash": record.get("model_hash"),
               "model": record.get("model_name"), "strength": record.get("strength"),
-              "guidance_rescale": record.get("guidance_rescale") or None}
+              "guidance_rescale": record.get("guidance_rescale") or None,
+              "clip_skip": record["clip_skip"] if (record.get("clip_skip") or 1) > 1 else None,  # A1111: only > 1
+              "lora_hashes": ", ".join(f"{Path(e['file']).stem}: {e['sha256'][:SHORT_HASH_DIGITS]}"
+                                       for e in record.get("loras") or []) or None}
     pairs = ", ".join(f"{A1111_KEYS[k]}: {_quoted(v)}" for k, v in values.items() if v is not None)
     lines = [record.get("prompt") or ""]
     if record.get("negative"):
@@ -89,8 +92,9 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         record["guidance"] = float(pairs.pop("CFG scale", 7.0))
         if "Size" in pairs:
             record["width"], record["height"] = (int(v) for v in pairs.pop("Size").split("x"))
-        for key, name, kind in (("strength", "Denoising strength", float), ("guidance_rescale", "CFG Rescale phi",
-                                float), ("model_hash", "Model hash", str), ("model_name", "Model", str)):
+        for key, name, kind in (("strength", "Denoising strength", float),
+                                ("guidance_rescale", "CFG Rescale phi", float), ("model_hash", "Model hash", str),
+                                ("model_name", "Model", str), ("clip_skip", "Clip skip", int)):
             if name in pairs:
                 record[key] = kind(pairs.pop(name))
     except ValueError as e:
