@@ -37,8 +37,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
                       "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip")
 # The options besides the shared ones that change a verb's image, recorded with it.
-_VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type",
-                 "clip_skip")
+_VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -228,6 +227,8 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
               "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
               "inputs": input_hashes(inputs), **model_identity(args.model)}
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
+    if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings
+        record["clip_skip"] = args.clip_skip
     if getattr(args, "loras", None):
         record["loras"] = [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
                            for path, scale in args.loras]
