@@ -13,13 +13,13 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from latentdiff.cli import main
+from latentdiff.io.files import file_sha256
 from latentdiff.pipelines.metadata import (
     JSON_KEY,
     PARAMETERS_KEY,
     PNGParametersError,
     a1111_parameters,
     a1111_sampler_name,
-    file_sha256,
     model_identity,
     parse_a1111_parameters,
     read_png_parameters,

@@ -16,10 +16,10 @@ from latentdiff.device import select_device
 from latentdiff.diffusion.noise_levels import SPACINGS
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, get_sampler, resolve_sampler
 from latentdiff.formats.native import load_latent_diffusion
+from latentdiff.io.files import file_sha256
 from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
 from latentdiff.pipelines.images import read_class_map, resize_to_multiple, to_image_tensor, to_pil_images
 from latentdiff.pipelines.metadata import (
-    file_sha256,
     image_records,
     input_hashes,
     model_identity,
@@ -237,24 +237,33 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
     return record
 
 
-def _recorded_file(entry: dict, png: str, flag: str) -> str:
-    """A LoRA or embedding file a PNG was made with, found by its name here or in models/, its sha256 checked."""
-    for candidate in (Path(entry["file"]), Path("models") / entry["file"], _REPO_ROOT / "models" / entry["file"]):
-        if candidate.is_file() and entry.get("sha256") in (None, file_sha256(candidate)):
+def _find_recorded(name: str | None, accept=lambda path: path.exists()) -> str | None:
+    """A file a PNG names (a model, LoRA or embedding), looked for here, in models/ and among the bundled models."""
+    for candidate in ([] if not name else [Path(name), Path("models") / name, _REPO_ROOT / "models" / name]):
+        if accept(candidate):
             return str(candidate)
-    raise ValueError(f"{png} was made with {entry['file']} (sha256 {entry.get('sha256')}), which is not here; give "
-                     f"{flag} PATH")
+    return None
+
+
+def _recorded_file(entry: dict, png: str, flag: str) -> str:
+    """A LoRA or embedding file a PNG was made with, found by its name (``_find_recorded``), its sha256 checked."""
+    found = _find_recorded(entry["file"], lambda path: path.is_file() and entry.get("sha256") in
+                           (None, file_sha256(path)))
+    if found is None:
+        raise ValueError(f"{png} was made with {entry['file']} (sha256 {entry.get('sha256')}), which is not here; "
+                         f"give {flag} PATH")
+    return found
 
 
 def _recorded_model(record: dict, png: str) -> str:
-    """The model a PNG was made with, found by its file name here, in models/ or among the bundled models."""
+    """The model a PNG was made with, found by its file name (``_find_recorded``)."""
     name = record.get("model_file") or record.get("model_name")
-    for candidate in ([] if not name else [Path(name), Path("models") / name, _REPO_ROOT / "models" / name]):
-        if candidate.exists():
-            return str(candidate)
-    digest = record.get("model_sha256") or record.get("model_hash")
-    raise ValueError(f"{png} was made with the model {name or '(not recorded)'}"
-                     f"{f' (sha256 {digest})' if digest else ''}, which is not here; give --model PATH")
+    found = _find_recorded(name)
+    if found is None:
+        digest = record.get("model_sha256") or record.get("model_hash")
+        raise ValueError(f"{png} was made with the model {name or '(not recorded)'}"
+                         f"{f' (sha256 {digest})' if digest else ''}, which is not here; give --model PATH")
+    return found
 
 
 def _apply_png_parameters(args: argparse.Namespace) -> int | None:

@@ -22,7 +22,6 @@ lower-casing is per character), so the ids are identical to it; the special toke
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -41,6 +40,7 @@ from torch import nn
 
 from latentdiff.conditioning import package_folders
 from latentdiff.io.errors import CheckpointError
+from latentdiff.io.files import file_sha256
 from latentdiff.io.state import load_state_strict
 
 logger = logging.getLogger(__name__)
@@ -79,15 +79,6 @@ def minilm_package_version() -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file (cached per path for the process: the weights are hashed once)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---- the tokenizer --------------------------------------------------------------------------------------------
 
 
@@ -517,5 +508,5 @@ class MiniLMTextEncoder(nn.Module):
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "MINILM_DISTRIBUTION", "MINILM_PACKAGE", "BertConfig", "BertModel", "MiniLMTextEncoder",
-    "WordPieceTokenizer", "file_sha256", "minilm_model_dir", "minilm_package_version",
+    "WordPieceTokenizer", "minilm_model_dir", "minilm_package_version",
 ]

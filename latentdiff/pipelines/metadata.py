@@ -9,7 +9,6 @@ model hash is A1111's short one: the first 10 hex digits of the file's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, resolve_sampler
+from latentdiff.io.files import file_sha256
 
 PARAMETERS_KEY = "parameters"  # A1111's text chunk
 JSON_KEY = "latentdiff"  # ours
@@ -37,15 +37,6 @@ _PAIR = re.compile(r'\s*([^:,]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 class PNGParametersError(ValueError):
     """A PNG without readable generation parameters."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file's bytes (hex), read in chunks so that a multi-gigabyte checkpoint fits in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def a1111_sampler_name(sampler: str, sigma_ramp: str | None) -> str:
@@ -179,5 +170,5 @@ def image_records(record: dict[str, Any], count: int, separate: bool) -> Sequenc
 
 
 __all__ = ["JSON_KEY", "PARAMETERS_KEY", "PNGParametersError", "a1111_parameters", "a1111_sampler_name",
-           "file_sha256", "image_records", "input_hashes", "model_identity", "parse_a1111_parameters",
+           "image_records", "input_hashes", "model_identity", "parse_a1111_parameters",
            "read_png_parameters", "save_png"]
