@@ -35,3 +35,10 @@ def autocast_context(device: torch.device, precision: str):
     if dtype is None:
         raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler of ``precision``: enabled for fp16 only (its narrow exponent range underflows small
+    gradients; bf16 has float32's range and needs none). torch's scaler works on CUDA and on the CPU (where fp16
+    autocast runs, slowly: it is for testing); elsewhere it disables itself with a warning."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], config: dict[str, Any],
-                    train_state: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_<step>/`` under ``run_dir`` atomically and point ``latest`` at it."""
+                    train_state: dict[str, Any] | None = None, keep: int = 2,
+                    before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write ``checkpoints/step_<step>/`` under ``run_dir`` atomically and point ``latest`` at it.
+
+    ``before_commit(folder)`` may add files to the temporary folder before it is renamed into place."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -46,6 +50,8 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE_NAME)
+    if before_commit is not None:
+        before_commit(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

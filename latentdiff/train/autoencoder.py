@@ -71,7 +71,8 @@ class AutoencoderExperiment:
 
 TRAIN_ONLY = ("all", "decoder", "mask_decoder")
 LOG_COLUMNS = ["loss", "rec", "pixel", "perceptual", "kl", "vq", "perplexity", "codebook_usage", "g_loss",
-               "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "seconds", "cpu_seconds"]
+               "d_weight", "d_loss", "logits_real", "logits_fake", "lr", "skipped", "images_per_s", "seconds",
+               "cpu_seconds"]
 
 
 def init_from(model: torch.nn.Module, exp: AutoencoderExperiment) -> None:
@@ -126,11 +127,9 @@ class AutoencoderTrainer(Trainer):
         self.model = model.to(device)
         self.loss_fn = AutoencoderLoss(exp.loss, exp.model.out_ch).to(device)
         self.disc = self.loss_fn.discriminator
-        self.opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                       betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.opt_ae = self.adam([p for p in model.parameters() if p.requires_grad], cfg.lr, decoupled=False)
         disc_lr = cfg.disc_lr or cfg.lr
-        self.opt_d = (torch.optim.Adam(self.disc.parameters(), lr=disc_lr, betas=tuple(cfg.betas),
-                                       weight_decay=cfg.weight_decay) if self.disc is not None else None)
+        self.opt_d = self.adam(self.disc.parameters(), disc_lr, decoupled=False) if self.disc is not None else None
         self.optimizers = {"opt_ae": ScheduledOptimizer(self.opt_ae, cfg.lr),
                            "opt_d": ScheduledOptimizer(self.opt_d, disc_lr) if self.opt_d is not None else None}
         self.ddp_model = self.distributed(self.model)

@@ -134,7 +134,7 @@ class DiffusionExperiment:
 
 
 LOG_COLUMNS = ["loss", "loss_simple", "loss_simple_weighted", "loss_vlb", "grad_norm", "lr", "ema_decay",
-               "scale_factor", "skipped", "seconds", "cpu_seconds"]
+               "scale_factor", "skipped", "images_per_s", "seconds", "cpu_seconds"]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -294,11 +294,10 @@ class DiffusionTrainer(Trainer):
             # DDP makes the UNet's initial weights rank 0's; the conditioner is outside it (each rank seeded apart).
             for p in self.cond_params:
                 dist.broadcast(p.data, src=0)
-        self.optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self.ddp_net = self.distributed(model.model)  # before the optimiser and EMA: FSDP replaces the parameters
+        self.optimizer = self.adam(model.trainable_parameters(), cfg.lr)
         self.optimizers = {"optimizer": ScheduledOptimizer(self.optimizer, cfg.lr)}
         self._add_averages()
-        self.ddp_net = self.distributed(model.model)
         self.grid_inputs: dict[str, torch.Tensor] = {}
 
     def _add_averages(self) -> None:
@@ -376,9 +375,10 @@ class DiffusionTrainer(Trainer):
             params = model.first_stage_parameters(batch["image"].to(env.device, non_blocking=True))
         n = params.shape[0]
         # The batch's own latent size: aspect-ratio buckets (data.buckets) change it from batch to batch.
-        draws = model.draw_training_noise(n * env.world_size, step_generator(self.cfg.seed, step),
+        rows, mine = self.draw_rows(n)  # the whole step's (every rank's, every micro-batch's) draws; this one's
+        draws = model.draw_training_noise(rows, step_generator(self.cfg.seed, step),
                                           latent_shape=(model.latent_channels, *params.shape[2:]))
-        draws = {k: v[env.rank::env.world_size] for k, v in draws.items()}
+        draws = {k: v[mine] for k, v in draws.items()}
         latents = model.latents_from_parameters(params.float(), noise=draws.get("posterior"))
         if model.scale_factor == 0:
             _set_scale_factor(model, latents, env)

@@ -22,8 +22,14 @@ from latentdiff.data import seed_worker
 from latentdiff.data.buckets import BucketBatchSampler
 from latentdiff.data.shards import ShardDataset, ShardStream
 from latentdiff.device import select_device
+from latentdiff.train.tensorboard import check_tensorboard
 
 logger = logging.getLogger(__name__)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -39,7 +45,12 @@ class TrainConfig:
     lr_decay: str = "none"  # "none" or "cosine" (from lr after warm-up down to lr * min_lr_ratio at `steps`)
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimiser step
+    gradient_checkpointing: bool = False  # recompute the UNet blocks' activations in backward (less memory)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
+    strategy: str = "ddp"  # ddp | fsdp (fully_shard, sharded checkpoints); how several processes share the model
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     device: str = "auto"
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     num_workers: int = 0
@@ -60,6 +71,13 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0: only at the end of the run), got "
                                  f"{getattr(self, name)}")
+        choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "strategy": STRATEGIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        check_tensorboard(self.tensorboard)
 
 
 @dataclass
