@@ -138,7 +138,7 @@ def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizers: Sequenc
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     barrier()
-    dcp.save(_sharded_state(model, optimizers, averages), checkpoint_id=folder)
+    dcp.save(_sharded_state(model, optimizers, averages), checkpoint_id=folder, no_dist=not dist.is_initialized())
     barrier()
     return folder
 
@@ -153,5 +153,5 @@ def load_sharded(folder: Path, model: nn.Module, optimizers: Sequence[torch.opti
     """Every rank: a DCP folder into ``model`` (sharded or not), ``optimizers`` and ``averages`` (loaded into the
     given shadow tensors), whatever the number of processes that wrote it."""
     state = _sharded_state(model, optimizers, averages)
-    dcp.load(state, checkpoint_id=folder)
+    dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_state_dict(model, list(optimizers), model_state_dict=state["model"], optim_state_dict=state["optim"])

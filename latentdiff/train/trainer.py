@@ -9,10 +9,11 @@ generator when it builds models and reads augmented items, so moving a step woul
    skeleton schedules, saves and restores them), its weight averages in ``self.averages`` (updated after every
    step that trained, saved and restored with the raw weights they average, and used for samples and the saved
    weights when ``self.use_averages``),
-   and wraps what DDP should synchronise with ``self.distributed(module)``.
+   and wraps what DDP (or FSDP) should synchronise with ``self.distributed(module)``, before it makes that module's
+   optimiser and averages (FSDP replaces the parameters).
 3. With ``resume``: the latest checkpoint's weights and ``train_state.pt``: ``restore`` (the weights, the hook's
-   own state), then the averaged modules' raw weights, the averages and the optimisers; the step and the CPU
-   seconds of earlier sessions continue.
+   own state), then the averaged modules' raw weights, the averages and the optimisers (from ``dcp/`` when the
+   checkpoint is sharded); the step and the CPU seconds of earlier sessions continue.
 4. ``training_data()``; rank 0 makes the run folder, writes ``config.yaml`` and says what it trains;
    ``prepare_data(dataset)`` may swap the dataset for a cached form (the run folder exists by then).
 5. The log (``MetricLog``), the resumable batch iterator (``make_loader``), ``prepare_samples()`` on rank 0,
@@ -23,7 +24,8 @@ generator when it builds models and reads augmented items, so moving a step woul
    ``train.log_every`` steps, ``save_samples`` every ``train.sample_every``, a checkpoint every
    ``train.ckpt_every`` or when the time budget (``train.time_limit_minutes``) is spent. An interval of 0 means
    "only at the end of the run": the last step always logs, samples and checkpoints.
-7. The end-of-run samples (``final_samples``) on rank 0.
+7. The end-of-run samples (``final_samples``) on rank 0 (with FSDP every rank gathers the weights for it, as for
+   the sample grids and checkpoints of step 6).
 
 Scale-out settings (docs/scale-out.md) live here, not in the hooks: ``train.precision`` (fp16 gets a gradient
 scaler, saved in train_state.pt), ``train.grad_accum_steps`` (the batch iterator counts micro-batches, so a resumed
