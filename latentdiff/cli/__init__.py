@@ -11,6 +11,7 @@ import logging
 import sys
 
 from latentdiff.cli import convert, data, generate, train
+from latentdiff.cli.args import OneLineParser
 
 # Errors a user can cause and fix: reported in one line, without a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
@@ -19,7 +20,7 @@ VERB_GROUPS = (train, generate, convert, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="latentdiff", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in VERB_GROUPS:

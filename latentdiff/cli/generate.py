@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from latentdiff.cli import args as checked
 from latentdiff.data.transforms import make_grid
 from latentdiff.device import select_device
 from latentdiff.diffusion.noise_levels import SPACINGS
@@ -126,11 +127,22 @@ def _model_path(args: argparse.Namespace) -> str:
                      f"stage) and pass --model runs/ldm-{name}")
 
 
+def _check_recorded_numbers(args: argparse.Namespace) -> None:
+    """The checks of ``checked``'s argparse types again, for the values --from-png takes from a PNG's record."""
+    if args.n > checked.MAX_IMAGES or args.steps > checked.MAX_STEPS:
+        raise ValueError(f"-n must be at most {checked.MAX_IMAGES} and --steps at most {checked.MAX_STEPS}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if not 0 <= args.seed <= checked.SEED_MAX:
+        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+
+
 def _check_generation_args(args: argparse.Namespace) -> None:
     """Checks that need no model: they fail before a large checkpoint is read."""
     get_sampler(args.sampler)
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
+    _check_recorded_numbers(args)
     for name in ("height", "width"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -389,17 +401,19 @@ def _add_lora_and_embedding_options(p: argparse.ArgumentParser) -> None:
 def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size: bool = True,
                             stable_diffusion: bool = True) -> None:
     verb = p.prog.split()[-1]
-    p.add_argument("-n", type=int, default=1, help="images per prompt (default 1; several are written as a grid)")
+    p.add_argument("-n", type=checked.image_count, default=1,
+                   help="images per prompt (default 1; several are written as a grid)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (default: the empty prompt)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=checked.non_negative_float, default=None,
                    help="classifier-free guidance scale (1: off; default 7.5 for Stable Diffusion, and a native "
                         "model's sample_guidance from its training config)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+    p.add_argument("--guidance-rescale", type=checked.probability, default=0.0, metavar="PHI",
                    help="CFG rescale (Lin et al. 2023) in [0, 1]: match the guided prediction's spread to the "
                         "conditional one's, as diffusers' guidance_rescale (0.7 in the paper; default 0: off)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--steps", type=checked.step_count, default=25, help="sampler steps (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on any device (default 0)")
+    p.add_argument("--seed", type=checked.seed, default=0,
+                   help="the same seed gives the same image on any device (default 0)")
     if stable_diffusion:
         p.add_argument("--spacing", choices=SPACINGS, default=None,
                        help="timestep spacing (default: the model's scheduler config, else diffusers' default for "
@@ -414,8 +428,10 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
             "a native run folder (`latentdiff train`), checkpoint folder or model.safetensors")
     p.add_argument("--model", metavar="PATH", help=f"{what} (default: {DEFAULT_MODELS[verb]})")
     if size:
-        p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training size)")
-        p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training size)")
+        p.add_argument("--height", type=checked.positive_int, default=None,
+                       help="pixels (default: the model's training size)")
+        p.add_argument("--width", type=checked.positive_int, default=None,
+                       help="pixels (default: the model's training size)")
     if stable_diffusion:
         p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
@@ -423,23 +439,24 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                        help="the original YAML of a single-file model (default: the model's stem with .yaml, if it "
                             "exists)")
         _add_lora_and_embedding_options(p)
-        p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+        p.add_argument("--clip-skip", type=checked.positive_int, default=None, metavar="N",
                        help="take the text encoder's output N - 1 layers before its last, as A1111's Clip skip "
                             "(1: the usual output; Stable Diffusion models only)")
     p.add_argument("--device", default="auto")
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="Stable Diffusion weights' precision (bf16 runs on the CPU; default fp32)")
-    p.add_argument("--attention-slice", type=int, default=None, metavar="Q",
+    p.add_argument("--attention-slice", type=checked.non_negative_int, default=None, metavar="Q",
                    help="attend Q queries at a time to save memory (default: all at once)")
     if stable_diffusion:
-        p.add_argument("--vae-tile", type=int, default=None, metavar="T",
+        p.add_argument("--vae-tile", type=checked.positive_int, default=None, metavar="T",
                        help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
     p.add_argument("--separate", action="store_true", help="with -n > 1, one file per image (OUT-0.png, ...)")
     p.add_argument("--no-metadata", action="store_true",
                    help="write no generation parameters into the PNGs (default: A1111's 'parameters' text chunk and "
                         "a 'latentdiff' JSON chunk)")
-    p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
+    p.add_argument("-o", "--output", type=checked.image_output, default="out.png",
+                   help="PNG to write (default out.png)")
 
 
 def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> None:
@@ -447,24 +464,26 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
                        description=f"Sample images from a diffusion checkpoint. Samplers: {sampler_names}. The "
                                    "same --seed gives the same images on any device.")
     p.add_argument("checkpoint", help="model.safetensors, a checkpoint folder or a run folder")
-    p.add_argument("-n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("-n", type=checked.image_count, default=16, help="number of images (default 16)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--steps", type=checked.step_count, default=20, help="sampler steps (default 20)")
+    p.add_argument("--seed", type=checked.seed, default=0)
+    p.add_argument("--guidance", type=checked.non_negative_float, default=1.0,
                    help="classifier-free guidance scale for class and text models (1: none)")
-    p.add_argument("--class", dest="classes", type=int, nargs="+", action="extend", metavar="C",
+    p.add_argument("--class", dest="classes", type=checked.non_negative_int, nargs="+", action="extend", metavar="C",
                    help="class label(s) for a class model, cycled over the images (default: one class per column)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="caption for a text model; repeat for several, cycled over the images (one per column)")
     p.add_argument("--negative", default=None, metavar="TEXT",
                    help="negative prompt for a text model's guidance (default: the empty caption)")
     p.add_argument("--karras", action="store_true", help="Karras et al. noise levels instead of the schedule's own")
-    p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
+    p.add_argument("--nrow", type=checked.non_negative_int, default=0,
+                   help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
     p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
-    p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
+    p.add_argument("-o", "--output", type=checked.image_output, default="samples.png",
+                   help="PNG to write (default samples.png)")
     p.set_defaults(func=_sample)
 
 
@@ -499,7 +518,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "Noise INIT to --strength of the way and denoise it with the prompt, as diffusers' "
                   "StableDiffusionImg2ImgPipeline. A native model encodes INIT with its first stage's posterior mean; "
                   "INIT must have the model's image size.", (("init", "the starting image"),))
-    p.add_argument("--strength", type=float, default=0.6,
+    p.add_argument("--strength", type=checked.finite_float, default=0.6,
                    help="how much to change: 0 keeps INIT, 1 redraws it entirely (default 0.6)")
     _add_generation_options(p, sampler_names, size=False)
 
@@ -510,7 +529,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "in latents at the end). A first stage with a mask-conditioned decoder (the bundled models') "
                   "decodes with the kept pixels.",
                   (("image", "the image"), ("mask", "same size as IMAGE; white = repaint, black = keep")))
-    p.add_argument("--strength", type=float, default=1.0,
+    p.add_argument("--strength", type=checked.finite_float, default=1.0,
                    help="1 repaints the masked region from noise; less keeps some of it (default 1)")
     p.add_argument("--keep-unmasked", action="store_true",
                    help="paste the original pixels back outside the mask (the autoencoder alters them slightly)")

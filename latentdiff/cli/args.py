@@ -1,0 +1,88 @@
+"""Checked command-line values: argparse ``type=`` functions that refuse what a verb cannot use, in one line.
+
+Every numeric option of every verb goes through one of these, so ``nan``, ``inf``, a negative count or a seed
+beyond 64 bits fails while the arguments are parsed (argparse names the option: "argument --seed: ..."), before a
+model is read or a file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+# -n: images per call. Each call holds all its images (the grid is made of them), so the count is capped; make more
+# with several calls and different --seed values.
+MAX_IMAGES = 10000
+# --steps: more sampler steps than a model's 1000 training timesteps add nothing but time.
+MAX_STEPS = 10000
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+IMAGE_SUFFIXES = (".png",)  # what the generating verbs write (PNG, with the generation parameters)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"latentdiff: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(text: str, kind: type, what: str) -> float | int:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text[:80]!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text[:80]!r}")
+    return value
+
+
+def _at_least(minimum: int | float, kind: type, what: str, maximum: int | float | None = None, why: str = ""):
+    """A ``type=`` function for a ``kind`` number in [minimum, maximum] (``what`` describes it in errors)."""
+    def parse(text: str):
+        value = _number(text, kind, what)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text[:80]}{why}")
+        return value
+    parse.__name__ = what.replace(" ", "_")  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _at_least(1, int, "a whole number >= 1")
+non_negative_int = _at_least(0, int, "a whole number >= 0")
+finite_float = _at_least(-math.inf, float, "a finite number")
+non_negative_float = _at_least(0.0, float, "a finite number >= 0")
+positive_float = _at_least(math.ulp(0.0), float, "a finite number > 0")
+probability = _at_least(0.0, float, "a number in [0, 1]", 1.0)
+seed = _at_least(0, int, f"a whole number in [0, 2**64 - 1] ({SEED_MAX})", SEED_MAX)
+image_count = _at_least(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAGES,
+                        f" (at most {MAX_IMAGES} images per call: they are all held in memory for the grid; make more "
+                        "with several calls and different --seed values)")
+step_count = _at_least(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
+
+
+def image_output(text: str) -> str:
+    """``-o`` of a verb that writes images: a file name ending in .png, not an existing folder."""
+    path = Path(text)
+    if not text or text.endswith(("/", "\\")) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name ending in .png, e.g. "
+                                         f"{path / 'out.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: images are written as PNG files; give a name ending in "
+                                         ".png")
+    return text
+
+
+def file_output(text: str) -> str:
+    """``-o`` of a verb that writes a report: a file name, not an existing folder."""
+    if not text or text.endswith(("/", "\\")) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is a folder; give a file name")
+    return text
+
+
+__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "SEED_MAX", "OneLineParser", "file_output", "finite_float",
+           "image_count", "image_output", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
+           "probability", "seed", "step_count"]
