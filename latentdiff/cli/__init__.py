@@ -12,6 +12,7 @@ import sys
 
 from latentdiff.cli import convert, data, generate, train
 from latentdiff.cli.args import OneLineParser
+from latentdiff.io.state import nonfinite_weights_allowed
 
 # Errors a user can cause and fix: reported in one line, without a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        args.func(args)
+        with nonfinite_weights_allowed(getattr(args, "allow_nonfinite", False)):
+            args.func(args)
     except KeyboardInterrupt:
         print("latentdiff: interrupted", file=sys.stderr)
         return 130

@@ -389,6 +389,11 @@ def _lora_argument(text: str) -> tuple[str, float]:
         return text, 1.0
 
 
+def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or infinity (refused by default), to debug a diverged model")
+
+
 def _add_lora_and_embedding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", dest="loras", action="append", type=_lora_argument, metavar="FILE[:SCALE]",
                    help="a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) fused into the model at SCALE "
@@ -443,6 +448,7 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                        help="take the text encoder's output N - 1 layers before its last, as A1111's Clip skip "
                             "(1: the usual output; Stable Diffusion models only)")
     p.add_argument("--device", default="auto")
+    add_allow_nonfinite(p)
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="Stable Diffusion weights' precision (bf16 runs on the CPU; default fp32)")
@@ -481,6 +487,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
                    help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
+    add_allow_nonfinite(p)
     p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
     p.add_argument("-o", "--output", type=checked.image_output, default="samples.png",
                    help="PNG to write (default samples.png)")
