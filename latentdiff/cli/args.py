@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from latentdiff.data.image_files import check_pixels
+
 # -n: images per call. Each call holds all its images (the grid is made of them), so the count is capped; make more
 # with several calls and different --seed values.
 MAX_IMAGES = 10000
 # --steps: more sampler steps than a model's 1000 training timesteps add nothing but time.
 MAX_STEPS = 10000
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
-IMAGE_SUFFIXES = (".png",)  # what the generating verbs write (PNG, with the generation parameters)
+IMAGE_SUFFIXES = (".png",)
+# The largest side a native model is run at, in multiples of its training size (generate --height/--width, inputs).
+NATIVE_MAX_SCALE = 4  # what the generating verbs write (PNG, with the generation parameters)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -64,6 +68,38 @@ image_count = _at_least(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAG
 step_count = _at_least(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
 
 
+def check_recorded_numbers(args: argparse.Namespace) -> None:
+    """The checks of the argparse types above again, for the values --from-png takes from a PNG's record."""
+    if args.n > MAX_IMAGES or args.steps > MAX_STEPS:
+        raise ValueError(f"-n must be at most {MAX_IMAGES} and --steps at most {MAX_STEPS}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+
+
+def check_native_size(pipe, width: int, height: int, what: str) -> None:
+    """A size a native model can work at: sides up to ``NATIVE_MAX_SCALE`` times its training size (its own checks
+    follow); beyond, the output means nothing and memory grows with the fourth power of the side."""
+    size = pipe.image_size
+    if max(width, height) > size * NATIVE_MAX_SCALE:
+        raise ValueError(f"the {what} is {width}x{height}, but this model was trained at {size}x{size} and works at "
+                         f"sides up to {NATIVE_MAX_SCALE * size} ({NATIVE_MAX_SCALE}x); resize it to {size}x{size}")
+
+
+def check_requested_size(pipe, width: int | None, height: int | None, native: bool) -> None:
+    """--width/--height: within ``check_native_size`` for a native model, within the pixel limit for another."""
+    if native:
+        check_native_size(pipe, width or pipe.image_size, height or pipe.image_size, "requested image")
+    elif width and height:
+        check_pixels(width, height, "--width x --height")
+
+
+def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or infinity (refused by default), to debug a diverged model")
+
+
 def image_output(text: str) -> str:
     """``-o`` of a verb that writes images: a file name ending in .png, not an existing folder."""
     path = Path(text)
@@ -83,6 +119,7 @@ def file_output(text: str) -> str:
     return text
 
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "SEED_MAX", "OneLineParser", "file_output", "finite_float",
-           "image_count", "image_output", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
-           "probability", "seed", "step_count"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "NATIVE_MAX_SCALE", "SEED_MAX", "OneLineParser",
+           "add_allow_nonfinite", "check_native_size", "check_recorded_numbers", "check_requested_size",
+           "file_output", "finite_float", "image_count", "image_output", "non_negative_float", "non_negative_int",
+           "positive_float", "positive_int", "probability", "seed", "step_count"]

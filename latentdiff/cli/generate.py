@@ -19,7 +19,13 @@ from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, get_sampler
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.io.files import file_sha256
 from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
-from latentdiff.pipelines.images import read_class_map, resize_to_multiple, to_image_tensor, to_pil_images
+from latentdiff.pipelines.images import (
+    image_file_size,
+    read_class_map,
+    resize_to_multiple,
+    to_image_tensor,
+    to_pil_images,
+)
 from latentdiff.pipelines.metadata import (
     image_records,
     input_hashes,
@@ -127,22 +133,12 @@ def _model_path(args: argparse.Namespace) -> str:
                      f"stage) and pass --model runs/ldm-{name}")
 
 
-def _check_recorded_numbers(args: argparse.Namespace) -> None:
-    """The checks of ``checked``'s argparse types again, for the values --from-png takes from a PNG's record."""
-    if args.n > checked.MAX_IMAGES or args.steps > checked.MAX_STEPS:
-        raise ValueError(f"-n must be at most {checked.MAX_IMAGES} and --steps at most {checked.MAX_STEPS}")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    if not 0 <= args.seed <= checked.SEED_MAX:
-        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
-
-
 def _check_generation_args(args: argparse.Namespace) -> None:
     """Checks that need no model: they fail before a large checkpoint is read."""
     get_sampler(args.sampler)
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
-    _check_recorded_numbers(args)
+    checked.check_recorded_numbers(args)
     for name in ("height", "width"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -209,6 +205,7 @@ def _read_input(pipe, path: str, what: str, mask: bool = False):
     """An input image for ``pipe``: resized to fit a Stable Diffusion model (with a note); as it is for a native
     model, which checks it against its one training size."""
     if isinstance(pipe, LatentDiffusionPipeline):
+        checked.check_native_size(pipe, *image_file_size(path, what), what)  # from the header, before decoding
         return to_image_tensor(path, channels=1 if mask else pipe.image_channels)
     return _read_image(path, pipe.size_multiple, what, mask=mask)
 
@@ -328,6 +325,7 @@ def _generate(args: argparse.Namespace) -> None:
     pick = _apply_png_parameters(args) if args.from_png else None
     _check_generation_args(args)
     pipe = _load_for_generation(args)
+    checked.check_requested_size(pipe, args.width, args.height, isinstance(pipe, LatentDiffusionPipeline))
     result = pipe.text_to_image(args.prompt, args.negative, height=args.height, width=args.width,
                                 **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {})
@@ -337,7 +335,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _img2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    to_image_tensor(args.init)  # a missing or unreadable file fails before the model loads
+    image_file_size(args.init, "init image")  # a missing, unreadable or huge file fails before the model loads
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.init, "init image")
     result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
@@ -347,10 +345,10 @@ def _img2img(args: argparse.Namespace) -> None:
 
 def _inpaint(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    image, mask = to_image_tensor(args.image), to_image_tensor(args.mask, channels=1)
-    if image.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"the mask {args.mask} is {mask.shape[-1]}x{mask.shape[-2]} but the image {args.image} is "
-                         f"{image.shape[-1]}x{image.shape[-2]}; they must be the same size")
+    image, mask = image_file_size(args.image), image_file_size(args.mask, "mask")  # headers: nothing decoded yet
+    if image != mask:
+        raise ValueError(f"the mask {args.mask} is {mask[0]}x{mask[1]} but the image {args.image} is "
+                         f"{image[0]}x{image[1]}; they must be the same size")
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.image, "image")
     mask = _read_input(pipe, args.mask, "mask", mask=True)
@@ -372,7 +370,7 @@ def _seg2img(args: argparse.Namespace) -> None:
 
 def _upscale(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    to_image_tensor(args.lowres)
+    image_file_size(args.lowres, "low-res image")
     pipe = _load_for_generation(args, native_only="upscale")
     lowres = _read_input(pipe, args.lowres, "low-res image")
     result = pipe.upscale(lowres, args.prompt, args.negative, **_common(args, pipe))
@@ -387,11 +385,6 @@ def _lora_argument(text: str) -> tuple[str, float]:
         return (path, float(scale)) if path else (text, 1.0)
     except ValueError:
         return text, 1.0
-
-
-def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="load weights holding NaN or infinity (refused by default), to debug a diverged model")
 
 
 def _add_lora_and_embedding_options(p: argparse.ArgumentParser) -> None:
@@ -448,7 +441,7 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                        help="take the text encoder's output N - 1 layers before its last, as A1111's Clip skip "
                             "(1: the usual output; Stable Diffusion models only)")
     p.add_argument("--device", default="auto")
-    add_allow_nonfinite(p)
+    checked.add_allow_nonfinite(p)
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="Stable Diffusion weights' precision (bf16 runs on the CPU; default fp32)")
@@ -487,7 +480,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
                    help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
-    add_allow_nonfinite(p)
+    checked.add_allow_nonfinite(p)
     p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
     p.add_argument("-o", "--output", type=checked.image_output, default="samples.png",
                    help="PNG to write (default samples.png)")
