@@ -60,7 +60,7 @@ def torch_load_weights_only(path: str | Path, allowed_globals: list[Any] | None 
             raise CheckpointError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
                                   f"({reason[:120]})") from e
         module, _, name = found.group(1).rpartition(".")
-        module = "os" if module in ("posix", "nt") else module  # os.system pickles as posix.system
+        module = "os" if module in ("posix", "nt") else module or "builtins"  # os.system pickles as posix.system
         raise CheckpointError(
             f"{path} would run code when loaded (pickle global {module}.{name}); refused. Pickled checkpoints are "
             "only read with torch.load(weights_only=True): use a .safetensors copy of it, or re-save its state dict "

@@ -28,14 +28,16 @@ ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path | list
 
 
 def image_file_size(path: str | Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) of the image file at ``path`` from its header, without decoding it; the pixel limit and a
-    readable header are checked (the errors of ``read_image``)."""
+    """(width, height) of the image file at ``path`` from its header, without decoding it; the pixel limit and the
+    file's structure (``verify``: a truncated PNG fails here) are checked, with the errors of ``read_image``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with open_checked(path, str(path)) as img:
-            return img.size
+            size = img.size
+            img.verify()
+            return size
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:120]})") from e
 
