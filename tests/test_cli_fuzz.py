@@ -28,6 +28,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from latentdiff import cli
+from latentdiff.data.datasets import load_image_file
+from latentdiff.data.image_files import MAX_PIXELS_ENV, ImageTooLargeError
+from latentdiff.pipelines.images import read_class_map, to_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {name: REPO / "models" / f"scenes-{name}" for name in ("txt2img", "seg2img", "upscale", "inpaint")}
@@ -351,3 +354,45 @@ def test_messages_name_the_cause(bad_files, capsys) -> None:
         code, _ = _run_bounded(list(argv))
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err) < 600, (argv, err)
+
+
+# ---- the limits themselves ----------------------------------------------------------------------------------------
+
+def test_batches_continue_one_seed(tmp_path, capsys) -> None:
+    """-n above --batch-size: made batch by batch on one generator, so the first batch is what -n B gives."""
+    base = ["generate", "a red dress", "--model", str(MODELS["txt2img"]), "--steps", "2", "--seed", "5", "--separate"]
+    assert cli.main([*base, "-n", "3", "--batch-size", "2", "-o", str(tmp_path / "a.png")]) == 0
+    assert cli.main([*base, "-n", "2", "-o", str(tmp_path / "b.png")]) == 0
+    pixels = {p.name: np.asarray(Image.open(p)) for p in sorted(tmp_path.glob("*.png"))}
+    assert sorted(pixels) == ["a-0.png", "a-1.png", "a-2.png", "b-0.png", "b-1.png"]
+    assert np.array_equal(pixels["a-0.png"], pixels["b-0.png"]) and np.array_equal(pixels["a-1.png"], pixels["b-1.png"])
+    assert not np.array_equal(pixels["a-2.png"], pixels["a-0.png"])
+    capsys.readouterr()
+
+
+def test_pixel_limit_comes_from_the_environment(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    assert to_image_tensor(path).shape == (1, 3, 200, 300)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "50000")
+    with pytest.raises(ImageTooLargeError, match=f"300x200 pixels, more than the 50000 .*{MAX_PIXELS_ENV}=N"):
+        to_image_tensor(path)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(60000, 60000))
+    monkeypatch.delenv(MAX_PIXELS_ENV)
+    for read in (to_image_tensor, read_class_map, load_image_file):
+        with pytest.raises(ImageTooLargeError, match=MAX_PIXELS_ENV):
+            read(bomb)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(ValueError, match="not a whole number"):
+        to_image_tensor(path)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path) -> None:
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    pixels = to_image_tensor(path)
+    expected = torch.from_numpy(np.rint(ramp / 257.0) / 255.0).float()
+    assert torch.allclose(pixels[0, 0], expected, atol=1e-6) and float(pixels.mean()) < 0.6

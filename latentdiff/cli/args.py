@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
 from latentdiff.data.image_files import check_pixels
+from latentdiff.pipelines.base import PipelineOutput, as_generator
 
 # -n: images per call. Each call holds all its images (the grid is made of them), so the count is capped; make more
 # with several calls and different --seed values.
@@ -22,6 +26,7 @@ MAX_IMAGES = 10000
 MAX_STEPS = 10000
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 IMAGE_SUFFIXES = (".png",)
+DEFAULT_BATCH = 16  # --batch-size of the generating verbs
 # The largest side a native model is run at, in multiples of its training size (generate --height/--width, inputs).
 NATIVE_MAX_SCALE = 4  # what the generating verbs write (PNG, with the generation parameters)
 
@@ -70,8 +75,8 @@ step_count = _at_least(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
 
 def check_recorded_numbers(args: argparse.Namespace) -> None:
     """The checks of the argparse types above again, for the values --from-png takes from a PNG's record."""
-    if args.n > MAX_IMAGES or args.steps > MAX_STEPS:
-        raise ValueError(f"-n must be at most {MAX_IMAGES} and --steps at most {MAX_STEPS}")
+    if args.n > MAX_IMAGES or args.steps > MAX_STEPS or args.batch_size < 1:
+        raise ValueError(f"-n must be at most {MAX_IMAGES}, --steps at most {MAX_STEPS} and --batch-size at least 1")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if not 0 <= args.seed <= SEED_MAX:
@@ -93,6 +98,27 @@ def check_requested_size(pipe, width: int | None, height: int | None, native: bo
         check_native_size(pipe, width or pipe.image_size, height or pipe.image_size, "requested image")
     elif width and height:
         check_pixels(width, height, "--width x --height")
+
+
+def add_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, metavar="B",
+                   help=f"make at most B images at once, so that memory stays bounded (default {DEFAULT_BATCH}); with "
+                        "-n above B the batches draw from the one --seed's random stream in turn, so the first B "
+                        "images are those of -n B")
+
+
+def in_batches(batch_size: int, method: Callable[..., PipelineOutput]) -> Callable[..., PipelineOutput]:
+    """``method`` (a pipeline call taking ``num_images`` and ``generator``) made ``batch_size`` images at a time:
+    one call when ``num_images`` fits, else one per batch on one generator, the images joined on the CPU."""
+    def run(*args, num_images: int, generator, **kwargs) -> PipelineOutput:
+        if num_images <= batch_size:
+            return method(*args, num_images=num_images, generator=generator, **kwargs)
+        generator, outputs = as_generator(generator), []
+        for start in range(0, num_images, batch_size):
+            outputs.append(method(*args, num_images=min(batch_size, num_images - start), generator=generator,
+                                  **kwargs))
+        return PipelineOutput(torch.cat([o.images for o in outputs]), torch.cat([o.latents for o in outputs]))
+    return run
 
 
 def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
@@ -119,7 +145,8 @@ def file_output(text: str) -> str:
     return text
 
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "NATIVE_MAX_SCALE", "SEED_MAX", "OneLineParser",
-           "add_allow_nonfinite", "check_native_size", "check_recorded_numbers", "check_requested_size",
-           "file_output", "finite_float", "image_count", "image_output", "non_negative_float", "non_negative_int",
-           "positive_float", "positive_int", "probability", "seed", "step_count"]
+__all__ = ["DEFAULT_BATCH", "IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "NATIVE_MAX_SCALE", "SEED_MAX",
+           "OneLineParser", "add_allow_nonfinite", "add_batch_size", "check_native_size", "check_recorded_numbers",
+           "check_requested_size", "file_output", "finite_float", "image_count", "image_output", "in_batches",
+           "non_negative_float", "non_negative_int", "positive_float", "positive_int", "probability", "seed",
+           "step_count"]

@@ -42,7 +42,8 @@ DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # What `generate --from-png` takes from the PNG's record, unless given on the command line.
 FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
-                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip")
+                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip",
+                      "batch_size")
 # The options besides the shared ones that change a verb's image, recorded with it.
 _VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
 
@@ -236,6 +237,8 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
               "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
               "inputs": input_hashes(inputs), **model_identity(args.model)}
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
+    if args.n > args.batch_size:  # recorded only when it splits the run: the later batches depend on it
+        record["batch_size"] = args.batch_size
     if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings
         record["clip_skip"] = args.clip_skip
     if getattr(args, "loras", None):
@@ -326,8 +329,8 @@ def _generate(args: argparse.Namespace) -> None:
     _check_generation_args(args)
     pipe = _load_for_generation(args)
     checked.check_requested_size(pipe, args.width, args.height, isinstance(pipe, LatentDiffusionPipeline))
-    result = pipe.text_to_image(args.prompt, args.negative, height=args.height, width=args.width,
-                                **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.text_to_image)
+    result = run(args.prompt, args.negative, height=args.height, width=args.width, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {})
     _report(_save_images(result.images, args.output, args.separate and pick is None, record, pick),
             1 if pick is not None else args.n)
@@ -338,7 +341,8 @@ def _img2img(args: argparse.Namespace) -> None:
     image_file_size(args.init, "init image")  # a missing, unreadable or huge file fails before the model loads
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.init, "init image")
-    result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.image_to_image)
+    result = run(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"init": args.init})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
@@ -353,8 +357,9 @@ def _inpaint(args: argparse.Namespace) -> None:
     image = _read_input(pipe, args.image, "image")
     mask = _read_input(pipe, args.mask, "mask", mask=True)
     extra = {"mask_decoder": False} if args.no_mask_decoder and getattr(pipe, "has_mask_decoder", False) else {}
-    result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength,
-                          keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.inpaint)
+    result = run(image, mask, args.prompt, args.negative, strength=args.strength,
+                 keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"image": args.image, "mask": args.mask})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
@@ -363,7 +368,8 @@ def _seg2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
     class_map = read_class_map(args.map)  # a missing or non-index image fails before the model loads
     pipe = _load_for_generation(args, native_only="seg2img")
-    result = pipe.segmentation_to_image(class_map, args.prompt, args.negative, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.segmentation_to_image)
+    result = run(class_map, args.prompt, args.negative, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"map": args.map})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
@@ -373,7 +379,8 @@ def _upscale(args: argparse.Namespace) -> None:
     image_file_size(args.lowres, "low-res image")
     pipe = _load_for_generation(args, native_only="upscale")
     lowres = _read_input(pipe, args.lowres, "low-res image")
-    result = pipe.upscale(lowres, args.prompt, args.negative, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.upscale)  # -n images, --batch-size at a time
+    result = run(lowres, args.prompt, args.negative, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"lowres": args.lowres})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
@@ -445,6 +452,7 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="Stable Diffusion weights' precision (bf16 runs on the CPU; default fp32)")
+    checked.add_batch_size(p)
     p.add_argument("--attention-slice", type=checked.non_negative_int, default=None, metavar="Q",
                    help="attend Q queries at a time to save memory (default: all at once)")
     if stable_diffusion:
