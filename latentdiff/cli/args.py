@@ -2,7 +2,8 @@
 
 Every numeric option of every verb goes through one of these, so ``nan``, ``inf``, a negative count or a seed
 beyond 64 bits fails while the arguments are parsed (argparse names the option: "argument --seed: ..."), before a
-model is read or a file is written.
+model is read or a file is written. Also here: the checks of sizes against a model and the pixel limit, and the
+``--batch-size`` split that keeps the memory of ``-n`` images bounded.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ MAX_IMAGES = 10000
 # --steps: more sampler steps than a model's 1000 training timesteps add nothing but time.
 MAX_STEPS = 10000
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
-IMAGE_SUFFIXES = (".png",)
+IMAGE_SUFFIXES = (".png",)  # what the generating verbs write (PNG, with the generation parameters)
 DEFAULT_BATCH = 16  # --batch-size of the generating verbs
 # The largest side a native model is run at, in multiples of its training size (generate --height/--width, inputs).
-NATIVE_MAX_SCALE = 4  # what the generating verbs write (PNG, with the generation parameters)
+NATIVE_MAX_SCALE = 4
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -49,7 +50,7 @@ def _number(text: str, kind: type, what: str) -> float | int:
     return value
 
 
-def _at_least(minimum: int | float, kind: type, what: str, maximum: int | float | None = None, why: str = ""):
+def _in_range(minimum: int | float, kind: type, what: str, maximum: int | float | None = None, why: str = ""):
     """A ``type=`` function for a ``kind`` number in [minimum, maximum] (``what`` describes it in errors)."""
     def parse(text: str):
         value = _number(text, kind, what)
@@ -60,17 +61,17 @@ def _at_least(minimum: int | float, kind: type, what: str, maximum: int | float 
     return parse
 
 
-positive_int = _at_least(1, int, "a whole number >= 1")
-non_negative_int = _at_least(0, int, "a whole number >= 0")
-finite_float = _at_least(-math.inf, float, "a finite number")
-non_negative_float = _at_least(0.0, float, "a finite number >= 0")
-positive_float = _at_least(math.ulp(0.0), float, "a finite number > 0")
-probability = _at_least(0.0, float, "a number in [0, 1]", 1.0)
-seed = _at_least(0, int, f"a whole number in [0, 2**64 - 1] ({SEED_MAX})", SEED_MAX)
-image_count = _at_least(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAGES,
+positive_int = _in_range(1, int, "a whole number >= 1")
+non_negative_int = _in_range(0, int, "a whole number >= 0")
+finite_float = _in_range(-math.inf, float, "a finite number")
+non_negative_float = _in_range(0.0, float, "a finite number >= 0")
+positive_float = _in_range(math.ulp(0.0), float, "a finite number > 0")
+probability = _in_range(0.0, float, "a number in [0, 1]", 1.0)
+seed = _in_range(0, int, f"a whole number in [0, 2**64 - 1] ({SEED_MAX})", SEED_MAX)
+image_count = _in_range(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAGES,
                         f" (at most {MAX_IMAGES} images per call: they are all held in memory for the grid; make more "
                         "with several calls and different --seed values)")
-step_count = _at_least(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
+step_count = _in_range(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
 
 
 def check_recorded_numbers(args: argparse.Namespace) -> None:

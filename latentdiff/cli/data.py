@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 from pathlib import Path
 
-from PIL import Image
-
 from latentdiff.cli import args as checked
 from latentdiff.data.datasets import scan_image_folder
+from latentdiff.data.image_files import open_checked
 from latentdiff.data.webdataset import ShardWriter, shard_pattern
 
 logger = logging.getLogger(__name__)
@@ -25,7 +23,7 @@ def _readable(path: Path) -> bytes | None:
     """The file's bytes when it decodes as an image (fully: a truncated file fails here, not in training)."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
+        with open_checked(data, str(path)) as img:  # the pixel limit before decoding
             img.load()
     except Exception as e:  # whatever PIL raises for a bad file
         logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
