@@ -88,6 +88,7 @@ def _image_verb_cases() -> list[list[str]]:
     cases += [["inpaint", "{ok}", mask, "x", "--model", "{inpaint}"] for mask in ("{missing}", "{bomb}", "{huge}")]
     cases += [["seg2img", image, "--model", "{seg2img}"] for image in (*BAD_IMAGES, "{ok}")]
     cases += [["upscale", image, "--model", "{upscale}"] for image in BAD_IMAGES]
+    cases += [["generate", "--from-png", image] for image in ("{bomb}", "{random}", "{missing}", "{folder_png}")]
     return cases
 
 
@@ -342,7 +343,7 @@ def test_messages_name_the_cause(bad_files, capsys) -> None:
     expect = {
         ("generate", "x", "--model", bad_files["evil_ckpt"]): "would run code when loaded (pickle global os.system); "
                                                                "refused",
-        ("generate", "x", "--seed", str(2**70)): "argument --seed:",
+        ("generate", "x", "--seed", str(2**70)): "--seed must be a whole number in [0, 2**64 - 1]",
         ("generate", "x", "-o", "out/"): "is a folder",
         ("generate", "x", "-n", "100000"): "at most 10000 images per call",
         ("img2img", bad_files["bomb"], "x"): "LATENTDIFF_MAX_PIXELS",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,37 +37,42 @@ class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line on stderr (no usage block) and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
+        # "argument --seed: must be ..." reads as "--seed must be ..."
+        named = re.match(r"argument (?:\S+/)?(\S+): (must be .*)", message, re.DOTALL)
+        if named:
+            message = f"{named.group(1)} {named.group(2)}"
         print(f"latentdiff: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
 
 
-def _number(text: str, kind: type, what: str) -> float | int:
+def _number(text: str, kind: type) -> float | int:
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text[:80]!r}") from None
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text[:80]!r}") from None
     if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text[:80]!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text[:80]!r}")
     return value
 
 
 def _in_range(minimum: int | float, kind: type, what: str, maximum: int | float | None = None, why: str = ""):
     """A ``type=`` function for a ``kind`` number in [minimum, maximum] (``what`` describes it in errors)."""
     def parse(text: str):
-        value = _number(text, kind, what)
+        value = _number(text, kind)
         if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text[:80]}{why}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text[:80]}{why}")
         return value
     parse.__name__ = what.replace(" ", "_")  # argparse names the type in some messages
     return parse
 
 
-positive_int = _in_range(1, int, "a whole number >= 1")
-non_negative_int = _in_range(0, int, "a whole number >= 0")
+positive_int = _in_range(1, int, "at least 1")
+non_negative_int = _in_range(0, int, "at least 0")
 finite_float = _in_range(-math.inf, float, "a finite number")
 non_negative_float = _in_range(0.0, float, "a finite number >= 0")
 positive_float = _in_range(math.ulp(0.0), float, "a finite number > 0")
-probability = _in_range(0.0, float, "a number in [0, 1]", 1.0)
+probability = _in_range(0.0, float, "in [0, 1]", 1.0)
 seed = _in_range(0, int, f"a whole number in [0, 2**64 - 1] ({SEED_MAX})", SEED_MAX)
 image_count = _in_range(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAGES,
                         f" (at most {MAX_IMAGES} images per call: they are all held in memory for the grid; make more "
