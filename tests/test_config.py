@@ -5,7 +5,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from latentdiff.config import (
+    MAX_YAML_ALIASES,
+    MAX_YAML_BYTES,
+    MAX_YAML_NODES,
     ConfigError,
+    check_ranges,
     from_dict,
     load_config,
     merge,
@@ -100,3 +104,70 @@ def test_overrides_reach_list_entries_by_name():
         merge(base, parse_overrides(["conditioner.embedders.captoin.dropout=0.2"]))
     # a plain list is still replaced whole
     assert merge({"betas": [0.9, 0.99]}, {"betas": [0.5, 0.9]}) == {"betas": [0.5, 0.9]}
+
+
+@dataclass
+class Ranged:
+    steps: int = 1
+    lr: float = 0.1
+    mult: tuple[int, ...] = (1,)
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("steps", "lr"), fractions=("p",), positive_items=("mult",))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"steps": float("inf")}, "steps: expected an integer, got inf"),
+    ({"steps": 1.5}, "steps: expected an integer, got 1.5"),
+    ({"steps": True}, "steps: expected an integer, got True"),
+    ({"steps": "nan"}, "steps: expected an integer"),
+    ({"steps": [1]}, "steps: expected an integer, got [1]"),
+    ({"lr": float("nan")}, "lr: expected a finite number, got nan"),
+    ({"lr": "-inf"}, "lr: expected a finite number"),
+    ({"lr": {"a": 1}}, "lr: expected a number"),
+    ({"steps": 0}, "steps must be > 0, got 0"),
+    ({"steps": -5}, "steps must be > 0, got -5"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"mult": []}, "mult must be a non-empty list of positive numbers, got ()"),
+    ({"mult": [1, 0]}, "mult must be a non-empty list of positive numbers"),
+    ({"p": 1.5}, "p must be in [0, 1], got 1.5"),
+])
+def test_types_and_ranges_are_checked_at_start_up(data, message):
+    with pytest.raises(ConfigError) as error:
+        from_dict(Ranged, data)
+    assert message in str(error.value)
+
+
+def test_a_list_where_a_mapping_belongs_is_one_line():
+    with pytest.raises(ConfigError, match=r"^Outer: expected a mapping, got \[\]$"):
+        from_dict(Outer, [])
+    with pytest.raises(ConfigError, match="inner: expected a mapping, got \\[1, 2\\]"):
+        load_config(Outer, {"inner": [1, 2]})
+
+
+def test_yaml_aliases_are_limited_and_values_not_echoed(tmp_path):
+    (tmp_path / "anchors.yaml").write_text("a: &x {lr: 0.5}\nb: *x\n")
+    assert read_yaml(tmp_path / "anchors.yaml") == {"a": {"lr": 0.5}, "b": {"lr": 0.5}}  # a few are fine
+    laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+    (tmp_path / "laughs.yaml").write_text(laughs)
+    with pytest.raises(ConfigError, match=f"expands .* to more than {MAX_YAML_NODES} values"):
+        read_yaml(tmp_path / "laughs.yaml")
+    (tmp_path / "many.yaml").write_text("a: &a 1\nb: [" + ", ".join(["*a"] * (MAX_YAML_ALIASES + 1)) + "]\n")
+    with pytest.raises(ConfigError, match="more than 100 YAML aliases"):
+        read_yaml(tmp_path / "many.yaml")
+    (tmp_path / "self.yaml").write_text("a: &a [*a]\n")
+    with pytest.raises(ConfigError, match="expands"):
+        read_yaml(tmp_path / "self.yaml")
+    (tmp_path / "big.yaml").write_text("a: 1\n" + "#" * MAX_YAML_BYTES)
+    with pytest.raises(ConfigError, match="limited to"):
+        read_yaml(tmp_path / "big.yaml")
+    with pytest.raises(ConfigError, match="expands"):
+        parse_overrides(["steps=" + laughs.replace("\n", ", ").replace(": ", ": ").join("{}")])
+    with pytest.raises(ConfigError) as error:  # a long value is cut in the message
+        from_dict(Outer, {"steps": "x" * 10_000})
+    assert len(str(error.value)) < 120
+    (tmp_path / "tag.yaml").write_text("a: !!python/object/apply:os.system ['echo ran']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tmp_path / "tag.yaml")

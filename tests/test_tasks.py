@@ -403,7 +403,7 @@ def broken(runs, tmp_path_factory) -> dict[str, Path]:
 
 ERRORS = [  # (argv, what the one line says); {name} is a run, a file or a broken model
     (["generate", "x", "--model", "{txt2img}", "--sampler", "magic"], "unknown sampler 'magic'"),
-    (["generate", "x", "--model", "{txt2img}", "-n", "0"], "-n and --steps must be at least 1"),
+    (["generate", "x", "--model", "{txt2img}", "-n", "0"], "-n must be a whole number in [1, 10000], got 0"),
     (["generate", "x", "--model", "{txt2img}", "--height", "18"], "multiples of 4"),
     (["generate", "x", "--model", "{txt2img}", "--dtype", "bf16"], "run in float32"),
     (["generate", "x", "--model", "{seg2img}"], "has no text conditioning (conditioning: concat on class maps)"),

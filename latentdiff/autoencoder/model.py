@@ -14,6 +14,7 @@ from torch import nn
 
 from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.quantize import VectorQuantizer
+from latentdiff.config import check_ranges
 from latentdiff.nn.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
 
 
@@ -52,6 +53,13 @@ class AutoencoderConfig:
             raise ValueError(f"regularizer must be 'kl' or 'vq', got {self.regularizer!r}")
         self.ch_mult = tuple(self.ch_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
+        check_ranges(self, positive=("in_channels", "out_ch", "resolution", "ch", "num_res_blocks", "z_channels",
+                                     "embed_dim", "norm_groups", "n_embed", "restart_every"),
+                     non_negative=("beta",), fractions=("dropout", "ema_decay", "dead_code_threshold"),
+                     positive_items=("ch_mult",))
+        if any(self.ch * mult % self.norm_groups for mult in self.ch_mult):
+            raise ValueError(f"ch * ch_mult ({[self.ch * m for m in self.ch_mult]}) must be multiples of norm_groups "
+                             f"({self.norm_groups}), the GroupNorm group count")
 
     @property
     def downsample_factor(self) -> int:

@@ -11,6 +11,8 @@ import logging
 import sys
 
 from latentdiff.cli import convert, data, generate, train
+from latentdiff.cli.args import OneLineParser
+from latentdiff.io.state import nonfinite_weights_allowed
 
 # Errors a user can cause and fix: reported in one line, without a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
@@ -19,7 +21,7 @@ VERB_GROUPS = (train, generate, convert, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="latentdiff", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in VERB_GROUPS:
@@ -28,11 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code == 2:  # a usage error, reported in one line (OneLineParser); --help exits as argparse does
+            return 2
+        raise
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        args.func(args)
+        with nonfinite_weights_allowed(getattr(args, "allow_nonfinite", False)):
+            args.func(args)
     except KeyboardInterrupt:
         print("latentdiff: interrupted", file=sys.stderr)
         return 130

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 from pathlib import Path
 
-from PIL import Image
-
+from latentdiff.cli import args as checked
 from latentdiff.data.datasets import scan_image_folder
+from latentdiff.data.image_files import open_checked
 from latentdiff.data.webdataset import ShardWriter, shard_pattern
 
 logger = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ def _readable(path: Path) -> bytes | None:
     """The file's bytes when it decodes as an image (fully: a truncated file fails here, not in training)."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
+        with open_checked(data, str(path)) as img:  # the pixel limit before decoding
             img.load()
     except Exception as e:  # whatever PIL raises for a bad file
         logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
@@ -84,8 +83,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description=MAKE_SHARDS_TEXT)
     p.add_argument("folder", metavar="FOLDER", help="a folder of images, each with an optional caption IMAGE.txt")
     p.add_argument("out", metavar="OUT", help="the folder the shards are written to")
-    p.add_argument("--max-count", type=int, default=10000, help="samples per shard at most (default 10000)")
-    p.add_argument("--max-size", type=float, default=1000.0, metavar="MB",
+    p.add_argument("--max-count", type=checked.positive_int, default=10000,
+                   help="samples per shard at most (default 10000)")
+    p.add_argument("--max-size", type=checked.positive_float, default=1000.0, metavar="MB",
                    help="MB per shard at most (default 1000; a bigger single sample gets a shard of its own)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
     p.set_defaults(func=_make_shards)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from latentdiff.cli import args as checked
 from latentdiff.data.transforms import make_grid
 from latentdiff.device import select_device
 from latentdiff.diffusion.noise_levels import SPACINGS
@@ -18,7 +19,13 @@ from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, get_sampler
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.io.files import file_sha256
 from latentdiff.pipelines import LatentDiffusionPipeline, load_pipeline
-from latentdiff.pipelines.images import read_class_map, resize_to_multiple, to_image_tensor, to_pil_images
+from latentdiff.pipelines.images import (
+    image_file_size,
+    read_class_map,
+    resize_to_multiple,
+    to_image_tensor,
+    to_pil_images,
+)
 from latentdiff.pipelines.metadata import (
     image_records,
     input_hashes,
@@ -35,7 +42,8 @@ DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # What `generate --from-png` takes from the PNG's record, unless given on the command line.
 FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
-                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip")
+                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip",
+                      "batch_size")
 # The options besides the shared ones that change a verb's image, recorded with it.
 _VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
 
@@ -131,6 +139,7 @@ def _check_generation_args(args: argparse.Namespace) -> None:
     get_sampler(args.sampler)
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
+    checked.check_recorded_numbers(args)
     for name in ("height", "width"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -197,6 +206,7 @@ def _read_input(pipe, path: str, what: str, mask: bool = False):
     """An input image for ``pipe``: resized to fit a Stable Diffusion model (with a note); as it is for a native
     model, which checks it against its one training size."""
     if isinstance(pipe, LatentDiffusionPipeline):
+        checked.check_native_size(pipe, *image_file_size(path, what), what)  # from the header, before decoding
         return to_image_tensor(path, channels=1 if mask else pipe.image_channels)
     return _read_image(path, pipe.size_multiple, what, mask=mask)
 
@@ -227,6 +237,8 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
               "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
               "inputs": input_hashes(inputs), **model_identity(args.model)}
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
+    if args.n > args.batch_size:  # recorded only when it splits the run: the later batches depend on it
+        record["batch_size"] = args.batch_size
     if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings
         record["clip_skip"] = args.clip_skip
     if getattr(args, "loras", None):
@@ -316,8 +328,9 @@ def _generate(args: argparse.Namespace) -> None:
     pick = _apply_png_parameters(args) if args.from_png else None
     _check_generation_args(args)
     pipe = _load_for_generation(args)
-    result = pipe.text_to_image(args.prompt, args.negative, height=args.height, width=args.width,
-                                **_common(args, pipe))
+    checked.check_requested_size(pipe, args.width, args.height, isinstance(pipe, LatentDiffusionPipeline))
+    run = checked.in_batches(args.batch_size, pipe.text_to_image)
+    result = run(args.prompt, args.negative, height=args.height, width=args.width, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {})
     _report(_save_images(result.images, args.output, args.separate and pick is None, record, pick),
             1 if pick is not None else args.n)
@@ -325,26 +338,28 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _img2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    to_image_tensor(args.init)  # a missing or unreadable file fails before the model loads
+    image_file_size(args.init, "init image")  # a missing, unreadable or huge file fails before the model loads
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.init, "init image")
-    result = pipe.image_to_image(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.image_to_image)
+    result = run(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"init": args.init})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
 
 def _inpaint(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    image, mask = to_image_tensor(args.image), to_image_tensor(args.mask, channels=1)
-    if image.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"the mask {args.mask} is {mask.shape[-1]}x{mask.shape[-2]} but the image {args.image} is "
-                         f"{image.shape[-1]}x{image.shape[-2]}; they must be the same size")
+    image, mask = image_file_size(args.image), image_file_size(args.mask, "mask")  # headers: nothing decoded yet
+    if image != mask:
+        raise ValueError(f"the mask {args.mask} is {mask[0]}x{mask[1]} but the image {args.image} is "
+                         f"{image[0]}x{image[1]}; they must be the same size")
     pipe = _load_for_generation(args)
     image = _read_input(pipe, args.image, "image")
     mask = _read_input(pipe, args.mask, "mask", mask=True)
     extra = {"mask_decoder": False} if args.no_mask_decoder and getattr(pipe, "has_mask_decoder", False) else {}
-    result = pipe.inpaint(image, mask, args.prompt, args.negative, strength=args.strength,
-                          keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.inpaint)
+    result = run(image, mask, args.prompt, args.negative, strength=args.strength,
+                 keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"image": args.image, "mask": args.mask})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
@@ -353,17 +368,19 @@ def _seg2img(args: argparse.Namespace) -> None:
     _check_generation_args(args)
     class_map = read_class_map(args.map)  # a missing or non-index image fails before the model loads
     pipe = _load_for_generation(args, native_only="seg2img")
-    result = pipe.segmentation_to_image(class_map, args.prompt, args.negative, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.segmentation_to_image)
+    result = run(class_map, args.prompt, args.negative, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"map": args.map})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
 
 def _upscale(args: argparse.Namespace) -> None:
     _check_generation_args(args)
-    to_image_tensor(args.lowres)
+    image_file_size(args.lowres, "low-res image")
     pipe = _load_for_generation(args, native_only="upscale")
     lowres = _read_input(pipe, args.lowres, "low-res image")
-    result = pipe.upscale(lowres, args.prompt, args.negative, **_common(args, pipe))
+    run = checked.in_batches(args.batch_size, pipe.upscale)  # -n images, --batch-size at a time
+    result = run(lowres, args.prompt, args.negative, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"lowres": args.lowres})
     _report(_save_images(result.images, args.output, args.separate, record), args.n)
 
@@ -389,17 +406,19 @@ def _add_lora_and_embedding_options(p: argparse.ArgumentParser) -> None:
 def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size: bool = True,
                             stable_diffusion: bool = True) -> None:
     verb = p.prog.split()[-1]
-    p.add_argument("-n", type=int, default=1, help="images per prompt (default 1; several are written as a grid)")
+    p.add_argument("-n", type=checked.image_count, default=1,
+                   help="images per prompt (default 1; several are written as a grid)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (default: the empty prompt)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=checked.non_negative_float, default=None,
                    help="classifier-free guidance scale (1: off; default 7.5 for Stable Diffusion, and a native "
                         "model's sample_guidance from its training config)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+    p.add_argument("--guidance-rescale", type=checked.probability, default=0.0, metavar="PHI",
                    help="CFG rescale (Lin et al. 2023) in [0, 1]: match the guided prediction's spread to the "
                         "conditional one's, as diffusers' guidance_rescale (0.7 in the paper; default 0: off)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--steps", type=checked.step_count, default=25, help="sampler steps (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on any device (default 0)")
+    p.add_argument("--seed", type=checked.seed, default=0,
+                   help="the same seed gives the same image on any device (default 0)")
     if stable_diffusion:
         p.add_argument("--spacing", choices=SPACINGS, default=None,
                        help="timestep spacing (default: the model's scheduler config, else diffusers' default for "
@@ -414,8 +433,10 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
             "a native run folder (`latentdiff train`), checkpoint folder or model.safetensors")
     p.add_argument("--model", metavar="PATH", help=f"{what} (default: {DEFAULT_MODELS[verb]})")
     if size:
-        p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training size)")
-        p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training size)")
+        p.add_argument("--height", type=checked.positive_int, default=None,
+                       help="pixels (default: the model's training size)")
+        p.add_argument("--width", type=checked.positive_int, default=None,
+                       help="pixels (default: the model's training size)")
     if stable_diffusion:
         p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="override what the UNet predicts (an original SD 2.x-768-v file cannot tell)")
@@ -423,23 +444,26 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                        help="the original YAML of a single-file model (default: the model's stem with .yaml, if it "
                             "exists)")
         _add_lora_and_embedding_options(p)
-        p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+        p.add_argument("--clip-skip", type=checked.positive_int, default=None, metavar="N",
                        help="take the text encoder's output N - 1 layers before its last, as A1111's Clip skip "
                             "(1: the usual output; Stable Diffusion models only)")
     p.add_argument("--device", default="auto")
+    checked.add_allow_nonfinite(p)
     if stable_diffusion:
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="Stable Diffusion weights' precision (bf16 runs on the CPU; default fp32)")
-    p.add_argument("--attention-slice", type=int, default=None, metavar="Q",
+    checked.add_batch_size(p)
+    p.add_argument("--attention-slice", type=checked.non_negative_int, default=None, metavar="Q",
                    help="attend Q queries at a time to save memory (default: all at once)")
     if stable_diffusion:
-        p.add_argument("--vae-tile", type=int, default=None, metavar="T",
+        p.add_argument("--vae-tile", type=checked.positive_int, default=None, metavar="T",
                        help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
     p.add_argument("--separate", action="store_true", help="with -n > 1, one file per image (OUT-0.png, ...)")
     p.add_argument("--no-metadata", action="store_true",
                    help="write no generation parameters into the PNGs (default: A1111's 'parameters' text chunk and "
                         "a 'latentdiff' JSON chunk)")
-    p.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
+    p.add_argument("-o", "--output", type=checked.image_output, default="out.png",
+                   help="PNG to write (default out.png)")
 
 
 def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> None:
@@ -447,24 +471,27 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
                        description=f"Sample images from a diffusion checkpoint. Samplers: {sampler_names}. The "
                                    "same --seed gives the same images on any device.")
     p.add_argument("checkpoint", help="model.safetensors, a checkpoint folder or a run folder")
-    p.add_argument("-n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("-n", type=checked.image_count, default=16, help="number of images (default 16)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--steps", type=checked.step_count, default=20, help="sampler steps (default 20)")
+    p.add_argument("--seed", type=checked.seed, default=0)
+    p.add_argument("--guidance", type=checked.non_negative_float, default=1.0,
                    help="classifier-free guidance scale for class and text models (1: none)")
-    p.add_argument("--class", dest="classes", type=int, nargs="+", action="extend", metavar="C",
+    p.add_argument("--class", dest="classes", type=checked.non_negative_int, nargs="+", action="extend", metavar="C",
                    help="class label(s) for a class model, cycled over the images (default: one class per column)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="caption for a text model; repeat for several, cycled over the images (one per column)")
     p.add_argument("--negative", default=None, metavar="TEXT",
                    help="negative prompt for a text model's guidance (default: the empty caption)")
     p.add_argument("--karras", action="store_true", help="Karras et al. noise levels instead of the schedule's own")
-    p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
+    p.add_argument("--nrow", type=checked.non_negative_int, default=0,
+                   help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
+    checked.add_allow_nonfinite(p)
     p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
-    p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
+    p.add_argument("-o", "--output", type=checked.image_output, default="samples.png",
+                   help="PNG to write (default samples.png)")
     p.set_defaults(func=_sample)
 
 
@@ -499,7 +526,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "Noise INIT to --strength of the way and denoise it with the prompt, as diffusers' "
                   "StableDiffusionImg2ImgPipeline. A native model encodes INIT with its first stage's posterior mean; "
                   "INIT must have the model's image size.", (("init", "the starting image"),))
-    p.add_argument("--strength", type=float, default=0.6,
+    p.add_argument("--strength", type=checked.finite_float, default=0.6,
                    help="how much to change: 0 keeps INIT, 1 redraws it entirely (default 0.6)")
     _add_generation_options(p, sampler_names, size=False)
 
@@ -510,7 +537,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "in latents at the end). A first stage with a mask-conditioned decoder (the bundled models') "
                   "decodes with the kept pixels.",
                   (("image", "the image"), ("mask", "same size as IMAGE; white = repaint, black = keep")))
-    p.add_argument("--strength", type=float, default=1.0,
+    p.add_argument("--strength", type=checked.finite_float, default=1.0,
                    help="1 repaints the masked region from noise; less keeps some of it (default 1)")
     p.add_argument("--keep-unmasked", action="store_true",
                    help="paste the original pixels back outside the mask (the autoencoder alters them slightly)")

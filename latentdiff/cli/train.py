@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from latentdiff.cli import args as checked
 from latentdiff.config import load_config, merge, parse_overrides, read_yaml
 from latentdiff.eval.autoencoder import evaluate_autoencoder
 from latentdiff.eval.nll import evaluate_nll, parse_timesteps
@@ -71,13 +72,13 @@ def _add_eval_parser(sub: argparse._SubParsersAction, name: str, func: Callable[
     p.add_argument("checkpoint", help="model.safetensors, a checkpoint folder or a run folder")
     p.add_argument("--data", default=None, help="built-in dataset name or image folder (default: the training data)")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, default=limit, help="number of images (0: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=checked.non_negative_int, default=limit, help="number of images (0: all)")
+    p.add_argument("--batch-size", type=checked.positive_int, default=64)
+    p.add_argument("--seed", type=checked.seed, default=0)
     p.add_argument("--device", default="auto")
     if ema:
         p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
-    p.add_argument("-o", "--output", help="also write the JSON here")
+    p.add_argument("-o", "--output", type=checked.file_output, help="also write the JSON here")
     p.set_defaults(func=func)
     return p
 
@@ -95,7 +96,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          help="reconstruction metrics of a first-stage checkpoint",
                          description="PSNR, SSIM, perceptual distance, reconstruction Frechet distance on "
                                      "EfficientNet-Lite0 features, and for VQ models codebook usage/perplexity.")
-    p.add_argument("--image-size", type=int, default=None, help="default: the training image size")
+    p.add_argument("--image-size", type=checked.positive_int, default=None, help="default: the training image size")
     p.add_argument("--perceptual", default="efficientnet", choices=["efficientnet", "lpips", "none"])
 
     p = _add_eval_parser(sub, "eval-nll", _eval_nll, limit=256, ema=True,
@@ -116,7 +117,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", metavar="DST", help="the output folder")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="storage dtype of the floating-point weights (loaded back as float32; default float32)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=checked.non_negative_float, default=None,
                    help="the default guidance scale stored with the model (sample_guidance)")
     p.add_argument("--first-stage", metavar="AE", default=None,
                    help="take the decoder of this autoencoder run (fine-tuned with train_only: decoder; its encoder "

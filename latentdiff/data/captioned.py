@@ -71,6 +71,7 @@ from latentdiff.data.datasets import (
     scan_folder,
     scan_image_folder,
 )
+from latentdiff.data.image_files import open_checked
 from latentdiff.data.transforms import convert_mode, fit_to_size, resize_to_cover, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class FolderCaptions:
 def inspect_image(path: Path) -> tuple[Size | None, str | None]:
     """((height, width) as shown, after EXIF rotation, None) for a file that opens, else (None, the error)."""
     try:
-        with Image.open(path) as img:
+        with open_checked(path, str(path)) as img:
             img.verify()
         with Image.open(path) as img:  # verify() leaves the file unusable; reading the EXIF needs it open again
             width, height = img.size

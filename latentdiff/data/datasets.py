@@ -58,7 +58,9 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 from torch.utils.data import Dataset
 
+from latentdiff.config import check_ranges
 from latentdiff.data.buckets import bucket_sizes
+from latentdiff.data.image_files import open_checked
 from latentdiff.data.transforms import RESIZE_MODES, convert_mode, fit_to_size, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -139,8 +141,9 @@ class DataConfig:
             raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.photos_max_scale < 1.0:
             raise ValueError(f"data.photos_max_scale must be >= 1, got {self.photos_max_scale}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        check_ranges(self, non_negative=("shuffle_buffer", "limit", "seed", "photos_crops_per_epoch",
+                                         "photos_test_crops", "keep_tokens", "bucket_resolution", "min_bucket_side",
+                                         "max_bucket_side"), positive=("bucket_step",), fractions=("caption_dropout",))
         if self.path and self.shards:
             raise ValueError("data.path and data.shards each name a dataset: give one of them")
         if self.path:
@@ -458,7 +461,7 @@ def folder_split(all_files: list[Path], split: str, root: Path) -> list[Path]:
 def _verify_image(path: Path) -> str | None:
     """Cheap header/structure check; returns the error text, or None if the file looks fine."""
     try:
-        with Image.open(path) as img:
+        with open_checked(path, str(path)) as img:
             img.verify()
     except Exception as exc:  # PIL raises many unrelated exception types for bad files
         return f"{type(exc).__name__}: {exc}"
@@ -467,7 +470,7 @@ def _verify_image(path: Path) -> str | None:
 
 def load_image_file(path: Path) -> Image.Image:
     """A decoded image file, turned as its EXIF says (phone photos store rotation there rather than in the pixels)."""
-    with Image.open(path) as img:
+    with open_checked(path, str(path)) as img:  # the pixel limit before decoding
         img.load()
         return ImageOps.exif_transpose(img)
 

@@ -36,10 +36,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from latentdiff.data.datasets import IMAGE_EXTENSIONS, DataConfig, _check_split
+from latentdiff.data.image_files import open_checked
 from latentdiff.data.transforms import convert_mode, fit_to_size, to_tensor
 from latentdiff.data.webdataset import ShardError, TarSample, expand_shards, tar_samples
 
@@ -118,7 +119,7 @@ class ShardDataset(Dataset):
         """A sample's members -> the item; an image that does not decode is an error naming the shard and key."""
         ext = next(e for e in IMAGE_MEMBERS if e in data)
         try:
-            with Image.open(io.BytesIO(data[ext])) as img:
+            with open_checked(data[ext], f"{self.paths[shard]} sample {key!r}") as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
         except Exception as e:  # whatever the decoder raises for a bad image

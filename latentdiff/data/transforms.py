@@ -30,7 +30,7 @@ _BICUBIC = Image.Resampling.BICUBIC
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
+def high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
     """Map 16/32-bit integer and float grayscale images onto 0..255 ("L")."""
     arr = np.asarray(img)
     if img.mode == "F":
@@ -73,7 +73,7 @@ def convert_mode(img: Image.Image, channels: int, background: int = 255) -> Imag
         canvas = Image.new("RGBA", rgba.size, (background, background, background, 255))
         img = Image.alpha_composite(canvas, rgba).convert("RGB")
     elif img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        img = _high_bit_depth_to_8bit(img)
+        img = high_bit_depth_to_8bit(img)
     elif img.mode == "1":
         img = img.convert("L")
     return img.convert(target)

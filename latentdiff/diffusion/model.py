@@ -34,6 +34,7 @@ from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.conditioning.conditioner import Conditioner, ConditionerConfig
 from latentdiff.conditioning.embedders.registry import registered_input_keys
+from latentdiff.config import check_ranges
 from latentdiff.diffusion.conditioning import COND_KEYS, check_unet_fits, encode_conditioning, guidance_pair
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.noise_levels import apply_strength, get_sigmas_discrete, get_sigmas_karras
@@ -96,8 +97,7 @@ class LatentDiffusionConfig:
         if self.conditioning not in CONDITIONING_MODES:
             raise ValueError(f"unknown conditioning {self.conditioning!r}; choose one of "
                              f"{', '.join(CONDITIONING_MODES)}")
-        if not 0.0 <= self.class_dropout <= 1.0:
-            raise ValueError(f"class_dropout must be in [0, 1], got {self.class_dropout}")
+        check_ranges(self, non_negative=("image_size", "channels", "num_classes"), fractions=("class_dropout",))
         if self.scale_factor < 0:
             raise ValueError(f"scale_factor must be positive, or 0 to compute it, got {self.scale_factor}")
         if self.conditioning in CONDITIONER_MODES:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from latentdiff.config import check_ranges
 from latentdiff.nn.attention import attention
 from latentdiff.nn.embeddings import timestep_embedding
 from latentdiff.nn.transformer import SpatialTransformer
@@ -59,6 +60,8 @@ class UNetConfig:
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        check_ranges(self, positive=("in_channels", "out_channels", "model_channels", "transformer_depth"),
+                     fractions=("dropout",))
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels (the other one to -1)")
         if self.num_head_channels == -1 and self.num_heads < 1:

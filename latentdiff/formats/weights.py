@@ -7,8 +7,6 @@ that would need to run code is refused with a line that says so.
 
 from __future__ import annotations
 
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from latentdiff.io.errors import CheckpointError
+from latentdiff.io.state import check_weights, torch_load_weights_only
 
 # Old PyTorch Lightning checkpoints (SD v1.x .ckpt files) use this class as a dictionary key; it is mapped to an
 # inert stand-in so that torch.load(weights_only=True) can read them without importing Lightning.
@@ -34,25 +33,9 @@ class _InertLightningClass:
 
 
 def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)``, with a clear refusal when the pickle wants to run code."""
-    allowed = [(_InertLightningClass, name) for name in _LIGHTNING_GLOBALS]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
-        if found is None:
-            detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
-            reason = detail.group(1).strip() if detail else str(e).strip().splitlines()[-1]
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
-                                  f"({reason})") from e
-        raise CheckpointError(
-            f"{path} is a pickle that would need to run code to load (it refers to `{found.group(1)}`). Pickled "
-            "checkpoints can run arbitrary code, so they are only read with torch.load(weights_only=True), and this "
-            "one is refused; use a .safetensors copy of it, or re-save its state dict as plain tensors with a tool "
-            "you trust") from e
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    """``torch.load(path, weights_only=True)`` (old Lightning checkpoints' one class mapped to an inert stand-in),
+    with a clear refusal when the pickle wants to run code."""
+    return torch_load_weights_only(path, [(_InertLightningClass, name) for name in _LIGHTNING_GLOBALS])
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -76,10 +59,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
-            return load_file(str(path)), metadata
+            weights = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
-    return _unwrap(safe_torch_load(path), path), {}
+        check_weights(weights, path)
+        return weights, metadata
+    weights = _unwrap(safe_torch_load(path), path)
+    check_weights(weights, path)
+    return weights, {}
 
 
 def show_keys(keys: list[str], limit: int = 6) -> str:

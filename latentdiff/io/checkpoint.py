@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from latentdiff.io.errors import CheckpointError
+from latentdiff.io.state import check_weights, torch_load_weights_only
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -103,6 +104,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
     if config is None:
         raise CheckpointError(f"{file} carries no latentdiff config (metadata or {CONFIG_NAME} beside it)")
+    if not isinstance(config, dict) or not config:
+        raise CheckpointError(f"{file}: its latentdiff config is {'empty' if not config else 'not a mapping'} "
+                              f"({str(config)[:40]}); not a model")
+    check_weights(weights, file)
     return weights, config
 
 
@@ -203,4 +208,7 @@ def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{checkpoint_dir} has no {TRAIN_STATE_NAME}: it cannot be resumed")
     # weights_only: a checkpoint never gets to run code on load.
-    return torch.load(file, map_location="cpu", weights_only=True)
+    state = torch_load_weights_only(file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a training state")
+    return state

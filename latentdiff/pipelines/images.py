@@ -19,24 +19,32 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentdiff.data.image_files import open_checked, read_image
+from latentdiff.data.transforms import high_bit_depth_to_8bit
+
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path | list
 
 
-def _open_image(path: Path, what: str) -> Image.Image:
-    """The image file at ``path``, read into memory; FileNotFoundError or ValueError (an unreadable file) name it."""
+def image_file_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) of the image file at ``path`` from its header, without decoding it; the pixel limit and the
+    file's structure (``verify``: a truncated PNG fails here) are checked, with the errors of ``read_image``."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()  # the decoded pixels outlive the closed file
-    except OSError as e:
-        raise ValueError(f"{path} is not a readable image ({e})") from e
+        with open_checked(path, str(path)) as img:
+            size = img.size
+            img.verify()
+            return size
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = high_bit_depth_to_8bit(image)  # 16-bit PNGs scaled to 8 bit, not clipped to white
     image = image.convert("RGB" if channels == 3 else "L")
     arr = np.asarray(image, dtype=np.float32) / 255.0  # diffusers' pil_to_numpy
     return arr if arr.ndim == 3 else arr[..., None]
@@ -53,7 +61,7 @@ def to_image_tensor(image: ImageInput, channels: int = 3) -> torch.Tensor:
             raise ValueError("an empty list of images")
         return torch.cat([to_image_tensor(i, channels) for i in image])
     if isinstance(image, (str, Path)):
-        return to_image_tensor(_open_image(Path(image), "image"), channels)
+        return to_image_tensor(read_image(image), channels)
     if isinstance(image, Image.Image):
         return torch.from_numpy(_pil_to_array(image, channels).transpose(2, 0, 1).copy())[None]
     if isinstance(image, np.ndarray):
@@ -128,7 +136,7 @@ CLASS_MAP_MODES = ("P", "L", "I;16", "I")  # PIL modes whose pixel values are cl
 def read_class_map(path: str | Path) -> torch.Tensor:
     """A class-map PNG (see the module docstring) as (1, H, W) int64 class indices."""
     path = Path(path)
-    image = _open_image(path, "class map")
+    image = read_image(path, "class map")
     mode = image.mode
     if mode not in CLASS_MAP_MODES:
         raise ValueError(f"{path} is a colour image (mode {mode}); a class map is a palette or greyscale PNG whose "
@@ -167,5 +175,5 @@ def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-__all__ = ["CLASS_MAP_MODES", "ImageInput", "check_size", "read_class_map", "resize_to_multiple", "save_class_map",
-           "to_image_tensor", "to_mask_tensor", "to_pil_images"]
+__all__ = ["CLASS_MAP_MODES", "ImageInput", "check_size", "image_file_size", "read_class_map", "resize_to_multiple",
+           "save_class_map", "to_image_tensor", "to_mask_tensor", "to_pil_images"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from latentdiff.data.image_files import open_checked
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, resolve_sampler
 from latentdiff.io.files import file_sha256
 
@@ -126,7 +127,7 @@ def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The record a PNG carries: our JSON chunk, else A1111's ``parameters`` text parsed (``parse_a1111_parameters``);
     a PNGParametersError (a ValueError) when it has neither or is not an image, an OSError when it cannot be read."""
     try:
-        with Image.open(path) as image:
+        with open_checked(Path(path), str(path)) as image:  # a decompression bomb is one clear line too
             chunks = dict(getattr(image, "text", {}))
     except UnidentifiedImageError:
         raise PNGParametersError(f"{path} is not an image") from None

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from latentdiff.config import check_ranges
 from latentdiff.data import seed_worker
 from latentdiff.data.buckets import BucketBatchSampler
 from latentdiff.data.shards import ShardDataset, ShardStream
@@ -67,6 +68,11 @@ class TrainConfig:
     time_limit_clock: str = "wall"  # "wall": elapsed time; "cpu": this process's CPU time (fair under contention)
 
     def __post_init__(self) -> None:
+        check_ranges(self, positive=("steps", "batch_size", "lr", "max_nonfinite"), fractions=("min_lr_ratio",),
+                     non_negative=("disc_lr", "weight_decay", "warmup_steps", "grad_clip", "threads", "num_workers",
+                                   "seed", "keep_checkpoints", "eval_images", "time_limit_minutes"))
+        if not self.betas or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be numbers in [0, 1), got {list(self.betas)}")
         for name in ("log_every", "ckpt_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0: only at the end of the run), got "
