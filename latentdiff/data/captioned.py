@@ -43,7 +43,7 @@ Caption augmentation (train split)
     data-level options act on the caption text, before the latent cache's token ids are made, so a cache made once
     would freeze them: the diffusion trainer refuses them with ``cache_latents``
     (``DataConfig.check_cacheable``), as it
-    refuses random crops and buckets. Random draws come from torch's global RNG, as ``random_flip``'s do.
+    refuses random crops (buckets are cached at each item's bucket size). Random draws come from torch's global RNG, as ``random_flip``'s do.
 """
 
 from __future__ import annotations
