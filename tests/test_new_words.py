@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 from latentdiff.cli import main
 from latentdiff.conditioning.text import TextTransformer, TextTransformerConfig
 from latentdiff.config import ConfigError, load_config
+from latentdiff.data.datasets import FASHION_MNIST_DIR, _load_fashion_mnist
+from latentdiff.data.scenes import FashionScenes, SceneAttribute, render_scene
+from latentdiff.eval.prompt_accuracy import CheckerConfig, FashionClassifier, PromptChecker, prompt_accuracy
 from latentdiff.formats.native import load_latent_diffusion
 from latentdiff.io.checkpoint import read_checkpoint
 from latentdiff.train.diffusion import DiffusionExperiment, DiffusionTrainer
@@ -135,3 +138,23 @@ def test_new_words_refusals_are_one_clear_line(tmp_path):
         DiffusionTrainer(experiment(folder, tmp_path / "y", new_words="[light pink]")).run()
     with pytest.raises(ConfigError, match="train.weight_decay: 0"):
         DiffusionTrainer(experiment(folder, tmp_path / "z", **{"train.weight_decay": "0.01"})).run()
+
+
+def test_pink_renders_for_new_data_and_the_checker_tells_it_from_every_old_colour():
+    scenes = FashionScenes("test", image_size=32, length=60, seed=3)
+    raw, _ = _load_fashion_mnist(FASHION_MNIST_DIR, "test")
+    drawn = [scenes.scene(i) for i in range(len(scenes))]
+    old = torch.stack([scenes[i]["image"] for i in range(len(scenes))])
+    assert torch.equal(old[0], render_scene([raw[r] for r in drawn[0][1]], drawn[0][0], scenes.layout)["image"])
+    pink = [[SceneAttribute(a.cls, "pink", a.position) for a in attrs] for attrs, _ in drawn]
+    pink_images = torch.stack([render_scene([raw[r] for r in rows], p, scenes.layout)["image"]
+                               for (_, rows), p in zip(drawn, pink, strict=True)])
+    classifier = FashionClassifier()  # the colour check does not use it
+    aware = PromptChecker(classifier, CheckerConfig(new_colours=("pink",)))
+    plain = PromptChecker(classifier)
+    assert prompt_accuracy(pink_images, pink, aware)["colour_accuracy"] == 1.0
+    assert prompt_accuracy(old, [a for a, _ in drawn], aware)["colour_accuracy"] == 1.0  # every old colour too
+    assert prompt_accuracy(old, [a for a, _ in drawn], plain)["colour_accuracy"] == 1.0
+    assert prompt_accuracy(pink_images, pink, plain)["colour_accuracy"] == 0.0  # the default palette has no pink
+    with pytest.raises(ValueError, match="new_colours must be among pink"):
+        PromptChecker(classifier, CheckerConfig(new_colours=("mauve",)))
