@@ -88,7 +88,7 @@ def _train_new_rows_only(encoder: TextTransformer, old_rows: int, weight_decay: 
     weight = encoder.token_embedding.weight
     keep = (torch.arange(len(weight), device=weight.device) >= old_rows)[:, None]
     weight.requires_grad_(True)
-    weight.register_hook(lambda grad: grad * keep.to(grad.dtype))
+    weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
 
 
 def add_new_words(model: LatentDiffusion, requested: list[str], min_count: int, init_word: str,
