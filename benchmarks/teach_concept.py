@@ -225,6 +225,29 @@ def evaluate(args: argparse.Namespace) -> None:
             f.write(json.dumps(result) + "\n")
 
 
+@torch.no_grad()
+def roundtrip(args: argparse.Namespace) -> None:
+    """The mean colour of an item's bright pixels (alpha > 0.5) drawn in each colour, and after the model's first
+    stage (encode, decode): whether the frozen autoencoder can show a colour at all."""
+    from latentdiff.data.scenes import COLOURS, NEW_COLOURS, SceneAttribute, SceneLayout, render_scene
+    from latentdiff.formats.native import load_latent_diffusion
+
+    model = load_latent_diffusion(args.model)
+    images, labels = _sources("test")
+    sources = [images[int(np.flatnonzero(labels == c)[0])] for c in range(10)]
+    result = {}
+    for colour in (*COLOURS, *NEW_COLOURS):
+        drawn = torch.stack([render_scene([src], [SceneAttribute("bag", colour, "center")], SceneLayout(32))["image"]
+                             for src in sources])
+        params = model.first_stage_parameters(drawn)
+        decoded = model.first_stage_model.decode(params[:, :model.latent_channels]).clamp(-1, 1)
+        bright = (drawn.amax(1, keepdim=True) + 1) / 2 > 0.5
+        mean = [[round(float(((x + 1) / 2 * bright).sum((0, 2, 3))[c] / bright.sum()), 2) for c in range(3)]
+                for x in (drawn, decoded)]
+        result[colour] = {"drawn": mean[0], "first_stage": mean[1]}
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +270,9 @@ def main() -> None:
     p.add_argument("--out", default="", help="append the JSON result to this file")
     p.add_argument("--concept", choices=("corners", "pink"), default="corners")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("roundtrip", help="each colour's mean RGB drawn and after the model's first stage")
+    p.add_argument("--model", default=str(ROOT / "models" / "scenes-txt2img"))
+    p.set_defaults(func=roundtrip)
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.func(args)
