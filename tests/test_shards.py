@@ -2,6 +2,7 @@
 guarantees: each sample once per epoch across ranks x workers, and exact resume (loader, trainer, 2 gloo ranks)."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,29 @@ def test_make_shards_splits_by_count_and_size_and_never_overwrites_unasked(tmp_p
     assert len(list(out.glob("*.tar"))) == 7 and not list(out.glob(".*"))  # one ~700-byte sample per shard
     assert main(["make-shards", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "is not a folder of images" in capsys.readouterr().err
+
+
+def test_make_shards_reads_captions_as_data_path_does_metadata_first(tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.png", "sub/c.png", "d.png"]):
+        (folder / name).write_bytes(png(i * 40))
+    (folder / "a.txt").write_text("from the txt\nsecond line")  # the metadata's row wins over it
+    (folder / "d.txt").write_text("\n  only the txt  \n")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a pink circle"}\n'
+                                           '{"file_name": "sub/c.png", "text": "a red square"}\n')
+    out = tmp_path / "shards"
+    assert main(["make-shards", str(folder), str(out)]) == 0
+    with tarfile.open(out / "data-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    captions = {json.loads(members[name])["file_name"]: members.get(name.replace(".json", ".txt"))
+                for name in members if name.endswith(".json")}
+    assert captions == {"a.png": b"a pink circle", "b.png": None, "d.png": b"only the txt",
+                        "sub/c.png": b"a red square"}
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')  # no text column: one line, nothing written
+    assert main(["make-shards", str(folder), str(tmp_path / "other")]) == 2
+    assert "metadata.jsonl:1: a metadata row needs the columns file_name and text" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 # ------------------------------------------------------------------------------------------------- the stream

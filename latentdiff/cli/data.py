@@ -8,15 +8,18 @@ import logging
 from pathlib import Path
 
 from latentdiff.cli import args as checked
+from latentdiff.data.captioned import FolderCaptions
 from latentdiff.data.datasets import scan_image_folder
 from latentdiff.data.image_files import open_checked
 from latentdiff.data.webdataset import ShardWriter, shard_pattern
 
 logger = logging.getLogger(__name__)
 
-MAKE_SHARDS_TEXT = ("Pack every readable image under FOLDER (recursively) and its same-stem .txt caption into tar "
-                    "shards OUT/data-000000.tar, ... (webdataset's layout: 000000042.png + 000000042.txt + "
-                    "000000042.json with the source path). Train on them with data.shards=OUT.")
+MAKE_SHARDS_TEXT = ("Pack every readable image under FOLDER (recursively) and its caption into tar shards "
+                    "OUT/data-000000.tar, ... (webdataset's layout: 000000042.png + 000000042.txt + 000000042.json "
+                    "with the source path). Captions are read as data.path reads them: IMAGE.txt beside the image, "
+                    "or a metadata.jsonl / metadata.csv with the columns file_name and text (the metadata wins). "
+                    "Train on them with data.shards=OUT.")
 
 
 def _readable(path: Path) -> bytes | None:
@@ -32,8 +35,9 @@ def _readable(path: Path) -> bytes | None:
 
 
 def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwrite: bool) -> list[Path]:
-    """Every readable image under ``folder`` (recursively, sorted) with its same-stem ``.txt`` caption as one sample
-    (key: its number; ``json``: its path in the folder) in shards ``out/data-000000.tar``, ...; returns them."""
+    """Every readable image under ``folder`` (recursively, sorted) with its caption (``data.path``'s rules: the
+    metadata.jsonl / metadata.csv row, else IMAGE.txt; ``FolderCaptions``) as one sample (key: its number; ``json``:
+    its path in the folder) in shards ``out/data-000000.tar``, ...; returns them."""
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder of images")
     old = sorted(out.glob("*.tar")) if out.is_dir() else []
@@ -42,6 +46,7 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
     images = scan_image_folder(folder)
     if not images:
         raise ValueError(f"no images found in {folder} (searched recursively)")
+    captions = FolderCaptions(folder, images)  # a metadata file that cannot be read fails here, before any write
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, max_count, int(max_mb * 2**20))
     written = captioned = 0
@@ -51,9 +56,9 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
             if data is None:
                 continue
             members = {path.suffix.lower().lstrip("."): data}
-            caption = path.with_suffix(".txt")
-            if caption.is_file():
-                members["txt"] = caption.read_bytes()
+            caption = captions.caption(path)
+            if caption is not None:
+                members["txt"] = caption.encode()
                 captioned += 1
             members["json"] = json.dumps({"file_name": path.relative_to(folder).as_posix()}).encode()
             writer.write(f"{written:09d}", members)
@@ -68,6 +73,9 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
     shards = writer.finish()
     logger.info("%d samples (%d with captions, %d unreadable images skipped) in %d shards", written, captioned,
                 len(images) - written, len(shards))
+    if captions.disagreeing:
+        logger.warning("%d images captioned both by metadata and .txt differently: the metadata's caption kept",
+                       captions.disagreeing)
     return shards
 
 
@@ -79,9 +87,10 @@ def _make_shards(args: argparse.Namespace) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-shards", help="write a folder of images + .txt captions as webdataset tar shards",
+    p = sub.add_parser("make-shards", help="write a folder of captioned images as webdataset tar shards",
                        description=MAKE_SHARDS_TEXT)
-    p.add_argument("folder", metavar="FOLDER", help="a folder of images, each with an optional caption IMAGE.txt")
+    p.add_argument("folder", metavar="FOLDER",
+                   help="a folder of images, captioned by IMAGE.txt files or a metadata.jsonl / metadata.csv")
     p.add_argument("out", metavar="OUT", help="the folder the shards are written to")
     p.add_argument("--max-count", type=checked.positive_int, default=10000,
                    help="samples per shard at most (default 10000)")

@@ -177,6 +177,30 @@ class TextTransformer(nn.Module):
     def tokenize(self, captions: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer(captions)
 
+    @torch.no_grad()
+    def add_words(self, words: Sequence[str], init_word: str = "") -> None:
+        """Append ``words`` to the vocabulary (``config.vocab``, so that the saved config holds them), each with a
+        new row of the token embedding: a copy of ``init_word``'s row, or the mean of the vocabulary words' rows.
+        Every old id and row stays as it was, so old prompts encode exactly as before. A word must be one word as
+        ``split_caption`` reads it (lower case, no spaces) and new to the vocabulary."""
+        ids = self.tokenizer.ids
+        for word in words:
+            if split_caption(word) != [word] or word in ids:
+                raise ValueError(f"cannot add {word!r} to the text vocabulary: "
+                                 + ("it is there already" if word in ids else "not one lower-case word"))
+        if len(set(words)) != len(words):
+            raise ValueError(f"the new words repeat a word: {', '.join(words)}")
+        if init_word and init_word not in ids:
+            raise ValueError(f"the new words' initial embedding word {init_word!r} is not in the vocabulary")
+        old = self.token_embedding.weight
+        init = old[ids[init_word]] if init_word else old[len(SPECIAL_TOKENS):].mean(0)
+        grown = nn.Embedding(len(old) + len(words), self.config.width, device=old.device, dtype=old.dtype)
+        grown.weight.copy_(torch.cat([old, init.expand(len(words), -1)]))
+        grown.weight.requires_grad_(old.requires_grad)
+        self.token_embedding = grown
+        self.config.vocab.extend(words)
+        self.tokenizer = WordTokenizer(self.config.vocab, self.config.max_length)
+
     def encode_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_length:
             raise ValueError(f"input_ids must be (N, L <= {self.config.max_length}), got {tuple(input_ids.shape)}")

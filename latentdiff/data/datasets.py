@@ -173,20 +173,22 @@ class DataConfig:
     def step_augmentations(self) -> list[str]:
         """The captioned folders' options that change an item every time it is read (a cache would freeze them)."""
         options = {"data.caption_dropout": self.caption_dropout > 0, "data.shuffle_tags": self.shuffle_tags,
-                   "data.crop=random": self.crop == "random", "data.buckets": self.buckets}
+                   "data.crop=random": self.crop == "random"}
         return [name for name, used in options.items() if used]
 
     def check_cacheable(self) -> None:
-        """Refuse the options that a latent cache made once would freeze: one clear error with what to change."""
+        """Refuse the options that a latent cache made once would freeze: one clear error with what to change.
+        Buckets are cacheable: each item is cached at its bucket's size (train/latent_cache.py)."""
         if self.step_augmentations():
-            raise ValueError(f"{', '.join(self.step_augmentations())}: items change from read to read or differ in "
-                             "size, but cache_latents encodes them once: set cache_latents=false (or, for caption "
+            raise ValueError(f"{', '.join(self.step_augmentations())}: items change from read to read, but "
+                             "cache_latents encodes them once: set cache_latents=false (or, for caption "
                              "dropout, use model.conditioner.embedders.caption.dropout, which works with the cache)")
 
     def check_captioned_options(self) -> None:
         """The captioned folders' options on another dataset: an error rather than silently ignored."""
-        if self.step_augmentations() and not self.path:
-            raise ValueError(f"{', '.join(self.step_augmentations())} apply to captioned folders: give the folder as "
+        options = self.step_augmentations() + (["data.buckets"] if self.buckets else [])
+        if options and not self.path:
+            raise ValueError(f"{', '.join(options)} apply to captioned folders: give the folder as "
                              f"data.path (data.name {self.name!r} does not have them)")
 
 

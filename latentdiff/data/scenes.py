@@ -92,6 +92,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLASS_NAMES",
     "COLOURS",
+    "NEW_COLOURS",
     "MAX_ITEMS",
     "POSITIONS",
     "SCENE_SPLITS",
@@ -119,6 +120,12 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "white": (1.0, 1.0, 1.0),
 }
 COLOUR_NAMES = tuple(COLOURS)
+# Colours for new data only (benchmarks/teach_concept.py --concept pink: a colour word the bundled models never saw).
+# FashionScenes never draws them, so its scenes, captions and attribute indices stay what they were; render_scene
+# and the prompt checker (CheckerConfig.new_colours) know them by name. Largest channel 1, as COLOURS.
+NEW_COLOURS: dict[str, tuple[float, float, float]] = {
+    "pink": (1.0, 0.45, 0.75),  # 0.60 from white, 0.62 from purple, 0.75 from orange in RGB
+}
 POSITIONS = ("center", "left", "right", "top", "bottom")
 POSITION_PHRASES = {"center": "", "left": " on the left", "right": " on the right", "top": " at the top",
                     "bottom": " at the bottom"}
@@ -246,7 +253,7 @@ def render_scene(sources: Sequence[np.ndarray | Tensor], attributes: Sequence[Sc
     for k, (source, (cls, colour, position)) in enumerate(zip(sources, attributes, strict=True)):
         alpha = item_alpha(source, s)
         top, left = layout.box(position)
-        rgb = torch.tensor(COLOURS[colour]).view(3, 1, 1)
+        rgb = torch.tensor(COLOURS[colour] if colour in COLOURS else NEW_COLOURS[colour]).view(3, 1, 1)
         region = canvas[:, top : top + s, left : left + s]
         # max, not overwrite: dataset layouts never overlap, but a hand-made one must not erase an item.
         canvas[:, top : top + s, left : left + s] = torch.maximum(region, alpha * rgb)

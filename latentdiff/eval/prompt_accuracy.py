@@ -53,6 +53,7 @@ from latentdiff.data.scenes import (
     CLASS_NAMES,
     COLOUR_NAMES,
     COLOURS,
+    NEW_COLOURS,
     POSITIONS,
     SceneAttribute,
     SceneLayout,
@@ -274,6 +275,7 @@ class CheckerConfig:
     min_fill: float = 0.02  # position: foreground fraction of the box; real items fill at least ~3%
     max_stray: float = 0.25  # position: foreground outside the prompt's boxes / inside them
     colour_fraction: float = 0.5  # colour: use pixels at least this fraction of the box's brightest
+    new_colours: tuple[str, ...] = ()  # data.scenes.NEW_COLOURS added to the palette (e.g. "pink"); () as before
 
 
 @dataclass
@@ -306,7 +308,7 @@ def _as_attributes(attributes: Attributes) -> list[SceneAttribute]:
         cls = CLASS_NAMES[cls] if isinstance(cls, int) else cls
         colour = COLOUR_NAMES[colour] if isinstance(colour, int) else colour
         position = POSITIONS[position] if isinstance(position, int) else position
-        if cls not in CLASS_NAMES or colour not in COLOURS or position not in POSITIONS:
+        if cls not in CLASS_NAMES or (colour not in COLOURS and colour not in NEW_COLOURS) or position not in POSITIONS:
             raise ValueError(f"unknown attribute {(cls, colour, position)!r}")
         out.append(SceneAttribute(cls, colour, position))
     return out
@@ -322,7 +324,11 @@ class PromptChecker:
 
     def __post_init__(self) -> None:
         self.classifier = self.classifier.to(self.device).eval()
-        palette = torch.tensor(list(COLOURS.values()))
+        unknown = [c for c in self.config.new_colours if c not in NEW_COLOURS]
+        if unknown:
+            raise ValueError(f"new_colours must be among {', '.join(NEW_COLOURS)}, got {', '.join(unknown)}")
+        self._colour_names = COLOUR_NAMES + tuple(self.config.new_colours)
+        palette = torch.tensor([*COLOURS.values(), *(NEW_COLOURS[c] for c in self.config.new_colours)])
         self._palette = palette / palette.amax(1, keepdim=True)
 
     @torch.no_grad()
@@ -375,7 +381,7 @@ class PromptChecker:
             for a in attrs:
                 has_item = bool(count[m] > 0)
                 pred_class = CLASS_NAMES[int(class_idx[m])] if has_item else None
-                pred_colour = COLOUR_NAMES[int(colour_idx[m])] if has_item else None
+                pred_colour = self._colour_names[int(colour_idx[m])] if has_item else None
                 row.append(AttributeCheck(
                     attribute=a,
                     predicted_class=pred_class,

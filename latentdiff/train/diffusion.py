@@ -51,6 +51,7 @@ from latentdiff.train.ema import EMA
 from latentdiff.train.finetune import TEXT_ENCODER_MODES, LoRAConfig, add_lora, adopt_base, set_text_encoder_training
 from latentdiff.train.latent_cache import load_or_build_latent_cache
 from latentdiff.train.loop import DistEnv, TrainConfig
+from latentdiff.train.new_words import add_new_words, base_section, restore_embedding
 from latentdiff.train.trainer import ScheduledOptimizer, Trainer, WeightAverage
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ class DiffusionExperiment:
     init_from: str = ""
     text_encoder: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Words added to a fine-tuned model's own text vocabulary (train/new_words.py): [] none, [auto] those of the
+    # captions seen >= new_words_min_count times, or a list; new rows start as new_words_init's ("": the mean).
+    new_words: list[str] = field(default_factory=list)
+    new_words_min_count: int = 2
+    new_words_init: str = ""
 
     def __post_init__(self) -> None:
         if self.text_encoder not in TEXT_ENCODER_MODES:
@@ -98,6 +104,11 @@ class DiffusionExperiment:
                              f"{self.text_encoder!r}")
         if self.lora.rank and not self.init_from:
             raise ValueError("lora adapts a trained model: set init_from to it")
+        if self.new_words and not self.init_from:
+            raise ValueError("new_words grows a fine-tuned model's vocabulary (set init_from); trained from scratch, "
+                             "the text encoder's vocabulary is built from the captions anyway")
+        if self.new_words_min_count < 1:
+            raise ValueError(f"new_words_min_count must be >= 1, got {self.new_words_min_count}")
         if self.lora.rank and self.text_encoder == "trained":
             raise ValueError("a LoRA run keeps the base weights frozen: for the text encoder use lora.text_encoder: "
                              "true instead of text_encoder: trained")
@@ -261,7 +272,7 @@ class DiffusionTrainer(Trainer):
                            "with (0.9, 0.999)")
         # A fine-tuning run starts from its base; a LoRA run reloads it on resume too (its checkpoints hold the
         # adapters, not the base weights).
-        base = adopt_base(exp.model, exp.data, exp.init_from) if exp.init_from and (
+        base = adopt_base(base_section(exp.model, exp.new_words), exp.data, exp.init_from) if exp.init_from and (
             not resuming or exp.lora.rank) else None
         if base is not None:
             exp.model = base.config
@@ -288,6 +299,9 @@ class DiffusionTrainer(Trainer):
         exp.model = model.config  # what building the model filled in (the first stage's config...) is saved
         set_text_encoder_training(model, exp.text_encoder)
         self.lora_unet, self.lora_text = add_lora(model, exp.lora) if exp.lora.rank else ({}, {})
+        if exp.new_words:
+            exp.new_words = add_new_words(model, exp.new_words, exp.new_words_min_count, exp.new_words_init,
+                                          lambda: dataset_captions(self.train_set), base is None, cfg.weight_decay)
         self.model = model.to(env.device)
         self.cond_params = model.conditioner_parameters()
         if env.distributed and self.cond_params:
@@ -318,6 +332,8 @@ class DiffusionTrainer(Trainer):
     def restore(self, weights: dict[str, torch.Tensor], config: dict[str, Any], state: dict[str, Any]) -> None:
         if self.exp.lora.rank:  # model.safetensors is the merged model; the adapters are in train_state.pt
             load_lora_state(self.model, state["lora"])
+            if self.exp.new_words:  # trained rows of the token embedding, which is no adapter
+                restore_embedding(self.model, weights)
         else:
             super().restore(weights, config, state)
         self.model.config.scale_factor = float(config["model"]["scale_factor"])

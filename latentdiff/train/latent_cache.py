@@ -12,6 +12,13 @@ config and the conditioner; a cache is reused on resume or restart only when its
 single-file ``latent_cache.safetensors`` of earlier versions is left alone and not read). Caching freezes the
 data: random flips are then applied once, not per epoch.
 
+Aspect-ratio buckets (``data.buckets``): each item is cached at its bucket's size, so items of different buckets
+have latents of different shapes. The cache then holds the items bucket by bucket (buckets in index order, items in
+dataset order within each), every part one bucket's items only, and ``index.json`` records each dataset item's
+bucket (``item_buckets``) and each part's; an interrupted build resumes after its last part as an unbucketed one
+does. The cache dataset maps dataset indices to their place in the parts and hands ``item_buckets`` to the bucket
+batch sampler, so a cached run draws the batches, and reads the latents, of an uncached one.
+
 With a conditioner the cache also holds what ``Conditioner.prepare`` makes of each item: token ids (captions are
 tokenised once), class maps (uint8), low-res images, and for inpainting the images themselves (uint8: an 8-bit
 copy, like the files real inpainting inputs come from; the masks are drawn per step, so the masked image is
@@ -86,12 +93,27 @@ class LatentCacheDataset(Dataset):
     Each part is a safetensors file of ``params``, ``labels`` and ``cond.<input>`` tensors (``Conditioner.prepare``'s
     token ids, class maps, low-res images, images, frozen text encoders' states), read item by item through a
     memory map that each process opens itself; uint8 images come back in [-1, 1] and uint8 class maps as int64.
+
+    With ``item_buckets`` (dataset item i's bucket; the parts then hold the items bucket by bucket, see the module
+    docstring), index i is read from its place in that order and the bucket sampler draws by ``item_buckets``.
     """
 
-    def __init__(self, parts: list[Path], sizes: list[int]) -> None:
+    def __init__(self, parts: list[Path], sizes: list[int], item_buckets: list[int] | None = None) -> None:
         self.parts, self.sizes = parts, sizes
         self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.item_buckets = item_buckets
+        self.rows: list[int] | None = None  # dataset index -> place in the parts (bucketed caches)
+        if item_buckets is not None:
+            self.rows = [0] * len(item_buckets)
+            for place, index in enumerate(cache_order(item_buckets)):
+                self.rows[index] = place
         self._open: dict[int, Any] = {}
+
+    @classmethod
+    def from_index(cls, folder: Path, index: dict[str, Any]) -> LatentCacheDataset:
+        """The cache that ``index`` (its ``index.json``) describes in ``folder``."""
+        return cls([folder / part["file"] for part in index["parts"]], [part["items"] for part in index["parts"]],
+                   index.get("item_buckets"))
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -105,7 +127,7 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a latent cache of {len(self)} items")
-        part, row = self._part(index)
+        part, row = self._part(index if self.rows is None else self.rows[index])
         item: dict[str, Any] = {}
         for name in part.keys():
             value = part.get_slice(name)[row:row + 1][0]
@@ -122,6 +144,23 @@ class LatentCacheDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": {}}  # memory maps are per process
+
+
+def cache_order(item_buckets: list[int]) -> list[int]:
+    """The dataset indices in the order a bucketed cache holds them: by bucket, dataset order within one."""
+    return sorted(range(len(item_buckets)), key=lambda i: item_buckets[i])
+
+
+def _segments(dataset: Dataset) -> list[tuple[int | None, list[int]]]:
+    """(bucket, dataset indices) of the runs of ``dataset`` that parts are cut from: one run (bucket None) for an
+    unbucketed dataset, else one per bucket."""
+    item_buckets = getattr(dataset, "item_buckets", None)
+    if item_buckets is None:
+        return [(None, list(range(len(dataset))))]
+    runs: dict[int, list[int]] = {}
+    for index in cache_order(item_buckets):
+        runs.setdefault(item_buckets[index], []).append(index)
+    return list(runs.items())
 
 
 def _frozen_captions(model: LatentDiffusion) -> list[CaptionEmbedder]:
@@ -184,6 +223,7 @@ class _PartWriter:
     def __init__(self, folder: Path, index: dict[str, Any], part_items: int) -> None:
         self.folder, self.index, self.part_items = folder, index, part_items
         self.pending: dict[str, list[torch.Tensor]] = {}
+        self.bucket: int | None = None  # the bucket of the items being added (bucketed caches)
 
     def add(self, tensors: dict[str, torch.Tensor], last: bool = False) -> None:
         for name, value in tensors.items():
@@ -193,22 +233,25 @@ class _PartWriter:
             joined = {name: torch.cat(values) for name, values in self.pending.items()}
             n = min(held, self.part_items)
             self._write({name: value[:n].contiguous() for name, value in joined.items()})
-            self.pending = {name: [value[n:]] for name, value in joined.items()}
             held -= n
+            # Nothing held: nothing kept, so the next bucket's latents of another shape start afresh.
+            self.pending = {name: [value[n:]] for name, value in joined.items()} if held else {}
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"part-{len(self.index['parts']):06d}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         save_file(tensors, str(tmp), metadata={"cache_key": self.index["cache_key"]})
         os.replace(tmp, self.folder / name)
-        self.index["parts"].append({"file": name, "items": len(tensors["params"])})
+        part = {"file": name, "items": len(tensors["params"])}
+        self.index["parts"].append(part if self.bucket is None else {**part, "bucket": self.bucket})
         _write_atomic_json(self.folder / "index.json", self.index)
 
 
 @torch.no_grad()
 def build_latent_cache(model: LatentDiffusion, dataset: Dataset, folder: Path, key: str, device: torch.device,
                        num_workers: int = 0, part_items: int = CACHE_PART_ITEMS, progress: bool = True) -> None:
-    """Encode ``dataset`` into ``folder``'s parts, continuing after the parts an interrupted build wrote."""
+    """Encode ``dataset`` into ``folder``'s parts, continuing after the parts an interrupted build wrote; a bucketed
+    dataset (``item_buckets``) bucket by bucket, each bucket's last part cut short."""
     if part_items % ENCODE_BATCH and part_items > ENCODE_BATCH:
         raise ValueError(f"part_items must divide into encoding batches of {ENCODE_BATCH}, got {part_items}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,15 +260,30 @@ def build_latent_cache(model: LatentDiffusion, dataset: Dataset, folder: Path, k
         for stale in folder.glob("part-*.safetensors"):
             stale.unlink()
         index = {"cache_key": key, "items": len(dataset), "part_items": part_items, "parts": []}
+        item_buckets = getattr(dataset, "item_buckets", None)
+        if item_buckets is not None:
+            index["item_buckets"] = [int(b) for b in item_buckets]
     done = sum(part["items"] for part in index["parts"])
     if done:
         logger.info("the latent cache %s has %d of %d items: encoding the rest", folder, done, len(dataset))
     writer = _PartWriter(folder, index, part_items)
-    loader = DataLoader(Subset(dataset, range(done, len(dataset))), batch_size=min(ENCODE_BATCH, part_items),
-                        shuffle=False, num_workers=num_workers)
-    for batch in tqdm(loader, desc="encode latents", disable=not progress, dynamic_ncols=True):
-        writer.add(_encode_batch(model, batch, device))
-    writer.add({}, last=True)
+    progress_bar = tqdm(total=len(dataset) - done, desc="encode latents", disable=not progress, dynamic_ncols=True)
+    start = 0
+    for bucket, indices in _segments(dataset):
+        # Parts end at part_items or at a bucket's end, so what is done ends a part: a multiple of part_items of
+        # this run, and the resumed encoding batches as an unbroken one.
+        rest = indices[max(0, done - start):]
+        start += len(indices)
+        if not rest:
+            continue
+        writer.bucket = bucket
+        loader = DataLoader(Subset(dataset, rest), batch_size=min(ENCODE_BATCH, part_items), shuffle=False,
+                            num_workers=num_workers)
+        for batch in loader:
+            writer.add(_encode_batch(model, batch, device))
+            progress_bar.update(len(batch["label"]))
+        writer.add({}, last=True)
+    progress_bar.close()
 
 
 def load_or_build_latent_cache(model: LatentDiffusion, dataset: Dataset, data: DataConfig, run_dir: Path,
@@ -246,9 +304,7 @@ def load_or_build_latent_cache(model: LatentDiffusion, dataset: Dataset, data: D
             logger.info("wrote the latent cache %s (%d items)", folder, len(dataset))
     if env.distributed:
         dist.barrier()
-    index = _read_index(folder, key)
-    return LatentCacheDataset([folder / part["file"] for part in index["parts"]],
-                              [part["items"] for part in index["parts"]])
+    return LatentCacheDataset.from_index(folder, _read_index(folder, key))
 
 
 def read_latent_cache(run_dir: Path) -> dict[str, torch.Tensor]:
