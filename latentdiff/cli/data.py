@@ -12,6 +12,7 @@ from PIL import Image
 
 from latentdiff.data.datasets import scan_image_folder
 from latentdiff.data.webdataset import ShardWriter, shard_pattern
+from latentdiff.io.atomic import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,19 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
     images = scan_image_folder(folder)
     if not images:
         raise ValueError(f"no images found in {folder} (searched recursively)")
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, max_count, int(max_mb * 2**20))
+    with write_errors(out):  # a full disk: one line naming the folder; no partial shard is left
+        out.mkdir(parents=True, exist_ok=True)
+        written, captioned, shards = _pack(images, folder, ShardWriter(out, max_count, int(max_mb * 2**20)))
+    for stale in sorted(set(old) - set(shards)):  # replaced: the new set must not pick up shards of the old one
+        stale.unlink()
+    logger.info("%d samples (%d with captions, %d unreadable images skipped) in %d shards", written, captioned,
+                len(images) - written, len(shards))
+    return shards
+
+
+def _pack(images: list[Path], folder: Path, writer: ShardWriter) -> tuple[int, int, list[Path]]:
+    """Write the readable ``images`` (with captions) through ``writer``; returns the samples written, how many had
+    captions, and the shards (renamed into place only when all are complete)."""
     written = captioned = 0
     try:
         for path in images:
@@ -61,15 +73,11 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
             written += 1
         if written == 0:
             raise ValueError(f"none of the {len(images)} images in {folder} could be read")
+        shards = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    for stale in old:  # replaced: the new set must not pick up shards of the old one
-        stale.unlink()
-    shards = writer.finish()
-    logger.info("%d samples (%d with captions, %d unreadable images skipped) in %d shards", written, captioned,
-                len(images) - written, len(shards))
-    return shards
+    return written, captioned, shards
 
 
 def _make_shards(args: argparse.Namespace) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentdiff.io.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path | list
@@ -156,8 +158,8 @@ def save_class_map(class_map: torch.Tensor | np.ndarray, path: str | Path) -> Pa
     image = Image.fromarray(values.astype(np.uint8))  # "L"; a palette makes it "P"
     image.putpalette(_palette(256))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
     return path
 
 
