@@ -116,7 +116,8 @@ def claim_run(run_dir: str | Path, resume: str | Path | None = None, overwrite: 
                 raise FileExistsError(f"{run_dir} is not empty: continue it with --resume {run_dir}, or start again "
                                       "with --overwrite")
             _clear_run(run_dir)
-        yield
+        with write_errors(run_dir):  # a full disk anywhere in the run: one line (most writers name their file)
+            yield
     finally:
         release_lock(lock)
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
