@@ -321,8 +321,10 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_elsewhere_is_not(tmp_path, ca
     run = tmp_path / "run"
     run.mkdir()
     (run / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    (run / f".log.csv.tmp-{dead.pid}-3").write_text("step")  # what it left half-written
     train(run, 3)
     assert f"its process {dead.pid} is gone" in caplog.text
+    assert temporaries(run) == []
     assert not (run / LOCK_NAME).exists() and (run / "checkpoints" / "latest").read_text() == "step_0000003"
     # A lock of another host cannot be checked: refused, and the run left as it was.
     (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x"}))
@@ -330,6 +332,10 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_elsewhere_is_not(tmp_path, ca
     with pytest.raises(RunLockedError, match="in use by process 1 on elsewhere"):
         toy.run()
     assert (run / "checkpoints" / "latest").read_text() == "step_0000003"
+    (run / LOCK_NAME).unlink()
+    (run / "checkpoints" / f"step_0000009.tmp-{dead.pid}").mkdir()  # a checkpoint a killed run left half-written
+    train(run, 6, resume=run)
+    assert temporaries(run) == [] and (run / "checkpoints" / "latest").read_text() == "step_0000006"
     # A run that fails before writing anything leaves no folder behind; the lock goes with it.
     with pytest.raises(ValueError), claim_run(tmp_path / "new"):
         raise ValueError("bad data")

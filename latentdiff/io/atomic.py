@@ -15,7 +15,6 @@ into place, the old one deleted, so a crash leaves either the old folder, the ne
 from __future__ import annotations
 
 import errno
-import glob
 import itertools
 import os
 import re
@@ -33,7 +32,7 @@ _REASON_TEXTS = {"disk full": ("No space left on device", "os error 28", "Storag
                  "read-only file system": ("Read-only file system", "os error 30")}
 _TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter failed")
 _LOW_SPACE = 1 << 20  # torch says only "unexpected pos": less free than this on the file system means a full disk
-_TEMP_PID = re.compile(r"\.(?:tmp|old)-(\d+)(?:-\d+)?$")
+_TEMP = re.compile(r"\.?(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-\d+)?")
 _counter = itertools.count()
 
 
@@ -93,18 +92,20 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temps(path: str | os.PathLike[str], every: bool = False) -> list[Path]:
     """Remove the temporaries that killed processes left while writing ``path`` (``.NAME.tmp-<pid>-<n>`` files,
-    ``NAME.tmp-<pid>`` / ``NAME.old-<pid>`` folders of processes no longer running); returns them."""
+    ``NAME.tmp-<pid>`` / ``NAME.old-<pid>`` folders of processes no longer running); with ``every``, those of
+    everything in the folder ``path``. Returns what was removed."""
     path = Path(path)
-    name = glob.escape(path.name)
+    folder, name = (path, None) if every else (path.parent, path.name)
     removed = []
-    for pattern in (f".{name}.tmp-*", f"{name}.tmp-*", f"{name}.old-*"):
-        for temp in path.parent.glob(pattern):
-            match = _TEMP_PID.search(temp.name)
-            if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
-                remove_path(temp)
-                removed.append(temp)
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        match = _TEMP.fullmatch(entry.name)
+        if match and (name is None or match["name"] == name):
+            pid = int(match["pid"])
+            if pid != os.getpid() and not pid_alive(pid):
+                remove_path(entry)
+                removed.append(entry)
     return removed
 
 

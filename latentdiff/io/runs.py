@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from latentdiff.io.atomic import pid_alive, remove_path, write_errors
+from latentdiff.io.atomic import pid_alive, remove_path, remove_stale_temps, write_errors
 from latentdiff.io.errors import RunLockedError
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ def claim_run(run_dir: str | Path, resume: str | Path | None = None, overwrite: 
     with write_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = take_lock(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):  # what killed runs left half-written
+        remove_stale_temps(folder, every=True)
     try:
         if resume is None and holds_run(run_dir):
             if not overwrite:
