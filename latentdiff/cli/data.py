@@ -44,7 +44,7 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
     images = scan_image_folder(folder)
     if not images:
         raise ValueError(f"no images found in {folder} (searched recursively)")
-    with write_errors(out):  # a full disk: one line naming the folder; no partial shard is left
+    with write_errors(out, writing=False):  # a full disk: one line naming the folder; no partial shard is left
         out.mkdir(parents=True, exist_ok=True)
         written, captioned, shards = _pack(images, folder, ShardWriter(out, max_count, int(max_mb * 2**20)))
     for stale in sorted(set(old) - set(shards)):  # replaced: the new set must not pick up shards of the old one

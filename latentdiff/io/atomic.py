@@ -47,16 +47,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _reason(error: BaseException, path: Path) -> str | None:
-    """What ``error`` says went wrong writing ``path`` when it is a condition of the disk, else None."""
+def _reason(error: BaseException, path: Path, writing: bool) -> str | None:
+    """What ``error`` says went wrong writing ``path`` when it is a condition of the disk, else None; with
+    ``writing`` (the block only writes) also a folder in the way and torch's writer failing."""
     if isinstance(error, OSError) and error.errno in _REASONS:
         return _REASONS[error.errno]
-    if isinstance(error, IsADirectoryError) or (isinstance(error, OSError) and error.errno == errno.EISDIR):
-        return "a folder is in the way"
     text = str(error)
     for reason, needles in _REASON_TEXTS.items():
         if any(needle in text for needle in needles):
             return reason
+    if not writing:
+        return None
+    if isinstance(error, IsADirectoryError) or (isinstance(error, OSError) and error.errno == errno.EISDIR):
+        return "a folder is in the way"
     if isinstance(error, RuntimeError) and any(needle in text for needle in _TORCH_WRITE_FAILED):
         if "Is a directory" in text:
             return "a folder is in the way"
@@ -70,15 +73,16 @@ def _reason(error: BaseException, path: Path) -> str | None:
 
 
 @contextmanager
-def write_errors(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Within the block, a full disk, exceeded quota, read-only file system or folder in the way becomes one
-    ``WriteError`` naming ``path``; other errors pass unchanged."""
+def write_errors(path: str | os.PathLike[str], writing: bool = True) -> Iterator[None]:
+    """Within the block, a full disk, exceeded quota or read-only file system becomes one ``WriteError`` naming
+    ``path``; so do a folder in the way and torch's failed writes when the block only ``writing`` (not around
+    code that also reads). Other errors pass unchanged."""
     try:
         yield
     except WriteError:
         raise
     except Exception as e:
-        reason = _reason(e, Path(path))
+        reason = _reason(e, Path(path), writing)
         if reason is None:
             raise
         raise WriteError(f"{reason} while writing {path}") from e

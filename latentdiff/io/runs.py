@@ -110,15 +110,15 @@ def claim_run(run_dir: str | Path, resume: str | Path | None = None, overwrite: 
     with write_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = take_lock(run_dir)
-    for folder in (run_dir, run_dir / "checkpoints"):  # what killed runs left half-written
-        remove_stale_temps(folder, every=True)
     try:
+        for folder in (run_dir, run_dir / "checkpoints"):  # what killed runs left half-written
+            remove_stale_temps(folder, every=True)
         if resume is None and holds_run(run_dir):
             if not overwrite:
                 raise FileExistsError(f"{run_dir} is not empty: continue it with --resume {run_dir}, or start again "
                                       "with --overwrite")
             _clear_run(run_dir)
-        with write_errors(run_dir):  # a full disk anywhere in the run: one line (most writers name their file)
+        with write_errors(run_dir, writing=False):  # a full disk anywhere in the run: one line
             yield
     finally:
         release_lock(lock)
