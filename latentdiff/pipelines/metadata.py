@@ -110,8 +110,8 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], record: dict[str,
     """Write ``image`` as a PNG carrying ``record``'s parameters (None: none), atomically: to a temporary name in
     the same folder, renamed over ``path`` once complete, so a reader never sees half a file."""
     path = Path(path)
-    with atomic_path(path) as temp:
-        image.save(temp, format="PNG", pnginfo=png_info(record))
+    with atomic_path(path) as temp, open(temp, "wb") as f:
+        image.save(f, format="PNG", pnginfo=png_info(record))
     return path
 
 
