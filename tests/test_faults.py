@@ -82,7 +82,7 @@ def kill_while_writing(argv: list, watch: Path, seed: int) -> bool:
     deadline = time.time() + 60
     while proc.poll() is None and not temporaries(watch) and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(random.Random(seed).uniform(0.0, 0.3))
+    time.sleep(random.Random(seed).uniform(0.0, 0.2))
     proc.send_signal(signal.SIGKILL)
     return proc.wait() == -signal.SIGKILL
 
@@ -101,16 +101,16 @@ def load_diffusers(path: Path) -> None:
     assert read_components(path).unet is not None
 
 
-KILLED_COMMANDS = {  # verb: (argv with {src}/{dst}, the destination exists before, its loader)
-    "generate": ([*GENERATE, "-o", "{dst}"], True, load_png),
-    "export": (["export", MODEL, "{dst}"], False, load_export),
-    "convert": (["convert", "{src}", "{dst}", "--to", "diffusers"], False, load_diffusers),
+KILLED_COMMANDS = {  # verb: (argv with {src}/{dst}, the destination exists before, its loader, kills)
+    "generate": ([*GENERATE, "-o", "{dst}"], True, load_png, 1),
+    "export": (["export", MODEL, "{dst}"], False, load_export, 1),
+    "convert": (["convert", "{src}", "{dst}", "--to", "diffusers"], False, load_diffusers, 2),  # the most files
 }
 
 
 @pytest.mark.parametrize("verb", list(KILLED_COMMANDS))
 def test_kill_9_while_writing_leaves_the_old_or_the_new_output_whole(verb, tmp_path, capsys, request):
-    template, exists_before, load = KILLED_COMMANDS[verb]
+    template, exists_before, load, kills = KILLED_COMMANDS[verb]
     src = request.getfixturevalue("sd_file") if verb == "convert" else None
     work = tmp_path / "work"
     dst = work / ("out.png" if verb == "generate" else "out")
@@ -119,7 +119,7 @@ def test_kill_9_while_writing_leaves_the_old_or_the_new_output_whole(verb, tmp_p
         work.mkdir()
         Image.new("RGB", (8, 8), (200, 30, 30)).save(dst)
     killed = 0
-    for seed in range(2):
+    for seed in range(kills):
         killed += kill_while_writing(argv + (["--overwrite"] if dst.exists() and verb != "generate" else []),
                                      work, seed)
         if dst.exists() or exists_before:
@@ -297,7 +297,7 @@ def test_a_fresh_run_into_a_run_folder_is_refused_and_overwrite_starts_clean(fir
 def test_two_trainings_on_one_folder_the_second_is_refused_the_first_completes(first_stage, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "configs/ldm-fmnist-class.yaml", *TINY, f"model.first_stage={first_stage}", "train.device=cpu",
-            "train.steps=8", "train.ckpt_every=4", "train.log_every=4", "train.sample_every=100",
+            "train.steps=4", "train.ckpt_every=2", "train.log_every=2", "train.sample_every=100",
             f"train.out_dir={run}"]
     first = subprocess.Popen([sys.executable, "-m", "latentdiff.cli", *argv], cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -309,9 +309,9 @@ def test_two_trainings_on_one_folder_the_second_is_refused_the_first_completes(f
         assert f"{run} is in use by process {first.pid} on {socket.gethostname()}" in line, line
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [4, 8]
-    assert (run / "checkpoints" / "latest").read_text() == "step_0000008"
-    assert load_file(str(run / "checkpoints" / "step_0000008" / "model.safetensors"))
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [2, 4]
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000004"
+    assert load_file(str(run / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert not (run / LOCK_NAME).exists() and temporaries(run) == []
 
 

@@ -68,7 +68,7 @@ def _reason(error: BaseException, path: Path, writing: bool) -> str | None:
             full = stats.f_bavail * stats.f_frsize < _LOW_SPACE
         except OSError:
             full = False
-        return "disk full" if full else f"torch could not write it: {text.splitlines()[0] if text else ''}"
+        return "disk full" if full else f"torch failed ({text.splitlines()[0]})"
     return None
 
 
