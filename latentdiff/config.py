@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import reprlib
 import types
 import typing
@@ -323,4 +324,12 @@ def load_config(cls: type[T], data: dict[str, Any], overrides: list[str] | None 
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Write ``obj`` as YAML to ``path`` atomically: to a temporary file beside it, renamed over it when complete
+    (the name io.atomic's clean-up knows; config sits below io, so it cannot call it)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)

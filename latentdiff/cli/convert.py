@@ -13,7 +13,7 @@ DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": to
 
 def _convert(args: argparse.Namespace) -> None:
     out = convert(args.src, args.dst, args.to, ema=not args.no_ema, dtype=DTYPES[args.dtype],
-                  text_encoder=not args.no_text_encoder, config=args.config)
+                  text_encoder=not args.no_text_encoder, config=args.config, overwrite=args.overwrite)
     print(f"wrote {args.to} checkpoint: {out}")
 
 
@@ -33,4 +33,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="the original YAML of a single file (heads, text encoder, v-prediction; default: SRC's stem "
                         "with .yaml, if it exists, else guessed by SD's conventions)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST when it exists (as a whole)")
     p.set_defaults(func=_convert)

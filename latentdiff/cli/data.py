@@ -12,6 +12,7 @@ from latentdiff.data.captioned import FolderCaptions
 from latentdiff.data.datasets import scan_image_folder
 from latentdiff.data.image_files import open_checked
 from latentdiff.data.webdataset import ShardWriter, shard_pattern
+from latentdiff.io.atomic import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,23 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
     if not images:
         raise ValueError(f"no images found in {folder} (searched recursively)")
     captions = FolderCaptions(folder, images)  # a metadata file that cannot be read fails here, before any write
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, max_count, int(max_mb * 2**20))
+    with write_errors(out, writing=False):  # a full disk: one line naming the folder; no partial shard is left
+        out.mkdir(parents=True, exist_ok=True)
+        written, captioned, shards = _pack(images, folder, captions, ShardWriter(out, max_count, int(max_mb * 2**20)))
+    for stale in sorted(set(old) - set(shards)):  # replaced: the new set must not pick up shards of the old one
+        stale.unlink()
+    logger.info("%d samples (%d with captions, %d unreadable images skipped) in %d shards", written, captioned,
+                len(images) - written, len(shards))
+    if captions.disagreeing:
+        logger.warning("%d images captioned both by metadata and .txt differently: the metadata's caption kept",
+                       captions.disagreeing)
+    return shards
+
+
+def _pack(images: list[Path], folder: Path, captions: FolderCaptions,
+          writer: ShardWriter) -> tuple[int, int, list[Path]]:
+    """Write the readable ``images`` (with ``captions``) through ``writer``; returns the samples written, how many
+    had captions, and the shards (renamed into place only when all are complete)."""
     written = captioned = 0
     try:
         for path in images:
@@ -65,18 +81,11 @@ def write_shards(folder: Path, out: Path, max_count: int, max_mb: float, overwri
             written += 1
         if written == 0:
             raise ValueError(f"none of the {len(images)} images in {folder} could be read")
+        shards = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    for stale in old:  # replaced: the new set must not pick up shards of the old one
-        stale.unlink()
-    shards = writer.finish()
-    logger.info("%d samples (%d with captions, %d unreadable images skipped) in %d shards", written, captioned,
-                len(images) - written, len(shards))
-    if captions.disagreeing:
-        logger.warning("%d images captioned both by metadata and .txt differently: the metadata's caption kept",
-                       captions.disagreeing)
-    return shards
+    return written, captioned, shards
 
 
 def _make_shards(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from latentdiff.cli import args as checked
 from latentdiff.config import load_config, merge, parse_overrides, read_yaml
 from latentdiff.eval.autoencoder import evaluate_autoencoder
 from latentdiff.eval.nll import evaluate_nll, parse_timesteps
+from latentdiff.io.atomic import write_text
 from latentdiff.io.checkpoint import export_model
 from latentdiff.train import resolve_task
 
@@ -31,7 +32,7 @@ def _train(args: argparse.Namespace) -> None:
         data = merge(data, {"train": {"out_dir": str(args.resume)}})
     schema, trainer = resolve_task(merge(data, parse_overrides(overrides)))
     experiment = load_config(schema, data, overrides)
-    run_dir = trainer(experiment, resume=args.resume).run()
+    run_dir = trainer(experiment, resume=args.resume, overwrite=args.overwrite).run()
     print(f"run directory: {run_dir}")
 
 
@@ -39,7 +40,7 @@ def _print_results(results: dict, output: str | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
     if output:
-        Path(output).write_text(text + "\n")
+        write_text(output, text + "\n")
 
 
 def _eval_autoencoder(args: argparse.Namespace) -> None:
@@ -60,7 +61,7 @@ def _export(args: argparse.Namespace) -> None:
     settings = {} if args.guidance is None else {"sample_guidance": args.guidance}
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-    path = export_model(args.src, args.dst, args.dtype, settings, args.first_stage)
+    path = export_model(args.src, args.dst, args.dtype, settings, args.first_stage, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
 
 
@@ -90,6 +91,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in train.out_dir and start again (without it such a folder is refused)")
     p.set_defaults(func=_train)
 
     p = _add_eval_parser(sub, "eval-autoencoder", _eval_autoencoder, limit=2000, ema=False,
@@ -122,4 +125,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first-stage", metavar="AE", default=None,
                    help="take the decoder of this autoencoder run (fine-tuned with train_only: decoder; its encoder "
                         "must be the model's, which is checked)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST when it exists (as a whole)")
     p.set_defaults(func=_export)

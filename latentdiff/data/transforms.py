@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentdiff.io.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 RESIZE_MODES = ("pad", "resize", "center_crop")
@@ -232,9 +234,9 @@ def save_image_grid(
     """Write :func:`make_grid` of ``images`` as a PNG (grayscale or RGB); parent folders are created."""
     grid = make_grid(images, nrow=nrow, padding=padding)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # fromarray infers "L" from a 2-D array and "RGB" from (H, W, 3) uint8.
     img = Image.fromarray(np.ascontiguousarray(grid[..., 0]) if grid.shape[-1] == 1 else grid)
-    img.save(path, format="PNG")
+    with atomic_path(path) as temp:  # written whole or not at all
+        img.save(temp, format="PNG")
     logger.debug("saved %d-image grid to %s", images.shape[0] if images.ndim == 4 else 1, path)
     return path

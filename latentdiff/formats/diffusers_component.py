@@ -28,6 +28,7 @@ from latentdiff.formats.diffusers_names import (
     vae_from_diffusers,
 )
 from latentdiff.formats.weights import check_state_dict, plain_tensors, read_state_dict
+from latentdiff.io.atomic import atomic_path, write_text
 from latentdiff.io.checkpoint import CONFIG_NAME
 from latentdiff.io.errors import CheckpointError
 
@@ -116,9 +117,9 @@ def _first(value: Any) -> Any:
 def write_component_folder(folder: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
                            weights_name: str) -> None:
     """Write one component folder: its ``config.json`` and its weights as ``weights_name``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(plain_tensors(weights), str(folder / weights_name), metadata={"format": "pt"})
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    with atomic_path(folder / weights_name) as temp:
+        save_file(plain_tensors(weights), str(temp), metadata={"format": "pt"})
 
 
 def _header_keys(path: Path) -> list[str]:

@@ -31,6 +31,7 @@ from latentdiff.formats.diffusers_names import (
     vae_config_to_diffusers,
     vae_to_diffusers,
 )
+from latentdiff.io.atomic import write_text
 from latentdiff.io.checkpoint import CONFIG_NAME
 from latentdiff.io.errors import CheckpointError
 
@@ -80,7 +81,7 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
         scheduler = folder / "scheduler"
         scheduler.mkdir(exist_ok=True)
         scheduler_config = _scheduler_config(comps)
-        (scheduler / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+        write_text(scheduler / "scheduler_config.json", json.dumps(scheduler_config, indent=2) + "\n")
         index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
     if comps.vae is not None:
         write_component_folder(folder / "vae", vae_config, vae_to_diffusers(comps.vae, comps.vae_config),
@@ -99,7 +100,7 @@ def save_diffusers(comps: StableDiffusionComponents, folder: str | Path) -> Path
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                   "requires_safety_checker": False})
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
     return folder
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from latentdiff.diffusion.unet import UNetConfig
 from latentdiff.formats.components import StableDiffusionComponents
 from latentdiff.formats.diffusers_names import unet_key_map
 from latentdiff.formats.weights import plain_tensors, read_state_dict
+from latentdiff.io.atomic import atomic_path
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.lora import LoRALayer, lora_delta
 
@@ -109,10 +109,8 @@ def _external_names(lora: LoRAWeights, unet_config: UNetConfig) -> dict[tuple[st
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(plain_tensors(tensors), str(tmp), metadata={"format": "pt", **metadata})
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        save_file(plain_tensors(tensors), str(temp), metadata={"format": "pt", **metadata})
     return path
 
 

@@ -26,6 +26,7 @@ import torch
 
 from latentdiff.formats import ckpt, diffusers_component, diffusers_pipeline, native, stable_diffusion
 from latentdiff.formats.components import CheckpointFormat, ReadOptions, StableDiffusionComponents
+from latentdiff.io.atomic import atomic_output, check_destination
 from latentdiff.io.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,17 @@ def _writer(format: str) -> CheckpointFormat:
     return fmt
 
 
-def write_components(comps: StableDiffusionComponents, path: str | Path, format: str) -> Path:
-    """Write ``comps`` to ``path`` in ``format`` (one of ``writable_formats()``); returns what was written."""
-    return _writer(format).write(comps, Path(path))
+def write_components(comps: StableDiffusionComponents, path: str | Path, format: str,
+                     overwrite: bool = False) -> Path:
+    """Write ``comps`` to ``path`` in ``format`` (one of ``writable_formats()``); returns what was written.
+
+    Atomically: the writer writes into a temporary folder beside ``path``, and what it made (file or folder) is
+    renamed to ``path`` when complete. An existing ``path`` (a file, or a folder with anything in it) is refused
+    unless ``overwrite``; then it is replaced as a whole (no file of the old one is left)."""
+    writer, path = _writer(format), Path(path)
+    with atomic_output(path, overwrite) as staged:
+        written = writer.write(comps, staged)
+    return path / Path(written).relative_to(staged)
 
 
 def load_stable_diffusion_weights(path: str | Path, *, ema: bool = True, text_encoder: bool = True,
@@ -96,17 +105,19 @@ def load_stable_diffusion_weights(path: str | Path, *, ema: bool = True, text_en
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, ema: bool = True, dtype: torch.dtype | None = None,
-            text_encoder: bool = True, config: str | Path | None = None) -> Path:
+            text_encoder: bool = True, config: str | Path | None = None, overwrite: bool = False) -> Path:
     """Convert the checkpoint at ``src`` to format ``to`` (one of ``writable_formats()``: "native", "original",
     "diffusers") at ``dst``.
 
     ``dst`` is a ``.safetensors`` file (original), a folder (diffusers) or a run folder (native). Returns what was
     written. ``dtype`` casts the floating-point weights (default: as stored). ``config``: a single file's original
-    YAML (default: the ``.yaml`` beside it, if any).
+    YAML (default: the ``.yaml`` beside it, if any). ``dst`` is written atomically, and an existing one is
+    replaced only with ``overwrite`` (see ``write_components``).
     """
-    writer = _writer(to)  # an unknown format is refused before anything is read
+    _writer(to)  # an unknown format, or a destination in the way, is refused before anything is read
+    check_destination(dst, overwrite)
     comps = read_components(src, ema=ema, text_encoder=text_encoder, config=config)
     if dtype is not None:
         comps = comps.to(dtype)
     logger.info("read %s: %s", src, comps.describe())
-    return writer.write(comps, Path(dst))
+    return write_components(comps, dst, to, overwrite)

@@ -46,6 +46,7 @@ from latentdiff.formats.components import (
 from latentdiff.formats.diffusers_names import model_state_shapes
 from latentdiff.formats.original_config import OriginalConfig, find_original_config
 from latentdiff.formats.weights import check_state_dict, plain_tensors, read_state_dict, show_keys
+from latentdiff.io.atomic import atomic_path
 from latentdiff.io.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,8 @@ def save_original(comps: StableDiffusionComponents, path: str | Path,
     tensors = plain_tensors(to_original_state_dict(comps, text_encoder_converter))
     # One metadata key: safetensors writes several in a per-process hash order, so the same weights would give files
     # of different bytes, and a different sha256 (A1111's model hash, recorded in every PNG) from run to run.
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(_stored_configs(comps))})
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata={METADATA_KEY: json.dumps(_stored_configs(comps))})
     return path
 
 

@@ -8,7 +8,7 @@ checkpoint is written into a temporary folder and renamed into place, and the po
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,49 +18,59 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from latentdiff.io.atomic import atomic_folder, check_destination, write_text
 from latentdiff.io.errors import CheckpointError
 from latentdiff.io.state import check_weights, torch_load_weights_only
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TRAIN_STATE_NAME = "train_state.pt"
+_STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a ``step_NNNNNNN`` checkpoint folder; None for anything else (a temporary, another file)."""
+    match = _STEP_FOLDER.fullmatch(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` highest-step checkpoint folders (by step number, not by name); the one
+    ``latest`` points at is never deleted. ``keep`` <= 0 keeps all."""
+    if keep <= 0:
+        return
+    latest = ckpt_root / "latest"
+    pointed = latest.read_text().strip() if latest.is_file() else None
+    steps = sorted((checkpoint_step(p), p) for p in ckpt_root.glob("step_*")
+                   if p.is_dir() and checkpoint_step(p) is not None)
+    for _, old in steps[:-keep]:
+        if old.name != pointed:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], config: dict[str, Any],
                     train_state: dict[str, Any] | None = None, keep: int = 2,
                     before_commit: Callable[[Path], None] | None = None) -> Path:
-    """Write ``checkpoints/step_<step>/`` under ``run_dir`` atomically and point ``latest`` at it.
+    """Write ``checkpoints/step_<step>/`` under ``run_dir`` atomically (a checkpoint of the same step is
+    replaced), point ``latest`` at it, then prune to the ``keep`` newest steps.
 
     ``before_commit(folder)`` may add files to the temporary folder before it is renamed into place."""
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = ckpt_root / name
-    tmp = ckpt_root / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     config = dict(config, step=step)
     tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"latentdiff_config": json.dumps(config), "step": str(step)})
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    if train_state is not None:
-        torch.save(train_state, tmp / TRAIN_STATE_NAME)
-    if before_commit is not None:
-        before_commit(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(ckpt_root / "latest", name)
+    with atomic_folder(final, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"latentdiff_config": json.dumps(config),
+                                                              "step": str(step)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE_NAME)
+        if before_commit is not None:
+            before_commit(tmp)
+    write_text(ckpt_root / "latest", name)
     # Prune old checkpoints only after the new one is in place.
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(ckpt_root, keep)
     return final
 
 
@@ -167,7 +177,8 @@ def swap_decoder(weights: dict[str, torch.Tensor], config: dict[str, Any], first
 
 
 def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
-                 settings: dict[str, Any] | None = None, first_stage: str | Path | None = None) -> Path:
+                 settings: dict[str, Any] | None = None, first_stage: str | Path | None = None,
+                 overwrite: bool = False) -> Path:
     """Write the weights a model samples with (a run's latest checkpoint, a checkpoint folder or file) to the
     folder ``dst`` as ``model.safetensors`` + ``config.json``, without the training state: what a model that
     ships with the project, or is handed to someone, needs.
@@ -177,7 +188,9 @@ def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
     rounded. ``settings`` are top-level config entries to record or override (``sample_guidance``, say, the
     guidance scale the pipelines use when a call gives none). The source's step and training config stay in
     the config, and ``exported_from`` names the source. ``first_stage``: an autoencoder whose decoder replaces
-    the model's (see :func:`swap_decoder`)."""
+    the model's (see :func:`swap_decoder`). The folder is written atomically; an existing ``dst`` is refused
+    unless ``overwrite`` (then replaced as a whole)."""
+    check_destination(dst, overwrite)
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     file = resolve_checkpoint(src)
@@ -195,11 +208,10 @@ def export_model(src: str | Path, dst: str | Path, dtype: str = "float32",
     config = dict(config, **(settings or {}))
     config["exported_from"] = {"checkpoint": str(file), "step": config.get("step"), "dtype": dtype, **swapped}
     out = Path(dst)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"latentdiff_config": json.dumps(config), "step": str(config.get("step"))})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    _atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2))
+    with atomic_folder(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"latentdiff_config": json.dumps(config),
+                                                              "step": str(config.get("step"))})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return out / WEIGHTS_NAME
 
 

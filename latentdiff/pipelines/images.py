@@ -21,6 +21,7 @@ from PIL import Image
 
 from latentdiff.data.image_files import open_checked, read_image
 from latentdiff.data.transforms import high_bit_depth_to_8bit
+from latentdiff.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,8 @@ def save_class_map(class_map: torch.Tensor | np.ndarray, path: str | Path) -> Pa
     image = Image.fromarray(values.astype(np.uint8))  # "L"; a palette makes it "P"
     image.putpalette(_palette(256))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from latentdiff.data.image_files import open_checked
 from latentdiff.diffusion.samplers import SAMPLER_ALIASES, resolve_sampler
+from latentdiff.io.atomic import atomic_path
 from latentdiff.io.files import file_sha256
 
 PARAMETERS_KEY = "parameters"  # A1111's text chunk
@@ -111,15 +111,8 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], record: dict[str,
     """Write ``image`` as a PNG carrying ``record``'s parameters (None: none), atomically: to a temporary name in
     the same folder, renamed over ``path`` once complete, so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(record))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, open(temp, "wb") as f:
+        image.save(f, format="PNG", pnginfo=png_info(record))
     return path
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from latentdiff.conditioning.embedders.caption import CaptionEmbedder
 from latentdiff.config import to_dict
 from latentdiff.data import DataConfig
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
+from latentdiff.io.atomic import atomic_path, write_text
 from latentdiff.io.checkpoint import resolve_checkpoint
 from latentdiff.io.errors import CheckpointError
 from latentdiff.train.loop import DistEnv
@@ -199,12 +199,6 @@ def _encode_batch(model: LatentDiffusion, batch: dict[str, Any], device: torch.d
     return tensors
 
 
-def _write_atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_index(folder: Path, key: str) -> dict[str, Any] | None:
     """The index of a cache made under ``key`` whose listed parts all exist; None otherwise."""
     try:
@@ -239,12 +233,11 @@ class _PartWriter:
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"part-{len(self.index['parts']):06d}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata={"cache_key": self.index["cache_key"]})
-        os.replace(tmp, self.folder / name)
+        with atomic_path(self.folder / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"cache_key": self.index["cache_key"]})
         part = {"file": name, "items": len(tensors["params"])}
         self.index["parts"].append(part if self.bucket is None else {**part, "bucket": self.bucket})
-        _write_atomic_json(self.folder / "index.json", self.index)
+        write_text(self.folder / "index.json", json.dumps(self.index, indent=1) + "\n")
 
 
 @torch.no_grad()

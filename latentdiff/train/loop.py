@@ -4,6 +4,7 @@ the metric log, the non-finite-loss guard and RNG state capture."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from latentdiff.data import seed_worker
 from latentdiff.data.buckets import BucketBatchSampler
 from latentdiff.data.shards import ShardDataset, ShardStream
 from latentdiff.device import select_device
+from latentdiff.io.atomic import write_errors, write_text
 from latentdiff.train.tensorboard import check_tensorboard
 
 logger = logging.getLogger(__name__)
@@ -190,28 +192,32 @@ class MetricLog:
         if resume_step is not None:
             self._truncate(resume_step)
         if not self.csv.exists():
-            with self.csv.open("w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+            write_text(self.csv, _csv_text([self.columns]))
 
     def _truncate(self, step: int) -> None:
-        """Drop rows that an interrupted run logged after its last checkpoint."""
+        """Drop rows that an interrupted run logged after its last checkpoint (the files rewritten atomically)."""
         if self.jsonl.exists():
             rows = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.jsonl.write_text("".join(r + "\n" for r in rows))
+            write_text(self.jsonl, "".join(r + "\n" for r in rows))
         if self.csv.exists():
             with self.csv.open(newline="") as f:
                 rows = list(csv.reader(f))
             if rows:
                 self.columns = rows[0]
-                with self.csv.open("w", newline="") as f:
-                    csv.writer(f).writerows([rows[0], *[r for r in rows[1:] if int(r[0]) <= step]])
+                write_text(self.csv, _csv_text([rows[0], *[r for r in rows[1:] if int(r[0]) <= step]]))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
-        with self.jsonl.open("a") as f:
+        with write_errors(self.jsonl), self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        with self.csv.open("a", newline="") as f:
+        with write_errors(self.csv), self.csv.open("a", newline="") as f:
             csv.writer(f).writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    out = io.StringIO(newline="")
+    csv.writer(out).writerows(rows)
+    return out.getvalue()
 
 
 class NonFiniteGuard:

@@ -62,6 +62,7 @@ from latentdiff.data import DataConfig
 from latentdiff.device import grad_scaler
 from latentdiff.io.checkpoint import load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
 from latentdiff.io.errors import CheckpointError
+from latentdiff.io.runs import claim_run
 from latentdiff.io.state import load_state_strict
 from latentdiff.train.distributed import (
     DCP_FOLDER,
@@ -144,8 +145,9 @@ class Trainer(ABC):
     final_samples: ClassVar[str] = "samples.png"  # the end-of-run samples, in the run folder
     model_name: ClassVar[str] = "model"  # how errors name the model when saved weights do not fit it
 
-    def __init__(self, exp: Experiment, resume: str | Path | None = None) -> None:
+    def __init__(self, exp: Experiment, resume: str | Path | None = None, overwrite: bool = False) -> None:
         self.exp, self.cfg, self.resume = exp, exp.train, resume
+        self.overwrite = overwrite  # a fresh run may replace the run in out_dir (else refused: io.runs)
         self.env = setup_distributed(self.cfg.device)
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
@@ -299,6 +301,10 @@ class Trainer(ABC):
 
     def run(self) -> Path:
         """Train (or resume) up to ``train.steps`` or the time limit; returns the run directory."""
+        with claim_run(self.run_dir, self.resume, self.overwrite, self.env.is_main):  # lock; no fresh run over one
+            return self._run_claimed()
+
+    def _run_claimed(self) -> Path:
         cfg, env = self.cfg, self.env
         self.build(resuming=self.resume is not None)
         self._check_scale_out()
