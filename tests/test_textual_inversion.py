@@ -38,7 +38,7 @@ def experiment(base, data, out_dir, **overrides: str) -> TextualInversionExperim
               "textual_inversion": {"token": TOKEN, "init_word": "toy", "vectors": 2},
               "data": {"path": str(data), "image_size": 32, "channels": 3, "random_flip": False},
               "train": {"out_dir": str(out_dir), "steps": 3, "batch_size": 2, "lr": 0.05, "ckpt_every": 0,
-                        "sample_every": 0, "log_every": 1, "warmup_steps": 0, "threads": 2,
+                        "sample_every": 0, "log_every": 1, "warmup_steps": 0, "threads": 1,
                         "betas": [0.9, 0.999], "weight_decay": 0.01},
               "sample_images": 1, "sample_steps": 1}
     return load_config(TextualInversionExperiment, config, [f"{k}={v}" for k, v in overrides.items()])

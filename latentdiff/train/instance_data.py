@@ -23,15 +23,15 @@ from latentdiff.diffusion.model import LatentDiffusion
 
 
 class PromptedFolder(ImageDataset):
-    """Every image under ``root`` with its caption or ``prompt`` (see the module docstring); ``what`` names the
-    folder in errors (``data.path``, ``dreambooth.class_images``)."""
+    """Every image under ``root`` (the first ``limit`` in sorted order; 0: all) with its caption or ``prompt`` (see
+    the module docstring); ``what`` names the folder in errors (``data.path``, ``dreambooth.class_images``)."""
 
-    def __init__(self, cfg: DataConfig, root: str | Path, prompt: str, what: str) -> None:
+    def __init__(self, cfg: DataConfig, root: str | Path, prompt: str, what: str, limit: int = 0) -> None:
         root = Path(root).expanduser()
         super().__init__(cfg, "train", str(root))
         if not root.is_dir():
             raise ValueError(f"{what} {str(root)!r} is not a folder of images")
-        self.files = scan_image_folder(root)
+        self.files = scan_image_folder(root)[:limit or None]
         if not self.files:
             raise ValueError(f"{what} {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched "
                              "recursively)")
