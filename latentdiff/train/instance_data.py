@@ -3,7 +3,8 @@
 ``PromptedFolder`` holds every image under a folder (recursively, the image folders' rules, no train/test split: a
 subject's 3-20 photos all train), each with its caption (``IMAGE.txt`` beside it, or a ``metadata.jsonl`` /
 ``metadata.csv`` row, as a captioned folder's) or, without one, the run's prompt ("a photo of sks dog"). Items are
-``{"image": (C, H, W) in [-1, 1], "caption": str, "label": -1}`` at ``data.image_size``, resized as ``data.resize`` says.
+``{"image": (C, H, W) in [-1, 1], "caption": str, "label": -1}`` at ``data.image_size``, resized as ``data.resize``
+says.
 
 ``prompt_sample_inputs`` gives such a run's sample grid its fixed inputs: prompts rather than a split's captions.
 """
