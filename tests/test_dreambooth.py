@@ -8,15 +8,13 @@ from __future__ import annotations
 import csv
 
 import pytest
-import test_sd_pipeline as sd
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_textual_inversion import write_images
+from test_textual_inversion import tiny_sd_base, write_images
 
 from latentdiff.cli import main
 from latentdiff.config import load_config
-from latentdiff.formats import save_diffusers
 from latentdiff.formats.lora import KOHYA_FILE, PEFT_FILE
 from latentdiff.io.checkpoint import read_checkpoint
 from latentdiff.train.diffusion import DiffusionExperiment, DiffusionTrainer
@@ -45,11 +43,10 @@ def log_rows(run) -> list[dict[str, str]]:
 def lora_run(tmp_path_factory):
     """A tiny SD base, 3 uncaptioned instance images, and a LoRA DreamBooth run that generates the class images."""
     root = tmp_path_factory.mktemp("dreambooth")
-    tokenizer = sd.write_tokenizer(root / "tokenizer")
-    base = save_diffusers(sd.tiny_components(sd.UNET, seed=0, tokenizer=tokenizer), root / "base")
+    base = tiny_sd_base(root)
     write_images(root / "instance", 3, seed=1)
-    exp = dreambooth(base, root, root / "lora", **{"lora.rank": "4", "lora.text_encoder": "true"})
-    trainer = DreamBoothTrainer(exp)
+    lora = {"lora.rank": "4", "lora.text_encoder": "true"}
+    trainer = DreamBoothTrainer(dreambooth(base, root, root / "lora", **lora))
     trainer.run()
     return base, root, trainer
 

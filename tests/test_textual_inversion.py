@@ -5,6 +5,8 @@ resume is exact, and bad set-ups are one clear error."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import test_sd_pipeline as sd
@@ -44,11 +46,16 @@ def experiment(base, data, out_dir, **overrides: str) -> TextualInversionExperim
     return load_config(TextualInversionExperiment, config, [f"{k}={v}" for k, v in overrides.items()])
 
 
+def tiny_sd_base(root) -> Path:
+    """The tiny SD model as a diffusers folder under ``root`` (its tokenizer pads with the end token, as SD v1)."""
+    return save_diffusers(sd.tiny_components(sd.UNET, seed=0, tokenizer=sd.write_tokenizer(root / "tokenizer")),
+                          root / "base")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ti")
-    tokenizer = sd.write_tokenizer(root / "tokenizer")
-    base = save_diffusers(sd.tiny_components(sd.UNET, seed=0, tokenizer=tokenizer), root / "base")
+    base = tiny_sd_base(root)
     write_images(root / "toy", 3, seed=0)
     trainer = TextualInversionTrainer(experiment(base, root / "toy", root / "run"))
     run = trainer.run()
