@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 _PRIOR_STREAM = 1  # the class half's generator: SeedSequence([seed, step, 1]); the instance half's is (seed, step)
 _GENERATION_STREAM = 2  # class image generation: SeedSequence([seed, first image's number, 2]) per batch
-_GENERATION_BATCH = 4
+_GENERATION_BATCH = 8
 
 
 @dataclass
