@@ -152,6 +152,8 @@ class DreamBoothTrainer(DiffusionTrainer):
     def build(self, resuming: bool) -> None:
         super().build(resuming)
         db = self.exp.dreambooth
+        if self.model.config.conditioner is None or self.model.config.conditioner.text_encoder == "none":
+            raise ValueError(f"DreamBooth needs a text-to-image model; {self.exp.init_from} takes no captions")
         have = count_images(db.class_images)
         if resuming and have < db.num_class_images:
             raise ValueError(f"dreambooth.class_images {db.class_images!r} holds {have} of {db.num_class_images} "
