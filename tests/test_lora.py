@@ -6,6 +6,8 @@ itself moves the image by ~0.14)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -127,11 +129,13 @@ def _experiment(init_from, out_dir, **overrides: str) -> DiffusionExperiment:
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    """A tiny SD diffusers folder, a LoRA run of 3 steps on it, and the run's folder."""
+    """A tiny SD diffusers folder, a LoRA run of 3 steps on it (UNet and CLIP text encoder), and the run's folder."""
     root = tmp_path_factory.mktemp("lora_sd")
     tokenizer = write_tokenizer(root / "tokenizer")  # padded with the end token, as SD v1
     base = save_diffusers(tiny_components(UNET, seed=0, tokenizer=tokenizer), root / "base")
-    run = DiffusionTrainer(_experiment(base, root / "run")).run()
+    trainer = DiffusionTrainer(_experiment(base, root / "run", **{"lora.text_encoder": "true"}))
+    run = trainer.run()
+    assert trainer.lora_text and all(layer.lora_up.weight.abs().max() > 0 for layer in trainer.lora_text.values())
     return base, run / "checkpoints" / "step_0000003"
 
 
@@ -139,6 +143,7 @@ def tiny_sd(tmp_path_factory):
 def test_trained_lora_loads_in_diffusers_with_our_image(tiny_sd, file_name) -> None:
     base, checkpoint = tiny_sd
     ours_base = StableDiffusionPipeline.from_components(read_components(base))
+    base_text = read_components(base).text_encoder
     merged = apply_lora_to_components(read_components(base), checkpoint / file_name)
     ours = StableDiffusionPipeline.from_components(merged)
     theirs = with_scheduler(load_theirs(base), "ddim")
@@ -149,10 +154,18 @@ def test_trained_lora_loads_in_diffusers_with_our_image(tiny_sd, file_name) -> N
                       generator=torch.Generator().manual_seed(1), output_type="pt").images
     assert max_diff(got, expected) <= INTEROP_TOL
     assert max_diff(got, ours_base.text_to_image(PROMPT, **run).images) > 20 * INTEROP_TOL  # the LoRA matters
-    # The run's model.safetensors is the same merge, made by the trainer.
+    unet_only = StableDiffusionPipeline.from_components(dataclasses.replace(merged, text_encoder=base_text))
+    assert max_diff(got, unet_only.text_to_image(PROMPT, **run).images) > 20 * INTEROP_TOL  # so do CLIP's adapters
+    # The run's model.safetensors is the same merge, made by the trainer; the CLIP adapters are in the files.
     weights, _ = read_checkpoint(checkpoint)
     key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     assert torch.allclose(weights["model.diffusion_model." + key], merged.unet[key], atol=1e-6)
+    key = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(weights["cond_stage_model.transformer." + key], merged.text_encoder[key], atol=1e-6)
+    assert not torch.equal(merged.text_encoder[key], base_text[key])
+    keys = load_file(str(checkpoint / file_name)).keys()
+    assert {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"} & set(keys)
 
 
 def test_lora_on_the_scenes_model_resumes_exactly_and_generates(tmp_path, capsys) -> None:
@@ -197,3 +210,17 @@ def test_full_fine_tuning_from_the_scenes_model(tmp_path) -> None:
     assert torch.equal(weights[key], base[key].float())  # frozen
     with pytest.raises(ValueError, match="model.scale_factor"):
         DiffusionTrainer(_experiment("models/scenes-txt2img", tmp_path / "bad", **{"model.scale_factor": "0.5"})).run()
+
+
+def test_clip_text_encoder_trains_in_full_fine_tuning(tiny_sd, tmp_path) -> None:
+    """text_encoder: trained on a Stable Diffusion model: CLIP's weights get gradients and move (and its EMA)."""
+    base, _ = tiny_sd
+    exp = _experiment(base, tmp_path / "full", **{"lora.rank": "0", "text_encoder": "trained", "train.steps": "1",
+                                                 "use_ema": "false"})
+    trainer = DiffusionTrainer(exp)
+    trainer.run()
+    assert trainer.cond_params and trainer.model.cond_stage_model.transformer.trains
+    weights, _ = read_checkpoint(tmp_path / "full")
+    key = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    moved = weights["cond_stage_model.transformer." + key] - read_components(base).text_encoder[key]
+    assert moved.abs().max() > 1e-4

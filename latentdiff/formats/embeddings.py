@@ -10,6 +10,9 @@ Three layouts are read, each a word (the trigger) and its vectors [n, width]:
 A1111's files are triggered by their file name (the stem), as A1111 does; a diffusers file by the token it holds.
 A multi-vector embedding becomes that many tokens, ``word``, ``word_1``, ``word_2``, ... (diffusers'
 ``load_textual_inversion`` names them so); the tokenizer turns the word into all of them.
+
+``write_embedding`` writes the two safetensors layouts (a textual-inversion run saves both beside each checkpoint):
+diffusers' ``learned_embeds.safetensors`` and A1111's ``<word>.safetensors``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from latentdiff.formats.lora import save_safetensors_atomic
 from latentdiff.formats.weights import safe_torch_load
 from latentdiff.io.errors import CheckpointError
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+EMBEDDING_FORMATS = ("diffusers", "a1111")
+DIFFUSERS_EMBEDDING_FILE = "learned_embeds.safetensors"
 
 
 def _as_vectors(tensor: object, path: Path, what: str) -> torch.Tensor:
@@ -72,4 +78,22 @@ def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
     return word, vectors
 
 
-__all__ = ["EMBEDDING_SUFFIXES", "read_embedding"]
+def write_embedding(word: str, vectors: torch.Tensor, path: str | Path, format: str) -> Path:
+    """Write the vectors [n, width] of ``word`` to the ``.safetensors`` ``path``: ``diffusers`` as ``{word: vectors}``
+    (``load_textual_inversion`` reads the word from the file), ``a1111`` as ``emb_params`` (the trigger is the file
+    name's stem, so name the file after the word). Written to a temporary name and renamed."""
+    path = Path(path)
+    if format not in EMBEDDING_FORMATS:
+        raise ValueError(f"unknown embedding format {format!r}; choose one of {', '.join(EMBEDDING_FORMATS)}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"embeddings are written as .safetensors, got {path}")
+    if not word or any(c.isspace() for c in word):
+        raise ValueError(f"the trigger word {word!r} must be one word without spaces")
+    vectors = vectors.detach().float().cpu().reshape(-1, vectors.shape[-1]).contiguous()
+    tensors = {word: vectors} if format == "diffusers" else {"emb_params": vectors}
+    metadata = {"name": word, "vectors": str(vectors.shape[0])} if format == "a1111" else {}
+    return save_safetensors_atomic(tensors, path, metadata)
+
+
+__all__ = ["DIFFUSERS_EMBEDDING_FILE", "EMBEDDING_FORMATS", "EMBEDDING_SUFFIXES", "read_embedding",
+           "write_embedding"]

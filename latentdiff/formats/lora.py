@@ -108,7 +108,8 @@ def _external_names(lora: LoRAWeights, unet_config: UNetConfig) -> dict[tuple[st
     return names
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` to a temporary name beside ``path``, then rename it (nothing half-written is left)."""
     with atomic_path(path) as temp:
         save_file(plain_tensors(tensors), str(temp), metadata={"format": "pt", **metadata})
     return path
@@ -140,7 +141,7 @@ def write_lora(lora: LoRAWeights, unet_config: UNetConfig, path: str | Path, for
         alphas = sorted({pair.alpha for part in lora.parts().values() for pair in part.values()})
         metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[0]),
                          "ss_network_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else "mixed"})
-    return _atomic_save(tensors, path, metadata)
+    return save_safetensors_atomic(tensors, path, metadata)
 
 
 def lora_file_format(keys: Iterable[str]) -> str:
@@ -228,4 +229,4 @@ def apply_lora_to_components(comps: StableDiffusionComponents, path: str | Path,
 
 
 __all__ = ["KOHYA_FILE", "LORA_FORMATS", "PEFT_FILE", "LoRAPair", "LoRAWeights", "apply_lora_to_components",
-           "lora_file_format", "lora_from_layers", "merge_lora", "read_lora", "write_lora"]
+           "lora_file_format", "lora_from_layers", "merge_lora", "read_lora", "save_safetensors_atomic", "write_lora"]

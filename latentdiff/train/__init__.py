@@ -6,11 +6,15 @@ from typing import Any
 
 from latentdiff.train.autoencoder import AutoencoderExperiment, AutoencoderTrainer
 from latentdiff.train.diffusion import DiffusionExperiment, DiffusionTrainer
+from latentdiff.train.dreambooth import DreamBoothExperiment, DreamBoothTrainer
+from latentdiff.train.textual_inversion import TextualInversionExperiment, TextualInversionTrainer
 from latentdiff.train.trainer import Trainer
 
 TASKS: dict[str, tuple[type, type[Trainer]]] = {
     "autoencoder": (AutoencoderExperiment, AutoencoderTrainer),
     "diffusion": (DiffusionExperiment, DiffusionTrainer),
+    "dreambooth": (DreamBoothExperiment, DreamBoothTrainer),
+    "textual_inversion": (TextualInversionExperiment, TextualInversionTrainer),
 }
 
 

@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -262,6 +262,7 @@ class DiffusionTrainer(Trainer):
 
     log_columns = LOG_COLUMNS
     model_name = "latent diffusion model"
+    adapts_base: ClassVar[bool] = False  # a run that adds to a frozen base (textual inversion) reloads it on resume
     exp: DiffusionExperiment
     model: LatentDiffusion
 
@@ -273,7 +274,7 @@ class DiffusionTrainer(Trainer):
         # A fine-tuning run starts from its base; a LoRA run reloads it on resume too (its checkpoints hold the
         # adapters, not the base weights).
         base = adopt_base(base_section(exp.model, exp.new_words), exp.data, exp.init_from) if exp.init_from and (
-            not resuming or exp.lora.rank) else None
+            not resuming or exp.lora.rank or self.adapts_base) else None
         if base is not None:
             exp.model = base.config
         if exp.init_from:
@@ -281,7 +282,7 @@ class DiffusionTrainer(Trainer):
         mc = exp.model
         self.train_set: Dataset | None = None
         if mc.conditioner is not None:  # built first: the conditioner's checks (and vocabulary) read the data
-            self.train_set = build_dataset(exp.data, "train")
+            self.train_set = self.source_data()
             _check_inputs(exp, self.train_set)
             if mc.conditioner.text_encoder == "transformer" and not mc.conditioner.text.vocab:
                 if resuming:
@@ -349,9 +350,13 @@ class DiffusionTrainer(Trainer):
             for file_format, name in (("kohya", KOHYA_FILE), ("peft", PEFT_FILE)):
                 write_lora(lora, self.model.config.unet, folder / name, file_format)
 
+    def source_data(self) -> Dataset:
+        """The training items the data config names (DreamBooth reads its own folders)."""
+        return build_dataset(self.exp.data, "train")
+
     def training_data(self) -> Dataset:
         if self.train_set is None:
-            self.train_set = build_dataset(self.exp.data, "train")
+            self.train_set = self.source_data()
         _check_labels(self.exp, self.train_set)
         return self.train_set
 
@@ -384,6 +389,11 @@ class DiffusionTrainer(Trainer):
             (self.run_dir / "samples" / "captions.txt").write_text("\n".join(captions) + "\n")
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, Any] | None:
+        loss, logs = self.batch_loss(batch, step_generator(self.cfg.seed, step))
+        return logs if self.optimizer_step(loss, self.optimizer, step, average=self.cond_params) else None
+
+    def batch_loss(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of ``batch`` (this rank's rows) and its logged terms, its randomness drawn from ``generator``."""
         model, env = self.model, self.env
         if self.exp.cache_latents:
             params = batch["params"].to(env.device, non_blocking=True)
@@ -392,7 +402,7 @@ class DiffusionTrainer(Trainer):
         n = params.shape[0]
         # The batch's own latent size: aspect-ratio buckets (data.buckets) change it from batch to batch.
         rows, mine = self.draw_rows(n)  # the whole step's (every rank's, every micro-batch's) draws; this one's
-        draws = model.draw_training_noise(rows, step_generator(self.cfg.seed, step),
+        draws = model.draw_training_noise(rows, generator,
                                           latent_shape=(model.latent_channels, *params.shape[2:]))
         draws = {k: v[mine] for k, v in draws.items()}
         latents = model.latents_from_parameters(params.float(), noise=draws.get("posterior"))
@@ -403,8 +413,7 @@ class DiffusionTrainer(Trainer):
         # The conditioner reads its inputs from the batch: raw (captions, images) or cached (token ids...).
         inputs = batch if model.cond_stage_model is not None else None
         with autocast_context(env.device, self.cfg.precision):
-            loss, logs = model.loss(z0, cond, network=self.ddp_net, draws=draws, inputs=inputs)
-        return logs if self.optimizer_step(loss, self.optimizer, step, average=self.cond_params) else None
+            return model.loss(z0, cond, network=self.ddp_net, draws=draws, inputs=inputs)
 
     def log_values(self) -> dict[str, Any]:
         return {"ema_decay": self.ema.current_decay() if self.ema is not None else None,

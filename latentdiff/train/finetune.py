@@ -8,8 +8,8 @@ the field). The data must have the base's image size and channels, except for a 
 convolutional UNet trains at the data's size (the size is recorded in the run's config).
 
 ``text_encoder`` (the experiment's key): ``frozen`` or ``trained``; empty keeps the model's own habit (a jointly
-trained text transformer trains on, a pretrained CLIP or MiniLM stays frozen). A CLIP text encoder cannot train
-here: its embedder encodes without gradients.
+trained text transformer trains on, a pretrained CLIP or MiniLM stays frozen). A trained CLIP keeps its gradients
+(its embedder encodes under ``no_grad`` only while frozen).
 
 ``lora`` (``LoRAConfig``; ``rank: 0`` means no LoRA): the base stays frozen, adapters on the UNet's ``targets``
 (and with ``text_encoder: true`` on the text encoder's attention and feed-forward layers) train. See
@@ -122,20 +122,12 @@ def text_encoder_module(model: LatentDiffusion) -> nn.Module | None:
     return getattr(model.cond_stage_model, "transformer", None) if model.cond_stage_model is not None else None
 
 
-def _clip_refusal(model: LatentDiffusion, what: str) -> None:
-    if model.config.conditioner is not None and model.config.conditioner.text_encoder == "clip":
-        raise ConfigError(f"{what}: the CLIP text encoder encodes without gradients here, so it cannot train (the "
-                          "UNet can)")
-
-
 def set_text_encoder_training(model: LatentDiffusion, mode: str) -> None:
     """Freeze (``frozen``) or unfreeze (``trained``) the conditioner's weights; empty leaves them as built."""
     if not mode:
         return
     if model.cond_stage_model is None:
         raise ConfigError(f"text_encoder: {mode} needs a model with a text encoder, and this one has none")
-    if mode == "trained":
-        _clip_refusal(model, "text_encoder: trained")
     model.cond_stage_model.requires_grad_(mode == "trained")
 
 
@@ -149,7 +141,6 @@ def add_lora(model: LatentDiffusion, lora: LoRAConfig) -> tuple[dict[str, LoRALa
         encoder = text_encoder_module(model)
         if encoder is None:
             raise ConfigError("lora.text_encoder: true needs a model with a text encoder, and this one has none")
-        _clip_refusal(model, "lora.text_encoder: true")
         text = inject_lora(encoder, TEXT_ENCODER_TARGETS[lora.targets], lora.rank, lora.alpha, lora.dropout)
     return unet, text
 

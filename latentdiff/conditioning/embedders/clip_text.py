@@ -1,4 +1,4 @@
-"""The ``clip`` embedder: captions through a frozen CLIP text encoder, Stable Diffusion's.
+"""The ``clip`` embedder: captions through a CLIP text encoder, Stable Diffusion's: frozen unless a run trains it.
 
 Its weights are part of the checkpoint, under ``cond_stage_model.transformer.text_model.*`` in Hugging Face
 ``CLIPTextModel`` names, which is exactly where an original SD v1 file keeps them. As in SD, it gives no context
@@ -56,7 +56,11 @@ class CLIPEncoderConfig(CaptionConfig):
 
 
 class FrozenCLIPTextEncoder(CLIPTextModel):
-    """The CLIP text encoder as the embedder uses it: frozen (eval mode, no gradients), with its tokenizer.
+    """The CLIP text encoder as the embedder uses it, with its tokenizer: built frozen (eval mode, no gradients).
+
+    A fine-tuning run may make some of its weights trainable (all of them, LoRA adapters, a textual-inversion
+    token's rows): ``encode_ids`` then keeps the graph and ``train()`` lets the adapters' dropout act. Frozen, it
+    encodes under ``no_grad`` and stays in eval mode, as at inference (CLIP itself has no dropout).
 
     It *is* the ``CLIPTextModel``, so its weights are ``text_model.*`` and, as the embedder's ``transformer``,
     ``cond_stage_model.transformer.text_model.*`` in a checkpoint: the names of an original SD v1 file (CompVis'
@@ -70,17 +74,23 @@ class FrozenCLIPTextEncoder(CLIPTextModel):
                                        max_length=config.max_length)
         self.eval().requires_grad_(False)
 
+    @property
+    def trains(self) -> bool:
+        """Whether any weight (an adapter's too) is trainable."""
+        return any(p.requires_grad for p in self.parameters())
+
     def train(self, mode: bool = True) -> FrozenCLIPTextEncoder:
-        return super().train(False)  # frozen: always in eval mode
+        return super().train(mode and self.trains)  # frozen: always in eval mode
 
     def tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(self.tokenizer(prompts))  # type: ignore[return-value]
 
-    @torch.no_grad()
     def encode_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Token ids (N, L) -> (states (N, L, width) in float32, None: every position is attended to)."""
+        """Token ids (N, L) -> (states (N, L, width) in float32, None: every position is attended to); with
+        gradients only when some weight trains."""
         device = self.text_model.embeddings.token_embedding.weight.device
-        return self.encode(input_ids.to(device)).float(), None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):
+            return self.encode(input_ids.to(device)).float(), None
 
 
 class CLIPTextEmbedder(CaptionEmbedder):
