@@ -42,7 +42,8 @@ def test_reading_text_and_jsonl(tmp_path: Path) -> None:
 
 def test_output_names(tmp_path: Path) -> None:
     line = PromptLine(number=7, index=2, options={})
-    assert output_path(str(tmp_path / "o" / "{index:04d}-{line}-{seed}.png"), line, 5) == tmp_path / "o" / "0002-7-5.png"
+    pattern = str(tmp_path / "o" / "{index:04d}-{line}-{seed}.png")
+    assert output_path(pattern, line, 5) == tmp_path / "o" / "0002-7-5.png"
     assert output_path(str(tmp_path / "out.png"), line, 5) == tmp_path / "out-0002.png"
     assert output_path(str(tmp_path / "folder"), line, 5) == tmp_path / "folder" / "0002.png"
     assert output_path(str(tmp_path) + "/", line, 5) == tmp_path / "0002.png"
