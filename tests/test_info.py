@@ -13,7 +13,7 @@ from test_golden import tiny_sd_file
 from latentdiff.cli import main
 from latentdiff.cli.info import VOCAB_SHOWN, model_info
 from latentdiff.conditioning.text import WordTokenizer
-from latentdiff.formats import convert
+from latentdiff.formats import convert, read_components
 from latentdiff.io.files import file_sha256
 from latentdiff.pipelines import load_pipeline
 
@@ -108,3 +108,11 @@ def test_native_generation_warns_once_naming_unknown_words(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         pipe.text_to_image("a red sneaker on the left", **run)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_info_on_a_native_autoencoder(first_stage, capsys) -> None:
+    info = _info_json(capsys, str(first_stage))
+    assert info["kind"] == "autoencoder only (a first stage, no UNet)" and info["verb"] is None
+    vae = read_components(first_stage).vae
+    assert info["parameters"] == {"first_stage": sum(t.numel() for t in vae.values())}
+    assert info["architecture"]["first_stage"]["factor"] == 2 and "defaults" not in info

@@ -141,7 +141,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     else:
         info.update(_sd_kind(comps))
     info["architecture"] = _architecture(comps)
-    if file_format == "native":
+    if file_format == "native" and comps.unet is not None:  # the conditioner's weights are not among comps'
         info["parameters"] = _native_parameters(hashed)
     else:
         info["parameters"] = {name: _count(part) for name, part in (
