@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
+from test_golden import _write_inputs
 
 from latentdiff.cli import main
 from latentdiff.io.files import file_sha256
@@ -174,3 +175,44 @@ def test_from_png_falls_back_to_a1111_text(tmp_path: Path, capsys) -> None:
     assert _run("--from-png", str(a1111), "--model", str(model), "-o", str(again)) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(ours)))
     assert read_png_parameters(again)["negative"] == "a bag"
+
+
+def test_a1111_variation_seed_known_answer() -> None:
+    record = dict(RECORD, subseed=5, subseed_strength=0.25, strength=0.6)
+    text = a1111_parameters(record)
+    assert text.endswith("Model: sd15, Variation seed: 5, Variation seed strength: 0.25, Denoising strength: 0.6")
+    parsed = parse_a1111_parameters(text)
+    assert (parsed["subseed"], parsed["subseed_strength"], parsed["strength"]) == (5, 0.25, 0.6)
+    assert "Variation seed" not in a1111_parameters(RECORD)  # only when there is a variation, as A1111
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("png_inputs")
+    _write_inputs(folder)
+    return folder
+
+
+def test_img2img_and_inpaint_from_png_reproduce_bytes(inputs: Path, tmp_path: Path, capsys) -> None:
+    """The recorded strength (A1111's Denoising strength), sampler, seed and variation come back; the input image
+    and mask are given again, as A1111 needs them too."""
+    init, mask = str(inputs / "init.png"), str(inputs / "mask.png")
+    runs = {"img2img": [init], "inpaint": [init, mask]}
+    for verb, files in runs.items():
+        out, again = tmp_path / f"{verb}.png", tmp_path / f"{verb}-again.png"
+        options = ["--strength", "0.7", "--steps", "3", "--seed", "2", "--sampler", "Euler a", "--subseed", "3",
+                   "--subseed-strength", "0.2", "--negative", "a bag"]
+        if verb == "inpaint":
+            options.append("--keep-unmasked")
+        assert main([verb, *files, PROMPT, *options, "-o", str(out)]) == 0
+        assert "Denoising strength: 0.7" in _chunks(out)[PARAMETERS_KEY]
+        assert main([verb, *files, "--from-png", str(out), "-o", str(again)]) == 0
+        assert again.read_bytes() == out.read_bytes()
+    # Another init image: the run goes on, with a warning that it is not the recorded one.
+    capsys.readouterr()
+    other = tmp_path / "other.png"
+    assert main(["img2img", mask, "--from-png", str(tmp_path / "img2img.png"), "-o", str(other)]) == 0
+    assert f"warning: {mask} is not the init {tmp_path / 'img2img.png'} was made from" in capsys.readouterr().err
+    # A PNG of another verb names the verb that re-runs it.
+    assert main(["img2img", init, "--from-png", str(tmp_path / "inpaint.png"), "-o", str(other)]) == 2
+    assert "re-run it with `latentdiff inpaint --from-png`" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The ``latentdiff`` command: train models, sample from them and evaluate them.
 
 One module per verb group, each with an ``add_parsers(sub)``: ``train`` (train, export, eval-autoencoder,
-eval-nll), ``generate`` (generate, img2img, inpaint, seg2img, upscale, sample) and ``convert``.
+eval-nll), ``generate`` (generate, img2img, inpaint, seg2img, upscale, sample), ``convert`` and ``info``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import argparse
 import logging
 import sys
 
-from latentdiff.cli import convert, data, generate, train
+from latentdiff.cli import convert, data, generate, info, train
 from latentdiff.cli.args import OneLineParser
 from latentdiff.io.state import nonfinite_weights_allowed
 
 # Errors a user can cause and fix: reported in one line, without a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, RuntimeError, KeyError,
                                                  ImportError)
-VERB_GROUPS = (train, generate, convert, data)
+VERB_GROUPS = (train, generate, convert, data, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from latentdiff.cli import args as checked
+from latentdiff.cli.from_png import add_from_png_option, apply_png_parameters
+from latentdiff.cli.prompts import run_prompts_file
 from latentdiff.data.transforms import make_grid
 from latentdiff.device import select_device
 from latentdiff.diffusion.noise_levels import SPACINGS
@@ -30,9 +32,10 @@ from latentdiff.pipelines.metadata import (
     image_records,
     input_hashes,
     model_identity,
-    read_png_parameters,
     save_png,
 )
+from latentdiff.pipelines.native import warn_unknown_words
+from latentdiff.pipelines.variation import variation_of
 
 # The models the task verbs use without --model: the bundled models in models/ (native runs of
 # configs/ldm-<name>.yaml, exported; <name> is the folder's name).
@@ -40,10 +43,6 @@ DEFAULT_MODEL = "models/scenes-txt2img"
 DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint": DEFAULT_MODEL,
                   "seg2img": "models/scenes-seg2img", "upscale": "models/scenes-upscale"}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-# What `generate --from-png` takes from the PNG's record, unless given on the command line.
-FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
-                      "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip",
-                      "batch_size")
 # The options besides the shared ones that change a verb's image, recorded with it.
 _VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
 
@@ -88,6 +87,7 @@ def _sample(args: argparse.Namespace) -> None:
         cond["caption"] = [prompts[i % len(prompts)] for i in range(args.n)]
         if len(prompts) > 1 and not args.nrow:
             nrow = min(args.n, len(prompts))
+    warn_unknown_words(model, [*prompts, args.negative])
     images = model.sample(args.n, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
                           cond=cond or None, uncond=uncond, guidance_scale=args.guidance, karras=args.karras,
                           disable_progress=False)
@@ -155,6 +155,7 @@ def _check_generation_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    variation_of(args.subseed, args.subseed_strength)
     args.model = _model_path(args)
 
 
@@ -241,66 +242,14 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
         record["batch_size"] = args.batch_size
     if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings
         record["clip_skip"] = args.clip_skip
+    if variation_of(args.subseed, args.subseed_strength):  # A1111 writes a variation only when there is one
+        record.update(subseed=args.subseed, subseed_strength=args.subseed_strength)
     if getattr(args, "loras", None):
         record["loras"] = [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
                            for path, scale in args.loras]
     if getattr(args, "embeddings", None):
         record["embeddings"] = [{"file": Path(path).name, "sha256": file_sha256(path)} for path in args.embeddings]
     return record
-
-
-def _find_recorded(name: str | None, accept=lambda path: path.exists()) -> str | None:
-    """A file a PNG names (a model, LoRA or embedding), looked for here, in models/ and among the bundled models."""
-    for candidate in ([] if not name else [Path(name), Path("models") / name, _REPO_ROOT / "models" / name]):
-        if accept(candidate):
-            return str(candidate)
-    return None
-
-
-def _recorded_file(entry: dict, png: str, flag: str) -> str:
-    """A LoRA or embedding file a PNG was made with, found by its name (``_find_recorded``), its sha256 checked."""
-    found = _find_recorded(entry["file"], lambda path: path.is_file() and entry.get("sha256") in
-                           (None, file_sha256(path)))
-    if found is None:
-        raise ValueError(f"{png} was made with {entry['file']} (sha256 {entry.get('sha256')}), which is not here; "
-                         f"give {flag} PATH")
-    return found
-
-
-def _recorded_model(record: dict, png: str) -> str:
-    """The model a PNG was made with, found by its file name (``_find_recorded``)."""
-    name = record.get("model_file") or record.get("model_name")
-    found = _find_recorded(name)
-    if found is None:
-        digest = record.get("model_sha256") or record.get("model_hash")
-        raise ValueError(f"{png} was made with the model {name or '(not recorded)'}"
-                         f"{f' (sha256 {digest})' if digest else ''}, which is not here; give --model PATH")
-    return found
-
-
-def _apply_png_parameters(args: argparse.Namespace) -> int | None:
-    """--from-png: the PNG's parameters for every argument left at its default; which image of its run it is."""
-    record = read_png_parameters(args.from_png)
-    if record.get("verb", "generate") != "generate":
-        raise ValueError(f"{args.from_png} was made by `latentdiff {record['verb']}`; --from-png re-runs images of "
-                         "`latentdiff generate`")
-    for name in FROM_PNG_ARGUMENTS:
-        if record.get(name) is not None and getattr(args, name, None) == args.png_defaults.get(name):
-            setattr(args, name, record[name])
-    if record.get("loras") and not getattr(args, "loras", None):
-        args.loras = [(_recorded_file(entry, args.from_png, "--lora"), entry["scale"]) for entry in record["loras"]]
-    if record.get("embeddings") and not getattr(args, "embeddings", None):
-        args.embeddings = [_recorded_file(entry, args.from_png, "--embedding") for entry in record["embeddings"]]
-    recorded_hash = record.get("model_sha256") or record.get("model_hash")  # ours, else A1111's short one
-    if args.model is None:
-        args.model = _recorded_model(record, args.from_png)
-    elif recorded_hash and Path(args.model).is_file() and not file_sha256(args.model).startswith(recorded_hash):
-        print(f"latentdiff: warning: {args.model} is not the model {args.from_png} was made with (its sha256 is not "
-              f"{recorded_hash})", file=sys.stderr)
-    index = record.get("index")
-    if index is not None and not 0 <= index < args.n:
-        raise ValueError(f"{args.from_png}: image {index} of a run of {args.n} does not exist")
-    return index
 
 
 def _report(paths: list[Path], n: int) -> None:
@@ -311,7 +260,8 @@ def _report(paths: list[Path], n: int) -> None:
 def _common(args: argparse.Namespace, pipe) -> dict:
     """The sampling options every task takes, and the noise-level options of a Stable Diffusion model."""
     common = {"num_images": args.n, "steps": args.steps, "sampler": args.sampler,
-              "guidance_scale": _guidance(args, pipe), "generator": args.seed, "progress": True}
+              "guidance_scale": _guidance(args, pipe), "generator": args.seed, "progress": True,
+              "variation": variation_of(args.subseed, args.subseed_strength)}
     if args.guidance_rescale:
         # CFG rescale is an option of the sampling core (``sampling.denoise``), reached through sampler_options.
         common["sampler_options"] = {"guidance_rescale": args.guidance_rescale}
@@ -325,9 +275,15 @@ def _common(args: argparse.Namespace, pipe) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    pick = _apply_png_parameters(args) if args.from_png else None
+    if args.prompts_file:  # many prompts, the model loaded once (latentdiff.cli.prompts)
+        run_prompts_file(args, _check_generation_args, _load_for_generation, _text_to_image)
+        return
+    pick = apply_png_parameters(args) if args.from_png else None
     _check_generation_args(args)
-    pipe = _load_for_generation(args)
+    _text_to_image(args, _load_for_generation(args), pick)
+
+
+def _text_to_image(args: argparse.Namespace, pipe, pick: int | None = None) -> None:
     checked.check_requested_size(pipe, args.width, args.height, isinstance(pipe, LatentDiffusionPipeline))
     run = checked.in_batches(args.batch_size, pipe.text_to_image)
     result = run(args.prompt, args.negative, height=args.height, width=args.width, **_common(args, pipe))
@@ -337,6 +293,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _img2img(args: argparse.Namespace) -> None:
+    pick = apply_png_parameters(args) if args.from_png else None
     _check_generation_args(args)
     image_file_size(args.init, "init image")  # a missing, unreadable or huge file fails before the model loads
     pipe = _load_for_generation(args)
@@ -344,10 +301,12 @@ def _img2img(args: argparse.Namespace) -> None:
     run = checked.in_batches(args.batch_size, pipe.image_to_image)
     result = run(image, args.prompt, args.negative, strength=args.strength, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"init": args.init})
-    _report(_save_images(result.images, args.output, args.separate, record), args.n)
+    _report(_save_images(result.images, args.output, args.separate and pick is None, record, pick),
+            1 if pick is not None else args.n)
 
 
 def _inpaint(args: argparse.Namespace) -> None:
+    pick = apply_png_parameters(args) if args.from_png else None
     _check_generation_args(args)
     image, mask = image_file_size(args.image), image_file_size(args.mask, "mask")  # headers: nothing decoded yet
     if image != mask:
@@ -361,7 +320,8 @@ def _inpaint(args: argparse.Namespace) -> None:
     result = run(image, mask, args.prompt, args.negative, strength=args.strength,
                  keep_unmasked=args.keep_unmasked, **extra, **_common(args, pipe))
     record = _generation_record(args, pipe, result.images, {"image": args.image, "mask": args.mask})
-    _report(_save_images(result.images, args.output, args.separate, record), args.n)
+    _report(_save_images(result.images, args.output, args.separate and pick is None, record, pick),
+            1 if pick is not None else args.n)
 
 
 def _seg2img(args: argparse.Namespace) -> None:
@@ -419,6 +379,10 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
     p.add_argument("--seed", type=checked.seed, default=0,
                    help="the same seed gives the same image on any device (default 0)")
+    p.add_argument("--subseed", type=checked.seed, default=None, metavar="N",
+                   help="variation seed, as A1111's: image i's starting noise moves towards that of seed N + i")
+    p.add_argument("--subseed-strength", type=checked.probability, default=0.0, metavar="S",
+                   help="how far, in [0, 1] (A1111's slerp; 0: the --seed image exactly, the default)")
     if stable_diffusion:
         p.add_argument("--spacing", choices=SPACINGS, default=None,
                        help="timestep spacing (default: the model's scheduler config, else diffusers' default for "
@@ -517,10 +481,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "are those of diffusers' StableDiffusionPipeline; with a native model, those of `latentdiff sample "
                   "--prompt`.", (), "the prompt (leave out for a model without text)")
     _add_generation_options(p, sampler_names)
-    p.add_argument("--from-png", metavar="FILE", default=None,
-                   help="re-run the image FILE was made from (its latentdiff JSON chunk, else A1111's parameters "
-                        "text), byte for byte; options given here override the recorded ones")
-    p.set_defaults(png_defaults={name: p.get_default(name) for name in FROM_PNG_ARGUMENTS})
+    add_from_png_option(p)
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", default=None,
+                   help="one prompt per line, or JSON Lines (.jsonl) with per-line options; the model is loaded once "
+                        "and each line writes its PNG, named from -o: a pattern ('out/{index:04d}.png'; {line}, "
+                        "{seed}), a folder, or NAME.png -> NAME-0000.png, ...")
 
     p = _add_verb(sub, "img2img", _img2img, "redraw an image guided by a prompt (SDEdit)",
                   "Noise INIT to --strength of the way and denoise it with the prompt, as diffusers' "
@@ -529,6 +494,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=checked.finite_float, default=0.6,
                    help="how much to change: 0 keeps INIT, 1 redraws it entirely (default 0.6)")
     _add_generation_options(p, sampler_names, size=False)
+    add_from_png_option(p, " (give INIT again: a PNG does not hold it)")
 
     p = _add_verb(sub, "inpaint", _inpaint, "repaint the white part of a mask guided by a prompt",
                   "Repaint where MASK is white and keep the rest, as diffusers' StableDiffusionInpaintPipeline: with "
@@ -545,6 +511,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="decode with the plain decoder even if the model's first stage has a mask-conditioned "
                         "inpainting decoder (which sees the kept pixels; the default when there is one)")
     _add_generation_options(p, sampler_names, size=False)
+    add_from_png_option(p, " (give IMAGE and MASK again: a PNG does not hold them)")
 
     native_verbs = (
         ("seg2img", _seg2img, "an image whose layout follows a class map (semantic synthesis)",

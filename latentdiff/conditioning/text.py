@@ -76,6 +76,11 @@ class WordTokenizer:
     def text_to_ids(self, text: str) -> list[int]:
         return [self.ids.get(word, self.unk_token_id) for word in split_caption(text)]
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` (as ``split_caption`` splits them) that are not in the vocabulary and become
+        ``[UNK]``, each once, in the order they first appear."""
+        return list(dict.fromkeys(word for word in split_caption(text) if word not in self.ids))
+
     def encode(self, captions: str | Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(captions, str):
             captions = [captions]

@@ -14,7 +14,8 @@ has Hugging Face's names (a jointly trained text transformer keeps its own, whic
 
 In memory a LoRA is ``LoRAWeights``: per part (UNet, text encoder) a dict from our module path (no prefix) to its
 ``LoRAPair``. Reading the kohya names back needs the paths they could stand for (dots became underscores), so
-``read_lora`` takes the UNet's architecture and the text encoder's layer names.
+``read_lora`` takes the UNet's architecture and the text encoder's layer names. ``load_lora`` returns a handle with
+which ``unload_lora`` puts the original weights back bit for bit.
 
 This is a small API beside the checkpoint registry, not a registry format: the registry's ``read`` returns a whole
 model (``StableDiffusionComponents``) from a file alone, and a LoRA is an update of a model that neither names nor
@@ -219,14 +220,51 @@ def merge_lora(weights: dict[str, torch.Tensor], pairs: dict[str, LoRAPair], sca
 def apply_lora_to_components(comps: StableDiffusionComponents, path: str | Path,
                              scale: float = 1.0) -> StableDiffusionComponents:
     """A copy of ``comps`` with the LoRA file at ``path`` merged into its UNet and text encoder at ``scale``."""
+    return load_lora(comps, path, scale)[0]
+
+
+@dataclass(frozen=True)
+class LoRAHandle:
+    """What ``load_lora`` changed, to undo it exactly: per part ("unet", "text_encoder"), the weights it replaced
+    (``originals``, the tensors themselves) and the ones it put in their place (``merged``)."""
+
+    path: str
+    scale: float
+    originals: dict[str, dict[str, torch.Tensor]]
+    merged: dict[str, dict[str, torch.Tensor]]
+
+
+def load_lora(comps: StableDiffusionComponents, path: str | Path,
+              scale: float = 1.0) -> tuple[StableDiffusionComponents, LoRAHandle]:
+    """``apply_lora_to_components`` with a handle for ``unload_lora``: (the merged copy, the handle)."""
     text_layers = {k[:-len(".weight")] for k in comps.text_encoder or {} if k.endswith(".weight")}
     lora = read_lora(path, comps.unet_config, text_layers)
     if lora.text_encoder and comps.text_encoder is None:
         raise CheckpointError(f"{path} adapts a text encoder, and the model has none")
-    unet = merge_lora(comps.unet, lora.unet, scale) if lora.unet else comps.unet
-    text = merge_lora(comps.text_encoder, lora.text_encoder, scale) if lora.text_encoder else comps.text_encoder
-    return dataclasses.replace(comps, unet=unet, text_encoder=text)
+    parts = {"unet": comps.unet, "text_encoder": comps.text_encoder}
+    changed = {part: merge_lora(parts[part], pairs, scale) for part, pairs in lora.parts().items() if pairs}
+    keys = {part: [f"{name}.weight" for name in pairs] for part, pairs in lora.parts().items() if pairs}
+    handle = LoRAHandle(str(path), scale, {part: {k: parts[part][k] for k in keys[part]} for part in keys},
+                        {part: {k: changed[part][k] for k in keys[part]} for part in keys})
+    return dataclasses.replace(comps, **changed), handle
 
 
-__all__ = ["KOHYA_FILE", "LORA_FORMATS", "PEFT_FILE", "LoRAPair", "LoRAWeights", "apply_lora_to_components",
-           "lora_file_format", "lora_from_layers", "merge_lora", "read_lora", "save_safetensors_atomic", "write_lora"]
+def unload_lora(comps: StableDiffusionComponents, handle: LoRAHandle) -> StableDiffusionComponents:
+    """A copy of ``comps`` with the weights ``load_lora`` replaced put back, bit for bit (the original tensors, not
+    a subtraction that rounding would spoil). LoRAs loaded on top of it must be unloaded first (last in, first out):
+    a weight that is no longer the one this LoRA left is refused with a ``ValueError``."""
+    restored = {}
+    for part, originals in handle.originals.items():
+        weights = dict(getattr(comps, part) or {})
+        moved = [k for k in originals if weights.get(k) is not handle.merged[part][k]]
+        if moved:
+            raise ValueError(f"cannot unload {handle.path}: the {part} weight {moved[0]} changed since it was loaded "
+                             "(unload the LoRAs loaded after it first)")
+        weights.update(originals)
+        restored[part] = weights
+    return dataclasses.replace(comps, **restored)
+
+
+__all__ = ["KOHYA_FILE", "LORA_FORMATS", "PEFT_FILE", "LoRAHandle", "LoRAPair", "LoRAWeights",
+           "apply_lora_to_components", "load_lora", "lora_file_format", "lora_from_layers", "merge_lora", "read_lora",
+           "save_safetensors_atomic", "unload_lora", "write_lora"]

@@ -25,6 +25,7 @@ from latentdiff.diffusion.samplers import Callback, Denoiser, get_sampler
 from latentdiff.diffusion.sampling import KnownRegion, denoise
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.images import to_pil_images
+from latentdiff.pipelines.variation import Variation
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class SamplingOptions:
     """How one pipeline call samples, besides its conditioning: the sampler and its options (those of the sampling
     core too: ``{"guidance_rescale": 0.7}`` is CFG rescale, ``sampling.denoise``), the generator, the
     progress callback and bar (None: tqdm's default), the starting noise's prior (``sampling.initial_noise_scale``)
-    and the denoiser when it depends on the sampler (None: ``sampling_denoiser()``)."""
+    and the denoiser when it depends on the sampler (None: ``sampling_denoiser()``), and the variation mixed into the
+    initial noise (``latentdiff.pipelines.variation``; None: none)."""
 
     sampler: str
     generator: torch.Generator
@@ -60,6 +62,7 @@ class SamplingOptions:
     progress: bool | None = None
     prior: str = "vp"
     denoiser: Denoiser | None = None
+    variation: Variation | None = None
 
 
 def as_generator(generator: Generator) -> torch.Generator:
@@ -103,20 +106,25 @@ class PipelineBase(ABC):
         """D(x, sigma, **cond) -> x0 over the pipeline's network."""
 
     def _sampling(self, sampler: str, steps: int, generator: Generator, sampler_options: dict[str, Any] | None,
-                  callback: Callback | None, progress: bool | None) -> SamplingOptions:
+                  callback: Callback | None, progress: bool | None,
+                  variation: Variation | None = None) -> SamplingOptions:
         """A call's sampling options, checked (an unknown sampler, no steps), with its CPU generator."""
         get_sampler(sampler)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        return SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress)
+        return SamplingOptions(sampler, as_generator(generator), sampler_options, callback, progress,
+                               variation=variation)
 
-    def _noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        """The initial unit-normal noise: ``latents`` as given (checked), or drawn from ``gen``."""
+    def _noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], run: SamplingOptions) -> torch.Tensor:
+        """The initial unit-normal noise: ``latents`` as given (checked), or drawn from the run's generator; with
+        the run's variation mixed in."""
         if latents is None:
-            return draw_noise(shape, gen, device=self.device)
-        if tuple(latents.shape) != tuple(shape):
+            noise = draw_noise(shape, run.generator, device=self.device)
+        elif tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32)
+        else:
+            noise = latents.to(self.device, torch.float32)
+        return noise if run.variation is None else run.variation.apply(noise)
 
     def _denoise(self, sigmas: torch.Tensor, noise: torch.Tensor, cond: dict[str, torch.Tensor],
                  uncond: dict[str, torch.Tensor] | None, guidance_scale: float, run: SamplingOptions,

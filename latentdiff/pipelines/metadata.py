@@ -29,7 +29,8 @@ NEGATIVE_PREFIX = "Negative prompt: "
 SHORT_HASH_DIGITS = 10
 # Our record's keys and A1111's names for them, in the order A1111 writes them.
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "guidance": "CFG scale", "seed": "Seed", "size": "Size",
-              "model_hash": "Model hash", "model": "Model", "strength": "Denoising strength",
+              "model_hash": "Model hash", "model": "Model", "subseed": "Variation seed",
+              "subseed_strength": "Variation seed strength", "strength": "Denoising strength",
               "guidance_rescale": "CFG Rescale phi", "clip_skip": "Clip skip", "lora_hashes": "Lora hashes"}
 _A1111_NAMES = {target: alias for alias, target in SAMPLER_ALIASES.items()}
 # `Key: value` pairs of the last line: a value runs to the next comma unless it is quoted.
@@ -56,7 +57,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     values = {"steps": record["steps"], "sampler": a1111_sampler_name(record["sampler"], record.get("sigma_ramp")),
               "guidance": float(record["guidance"]), "seed": record["seed"],
               "size": f"{record['width']}x{record['height']}", "model_hash": record.get("model_hash"),
-              "model": record.get("model_name"), "strength": record.get("strength"),
+              "model": record.get("model_name"), "subseed": record.get("subseed"),
+              "subseed_strength": record.get("subseed_strength"), "strength": record.get("strength"),
               "guidance_rescale": record.get("guidance_rescale") or None,
               "clip_skip": record["clip_skip"] if (record.get("clip_skip") or 1) > 1 else None,  # A1111: only > 1
               "lora_hashes": ", ".join(f"{Path(e['file']).stem}: {e['sha256'][:SHORT_HASH_DIGITS]}"
@@ -70,7 +72,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
 
 def parse_a1111_parameters(text: str) -> dict[str, Any]:
     """A1111's ``parameters`` text as a record (prompt, negative, steps, sampler, guidance, seed, width, height,
-    model_name, model_hash, strength, guidance_rescale: those present); unknown keys are kept under ``a1111``."""
+    model_name, model_hash, strength, guidance_rescale, clip_skip, subseed, subseed_strength: those present); unknown
+    keys are kept under ``a1111``."""
     lines = text.strip("\n").split("\n")
     pairs = {key.strip(): json.loads(value) if value.startswith('"') else value.strip()
              for key, value in _PAIR.findall(lines[-1])}
@@ -84,7 +87,8 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         record["guidance"] = float(pairs.pop("CFG scale", 7.0))
         if "Size" in pairs:
             record["width"], record["height"] = (int(v) for v in pairs.pop("Size").split("x"))
-        for key, name, kind in (("strength", "Denoising strength", float),
+        for key, name, kind in (("strength", "Denoising strength", float), ("subseed", "Variation seed", int),
+                                ("subseed_strength", "Variation seed strength", float),
                                 ("guidance_rescale", "CFG Rescale phi", float), ("model_hash", "Model hash", str),
                                 ("model_name", "Model", str), ("clip_skip", "Clip skip", int)):
             if name in pairs:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from latentdiff.conditioning.text import SPECIAL_TOKENS, WordTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.formats.native import load_latent_diffusion
@@ -46,6 +47,7 @@ from latentdiff.io.checkpoint import read_native_config
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.base import Generator, PipelineBase, PipelineOutput, per_image, prompt_list
 from latentdiff.pipelines.images import ImageInput, check_size, read_class_map, to_image_tensor, to_mask_tensor
+from latentdiff.pipelines.variation import Variation
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,27 @@ DEFAULT_GUIDANCE = 3.0  # when the checkpoint's training config does not say (it
 class LatentDiffusionOutput(PipelineOutput):
     """Images (N, C, H, W) in [0, 1] on the CPU (None when not decoded) and the final latents (times the model's
     scale factor), on the CPU."""
+
+
+def word_tokenizer(model: LatentDiffusion) -> WordTokenizer | None:
+    """The word-level tokenizer of the model's own jointly trained text encoder, None when it has none."""
+    embedders = model.cond_stage_model.embedders if model.cond_stage_model is not None else ()
+    tokenizers = (getattr(getattr(e, "transformer", None), "tokenizer", None) for e in embedders)
+    return next((t for t in tokenizers if isinstance(t, WordTokenizer)), None)
+
+
+def warn_unknown_words(model: LatentDiffusion, texts: Sequence[str | None]) -> list[str]:
+    """One WARNING line naming the words of ``texts`` (prompts, negative prompts) that the model's own word
+    tokenizer does not know and reads as [UNK]; returns them (none for a model without that tokenizer)."""
+    tokenizer = word_tokenizer(model)
+    if tokenizer is None:
+        return []
+    unknown = list(dict.fromkeys(w for text in texts if text for w in tokenizer.unknown_words(text)))
+    if unknown:
+        logger.warning("not in the text encoder's vocabulary of %d words, read as [UNK]: %s (`latentdiff info "
+                       "MODEL --vocab` lists the words)", len(tokenizer.tokens) - len(SPECIAL_TOKENS),
+                       ", ".join(unknown))
+    return unknown
 
 
 def is_native_diffusion_config(config: dict[str, Any] | None) -> bool:
@@ -232,6 +255,7 @@ class LatentDiffusionPipeline(PipelineBase):
         if len(prompts) == 1 and inputs > 1:
             prompts = prompts * inputs
             negatives = negatives * inputs if negatives is not None and len(negatives) == 1 else negatives
+        warn_unknown_words(self.model, prompts + (negatives or []))
         if not self.has_text_conditioning:
             if [p for p in prompts + (negatives or []) if p]:
                 raise ValueError(f"{self.source} has no text conditioning ({self.describe_conditioning()}); "
@@ -305,9 +329,10 @@ class LatentDiffusionPipeline(PipelineBase):
                   negative_prompt: str | Sequence[str] | None, task: str, *, num_images: int, height: int,
                   width: int, steps: int, sampler: str, guidance_scale: float | None, generator: Generator,
                   latents: torch.Tensor | None, sampler_options: dict[str, Any] | None, decode: bool,
-                  callback: Callable | None, progress: bool | None) -> LatentDiffusionOutput:
+                  callback: Callable | None, progress: bool | None,
+                  variation: Variation | None) -> LatentDiffusionOutput:
         """Sample from noise under the conditioning ``inputs`` (one for all images or one per prompt)."""
-        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress, variation)
         guidance = self._guidance(guidance_scale)
         given = max((v.shape[0] for v in inputs.values()), default=1)
         captions, negatives, batch = self._prompt_batch(prompt, negative_prompt, num_images, given)
@@ -315,7 +340,7 @@ class LatentDiffusionPipeline(PipelineBase):
         inputs = self._default_inputs(inputs, batch, task)
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
-        noise = self._noise(latents, shape, run.generator)
+        noise = self._noise(latents, shape, run)
         return self._finish(self._denoise(self.model.sigmas(steps), noise, cond, uncond, guidance, run), decode)
 
     # ---- tasks ----------------------------------------------------------------------------------------------
@@ -326,19 +351,22 @@ class LatentDiffusionPipeline(PipelineBase):
                       sampler: str = "dpmpp_2m", guidance_scale: float | None = None, generator: Generator = None,
                       latents: torch.Tensor | None = None, sampler_options: dict[str, Any] | None = None,
                       decode: bool = True, callback: Callable | None = None,
-                      progress: bool | None = None) -> LatentDiffusionOutput:
+                      progress: bool | None = None, variation: Variation | None = None) -> LatentDiffusionOutput:
         """Generate ``num_images`` images per prompt (a model without text: leave the prompt empty).
 
         ``generator``: a CPU ``torch.Generator`` or a seed. ``latents``: the initial unit-normal noise (N, C, h, w).
         ``guidance_scale`` None is ``default_guidance``; 1 skips the unconditional branch. Given the same seed,
-        sampler and steps, the latents are ``LatentDiffusion.sample``'s with ``cond={"caption": ...}``.
+        sampler and steps, the latents are ``LatentDiffusion.sample``'s with ``cond={"caption": ...}``. ``variation``:
+        A1111's variation seed and strength, mixed into the initial noise (``latentdiff.pipelines.variation``; every
+        task takes it).
         """
         height, width = height or self.image_size, width or self.image_size
         self._check_image_size(height, width, "requested image")
         return self._generate({}, prompt, negative_prompt, "generate images from text alone",
                               num_images=num_images, height=height, width=width, steps=steps, sampler=sampler,
                               guidance_scale=guidance_scale, generator=generator, latents=latents,
-                              sampler_options=sampler_options, decode=decode, callback=callback, progress=progress)
+                              sampler_options=sampler_options, decode=decode, callback=callback, progress=progress,
+                              variation=variation)
 
     @torch.no_grad()
     def segmentation_to_image(self, class_map: torch.Tensor | str | Path, prompt: str | Sequence[str] | None = None,
@@ -346,8 +374,8 @@ class LatentDiffusionPipeline(PipelineBase):
                               steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float | None = None,
                               generator: Generator = None, latents: torch.Tensor | None = None,
                               sampler_options: dict[str, Any] | None = None, decode: bool = True,
-                              callback: Callable | None = None,
-                              progress: bool | None = None) -> LatentDiffusionOutput:
+                              callback: Callable | None = None, progress: bool | None = None,
+                              variation: Variation | None = None) -> LatentDiffusionOutput:
         """Semantic synthesis: images whose layout follows ``class_map``, (H, W) or (N, H, W) class indices (or a
         class-map PNG, see ``latentdiff.pipelines.images.read_class_map``), at the model's image size."""
         if not self.has_class_map:
@@ -357,7 +385,8 @@ class LatentDiffusionPipeline(PipelineBase):
         return self._generate({"class_map": maps}, prompt, negative_prompt, "", num_images=num_images,
                               height=self.image_size, width=self.image_size, steps=steps, sampler=sampler,
                               guidance_scale=guidance_scale, generator=generator, latents=latents,
-                              sampler_options=sampler_options, decode=decode, callback=callback, progress=progress)
+                              sampler_options=sampler_options, decode=decode, callback=callback, progress=progress,
+                              variation=variation)
 
     def check_class_map(self, class_map: torch.Tensor | str | Path) -> torch.Tensor:
         """(N, H, W) int64 class indices, checked against the model's image size and number of classes."""
@@ -383,7 +412,7 @@ class LatentDiffusionPipeline(PipelineBase):
                 sampler: str = "dpmpp_2m", guidance_scale: float | None = None, generator: Generator = None,
                 latents: torch.Tensor | None = None, sampler_options: dict[str, Any] | None = None,
                 decode: bool = True, callback: Callable | None = None,
-                progress: bool | None = None) -> LatentDiffusionOutput:
+                progress: bool | None = None, variation: Variation | None = None) -> LatentDiffusionOutput:
         """Super-resolution: images of the model's size from ``lowres`` images in [0, 1] of its ``lowres_size``."""
         if not self.is_upscaler:
             raise ValueError(f"{self.source} is not an upscaler ({self.describe_conditioning()}); upscale needs a "
@@ -396,7 +425,8 @@ class LatentDiffusionPipeline(PipelineBase):
         return self._generate({"lowres": pixels * 2 - 1}, prompt, negative_prompt, "", num_images=num_images,
                               height=self.image_size, width=self.image_size, steps=steps, sampler=sampler,
                               guidance_scale=guidance_scale, generator=generator, latents=latents,
-                              sampler_options=sampler_options, decode=decode, callback=callback, progress=progress)
+                              sampler_options=sampler_options, decode=decode, callback=callback, progress=progress,
+                              variation=variation)
 
     @torch.no_grad()
     def image_to_image(self, image: ImageInput, prompt: str | Sequence[str] | None = "",
@@ -405,11 +435,11 @@ class LatentDiffusionPipeline(PipelineBase):
                        guidance_scale: float | None = None, generator: Generator = None,
                        noise: torch.Tensor | None = None, sampler_options: dict[str, Any] | None = None,
                        decode: bool = True, callback: Callable | None = None,
-                       progress: bool | None = None) -> LatentDiffusionOutput:
+                       progress: bool | None = None, variation: Variation | None = None) -> LatentDiffusionOutput:
         """SDEdit (Meng et al. 2022): encode ``image`` (posterior mean), noise it to the level ``strength`` of the way
         up, and run the remaining ``int(steps * strength)`` steps. ``noise``: the unit-normal noise (drawn from the
         generator when None)."""
-        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress, variation)
         pixels = self._images(image, "init image")
         guidance = self._guidance(guidance_scale)
         sigmas = self.model.sigmas(steps, strength=strength)
@@ -417,7 +447,7 @@ class LatentDiffusionPipeline(PipelineBase):
         inputs = self._default_inputs({}, batch, "redraw an image without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
         init = per_image(self.encode_images(pixels), batch, num_images, "init image")
-        noise = self._noise(noise, tuple(init.shape), run.generator)
+        noise = self._noise(noise, tuple(init.shape), run)
         return self._finish(self._denoise(sigmas, noise, cond, uncond, guidance, run, init=init), decode)
 
     @torch.no_grad()
@@ -426,7 +456,8 @@ class LatentDiffusionPipeline(PipelineBase):
                 steps: int = 25, sampler: str = "dpmpp_2m", guidance_scale: float | None = None,
                 generator: Generator = None, latents: torch.Tensor | None = None, keep_unmasked: bool = False,
                 mask_decoder: bool = True, sampler_options: dict[str, Any] | None = None, decode: bool = True,
-                callback: Callable | None = None, progress: bool | None = None) -> LatentDiffusionOutput:
+                callback: Callable | None = None, progress: bool | None = None,
+                variation: Variation | None = None) -> LatentDiffusionOutput:
         """Repaint where ``mask`` is white (>= 0.5) and keep the rest (see the module docstring).
 
         With a model that is not an inpainting model, the kept latent cells of the result are exactly the image's
@@ -436,7 +467,7 @@ class LatentDiffusionPipeline(PipelineBase):
         initial unit-normal noise, also the noise of the re-imposed region. ``strength`` < 1 starts from the image
         noised to that level.
         """
-        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress, variation)
         pixels = self._images(image, "image")
         masks = to_mask_tensor(mask)
         if masks.shape[-2:] != pixels.shape[-2:]:
@@ -452,7 +483,7 @@ class LatentDiffusionPipeline(PipelineBase):
         inputs = self._default_inputs(inputs, batch, "inpaint without it")
         cond, uncond = self._conditioning(inputs, captions, negatives, batch, guidance)
         image_latents = per_image(self.encode_images(pixels), batch, num_images, "image")
-        noise = self._noise(latents, tuple(image_latents.shape), run.generator)
+        noise = self._noise(latents, tuple(image_latents.shape), run)
         repaint = self.latent_mask(masks_b).to(self.device)
         out = self._inpaint_latents(sigmas, noise, image_latents, repaint, not self.is_inpainting_model, cond, uncond,
                                     guidance, run, full_strength=strength == 1.0)
@@ -463,4 +494,5 @@ class LatentDiffusionPipeline(PipelineBase):
         return result
 
 
-__all__ = ["LatentDiffusionOutput", "LatentDiffusionPipeline", "is_native_diffusion_config"]
+__all__ = ["LatentDiffusionOutput", "LatentDiffusionPipeline", "is_native_diffusion_config", "warn_unknown_words",
+           "word_tokenizer"]

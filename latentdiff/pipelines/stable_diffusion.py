@@ -67,6 +67,7 @@ from latentdiff.pipelines.base import (
 )
 from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor
 from latentdiff.pipelines.tiling import decode_tiled
+from latentdiff.pipelines.variation import Variation
 
 logger = logging.getLogger(__name__)
 
@@ -411,21 +412,23 @@ class StableDiffusionPipeline(PipelineBase):
                       sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, generator: Generator = None,
                       latents: torch.Tensor | None = None, sampler_options: dict[str, Any] | None = None,
                       decode: bool = True, callback: Callable | None = None, progress: bool | None = None,
-                      spacing: str | None = None, sigma_ramp: str | None = None) -> StableDiffusionOutput:
+                      spacing: str | None = None, sigma_ramp: str | None = None,
+                      variation: Variation | None = None) -> StableDiffusionOutput:
         """Generate ``num_images`` images per prompt.
 
         ``generator``: a CPU ``torch.Generator`` or a seed. ``latents``: the initial noise (N, 4, h, w), unit
         normal, as diffusers' ``latents=`` argument (it is scaled for the first noise level here); drawn from the
         generator when None. ``guidance_scale`` 1 skips the unconditional half. ``sampler_options`` go to the
         sampler (e.g. ``{"eta": 1.0}`` for DDIM). ``spacing`` ("leading", "linspace", "trailing") and
-        ``sigma_ramp`` ("karras", "exponential") override the model's scheduler config (``sigmas``).
+        ``sigma_ramp`` ("karras", "exponential") override the model's scheduler config (``sigmas``). ``variation``:
+        A1111's variation seed and strength, mixed into the initial noise (``latentdiff.pipelines.variation``).
         """
-        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress, variation)
         sigmas, run = self._planned(run, steps, 1.0, spacing, sigma_ramp)
         height, width = self._size(height, width)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
-        noise = self._noise(latents, shape, run.generator)
+        noise = self._noise(latents, shape, run)
         out = self._denoise(sigmas, noise, cond, uncond, guidance_scale, run)
         return self._finish(out, decode)
 
@@ -436,22 +439,22 @@ class StableDiffusionPipeline(PipelineBase):
                        generator: Generator = None, noise: torch.Tensor | None = None, sample_posterior: bool = True,
                        sampler_options: dict[str, Any] | None = None, decode: bool = True,
                        callback: Callable | None = None, progress: bool | None = None, spacing: str | None = None,
-                       sigma_ramp: str | None = None) -> StableDiffusionOutput:
+                       sigma_ramp: str | None = None, variation: Variation | None = None) -> StableDiffusionOutput:
         """SDEdit (Meng et al. 2022): encode the image, noise it to the level ``strength`` of the way up, denoise.
 
         As diffusers' img2img: ``int(steps * strength)`` of the ``steps`` levels are run; the image's latent is a
         posterior sample drawn from the generator first (``sample_posterior=False``: the posterior mean), then the
         noise (``noise`` overrides it). ``image``: one image for all prompts or one per prompt, sides multiples of
-        ``size_multiple``. ``spacing``, ``sigma_ramp``: as ``text_to_image``.
+        ``size_multiple``. ``spacing``, ``sigma_ramp``, ``variation``: as ``text_to_image``.
         """
-        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress, variation)
         pixels = to_image_tensor(image)
         check_size(pixels.shape[-2], pixels.shape[-1], self.size_multiple, "init image")
         sigmas, run = self._planned(run, steps, strength, spacing, sigma_ramp)
         cond, uncond, batch = self._conditioning(prompt, negative_prompt, num_images)
         init = self._encode(pixels * 2 - 1, run.generator if sample_posterior else None)
         init = per_image(init, batch, num_images, "init image")
-        noise = self._noise(noise, tuple(init.shape), run.generator)
+        noise = self._noise(noise, tuple(init.shape), run)
         return self._finish(self._denoise(sigmas, noise, cond, uncond, guidance_scale, run, init=init), decode)
 
     @torch.no_grad()
@@ -461,7 +464,7 @@ class StableDiffusionPipeline(PipelineBase):
                 latents: torch.Tensor | None = None, sample_posterior: bool = True, keep_unmasked: bool = False,
                 sampler_options: dict[str, Any] | None = None, decode: bool = True, callback: Callable | None = None,
                 progress: bool | None = None, spacing: str | None = None,
-                sigma_ramp: str | None = None) -> StableDiffusionOutput:
+                sigma_ramp: str | None = None, variation: Variation | None = None) -> StableDiffusionOutput:
         """Repaint where ``mask`` is white (>= 0.5), keep the rest; as diffusers' ``StableDiffusionInpaintPipeline``.
 
         With an inpainting UNet (9 channels) the mask and the latent of the masked image (pixels to repaint set to
@@ -470,10 +473,10 @@ class StableDiffusionPipeline(PipelineBase):
         (``latentdiff.diffusion.sampling.KnownRegion``). ``latents``: the initial unit-normal noise, also the noise
         of the re-imposed region. ``strength`` < 1 starts from the image noised with it (diffusers starts from the
         noise alone when given ``latents``, whatever the strength). ``keep_unmasked`` pastes the original pixels
-        back outside the mask (the autoencoder alters them slightly otherwise). ``spacing``, ``sigma_ramp``: as
-        ``text_to_image``.
+        back outside the mask (the autoencoder alters them slightly otherwise). ``spacing``, ``sigma_ramp``,
+        ``variation``: as ``text_to_image``.
         """
-        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress)
+        run = self._sampling(sampler, steps, generator, sampler_options, callback, progress, variation)
         pixels = to_image_tensor(image)
         masks = to_mask_tensor(mask)
         if masks.shape[-2:] != pixels.shape[-2:]:
@@ -489,7 +492,7 @@ class StableDiffusionPipeline(PipelineBase):
         image_latents = None
         if not self.is_inpainting_model or not full_strength:
             image_latents = per_image(self._encode(pixels * 2 - 1, post_gen), batch, num_images, "image")
-        noise = self._noise(latents, (batch, self.latent_channels, h, w), run.generator)
+        noise = self._noise(latents, (batch, self.latent_channels, h, w), run)
         latent_mask = per_image(F.interpolate(masks, size=(h, w)), batch, num_images, "mask").to(self.device)
         if self.is_inpainting_model:
             masked_latents = self._encode((pixels * 2 - 1) * (masks < 0.5), post_gen)
