@@ -125,6 +125,14 @@ def _other_verb_cases() -> list[list[str]]:
         ("--max-count", "0"), ("--max-count", "-1"), ("--max-count", "nan"), ("--max-size", "0"),
         ("--max-size", "-1"), ("--max-size", "nan"), ("--max-size", "inf"))]
     cases += [["make-shards", folder, "{out}/shards"] for folder in ("{missing}", "{empty_folder}", "{ok}")]
+    cases += [["info", model] for model in ("{corrupt_st}", "{truncated_st}", "{folder_st}", "{evil_ckpt}",
+                                             "{random_ckpt}", "{truncated_ckpt}", "{list_config}", "{empty_config}",
+                                             "{missing}", "{ok}")]
+    base = IMAGE_VERBS["generate"]
+    cases += [[*base, option, value] for option, value in (
+        ("--subseed", "-1"), ("--subseed", str(2**64)), ("--subseed", "nan"), ("--subseed-strength", "nan"),
+        ("--subseed-strength", "1.5"), ("--subseed-strength", "-0.1"), ("--prompts", "{missing}"),
+        ("--prompts", "{binary}"), ("--prompts", "{random}"))]
     return cases
 
 

@@ -145,6 +145,16 @@ def image_output(text: str) -> str:
     return text
 
 
+def check_image_output(args: argparse.Namespace) -> None:
+    """``image_output``'s check of ``-o`` for the generating verbs, unless ``--prompts FILE`` makes ``-o`` a folder or
+    a name pattern (latentdiff.cli.prompts checks it then)."""
+    if not getattr(args, "prompts_file", None):
+        try:
+            image_output(args.output)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"-o/--output: {e}") from None
+
+
 def file_output(text: str) -> str:
     """``-o`` of a verb that writes a report: a file name, not an existing folder."""
     if not text or text.endswith(("/", "\\")) or Path(text).is_dir():
@@ -153,7 +163,7 @@ def file_output(text: str) -> str:
 
 
 __all__ = ["DEFAULT_BATCH", "IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "NATIVE_MAX_SCALE", "SEED_MAX",
-           "OneLineParser", "add_allow_nonfinite", "add_batch_size", "check_native_size", "check_recorded_numbers",
-           "check_requested_size", "file_output", "finite_float", "image_count", "image_output", "in_batches",
-           "non_negative_float", "non_negative_int", "positive_float", "positive_int", "probability", "seed",
-           "step_count"]
+           "OneLineParser", "add_allow_nonfinite", "add_batch_size", "check_image_output", "check_native_size",
+           "check_recorded_numbers", "check_requested_size", "file_output", "finite_float", "image_count",
+           "image_output", "in_batches", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
+           "probability", "seed", "step_count"]

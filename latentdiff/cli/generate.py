@@ -137,6 +137,7 @@ def _model_path(args: argparse.Namespace) -> str:
 def _check_generation_args(args: argparse.Namespace) -> None:
     """Checks that need no model: they fail before a large checkpoint is read."""
     get_sampler(args.sampler)
+    checked.check_image_output(args)
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
     checked.check_recorded_numbers(args)
@@ -426,8 +427,8 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     p.add_argument("--no-metadata", action="store_true",
                    help="write no generation parameters into the PNGs (default: A1111's 'parameters' text chunk and "
                         "a 'latentdiff' JSON chunk)")
-    p.add_argument("-o", "--output", type=checked.image_output, default="out.png",
-                   help="PNG to write (default out.png)")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="PNG to write (default out.png; with --prompts a folder or a name pattern, see there)")
 
 
 def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> None:
