@@ -180,17 +180,26 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
 @torch.no_grad()
 def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callback | None = None, generator: torch.Generator | None = None,
-                disable: bool | None = None) -> torch.Tensor:
+                disable: bool | None = None, relabel_after_warmup: bool = False) -> torch.Tensor:
     """Pseudo linear multistep (PNDM, Liu et al. 2022) as in CompVis's PLMSSampler, in sigma space.
 
     The DDIM update x_next = x + (sigma_next - sigma) eps is taken with an Adams-Bashforth combination of the
     current and previous eps estimates (orders 2, 3, 4 as history accumulates). The first step has no history:
     it uses the pseudo improved Euler step, the mean of eps here and eps after a plain DDIM step (one extra
     network call).
+
+    ``relabel_after_warmup``: diffusers' PNDM at strength < 1 (its img2img and inpainting pipelines). Its timestep
+    list repeats the second level for the warm-up; strength slices that repeat away, so after the warm-up step the
+    latent at ``sigmas[1]`` is passed on as if it were at ``sigmas[2]`` (one level, and one network call, fewer).
+    The same latent is rescaled to that level's variance-exploding form here, which is what diffusers computes.
     """
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     eps_history: list[torch.Tensor] = []
-    for i in trange(len(sigmas) - 1, disable=disable):
+    steps = len(sigmas) - 1
+    for i in trange(steps, disable=disable):
+        if relabel_after_warmup and i == 1:
+            x = x * ((1 + sigmas[2] ** 2) / (1 + sigmas[1] ** 2)).sqrt().to(x.dtype)
+            continue
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         eps = to_d(x, sigma, model(x, sigma * s_in, **extra_args))
         if not eps_history and sigma_next > 0:

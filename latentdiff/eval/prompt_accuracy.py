@@ -59,6 +59,7 @@ from latentdiff.data.scenes import (
     SceneLayout,
     decode_attributes,
 )
+from latentdiff.io.atomic import atomic_path, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -241,10 +242,10 @@ def train_classifier(
 def save_classifier(model: FashionClassifier, out_path: str | Path) -> None:
     """The weights with ``model.metadata`` in the safetensors header, and the metadata as JSON beside them."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out_path), metadata={METADATA_KEY: json.dumps(model.metadata)})
-    out_path.with_name(out_path.name + ".json").write_text(json.dumps(model.metadata, indent=2))
+    with atomic_path(out_path) as temp:
+        save_file(weights, str(temp), metadata={METADATA_KEY: json.dumps(model.metadata)})
+    write_text(out_path.with_name(out_path.name + ".json"), json.dumps(model.metadata, indent=2))
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> FashionClassifier:

@@ -39,7 +39,7 @@ from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.prompt_syntax import PromptChunk, apply_emphasis, prompt_chunks, stack_chunks
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
-from latentdiff.diffusion.noise_levels import LevelOptions, sampler_sigmas, starts_at_sigma_max
+from latentdiff.diffusion.noise_levels import LevelOptions, sampler_sigmas, starts_at_sigma_max, strength_start
 from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import resolve_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -390,8 +390,13 @@ class StableDiffusionPipeline(PipelineBase):
         sigmas, spacing, fractional = self._levels(run.sampler, steps, strength, spacing, sigma_ramp)
         prior = "ve" if starts_at_sigma_max(run.sampler, spacing) else "vp"
         denoiser = self.fractional_denoiser if fractional else self.denoiser
-        return sigmas, dataclasses.replace(run, sampler=resolve_sampler(run.sampler)[0].name, prior=prior,
-                                           denoiser=denoiser)
+        spec = resolve_sampler(run.sampler)[0]
+        options = run.sampler_options
+        if spec.name == "plms" and strength < 1 and strength_start(steps, strength) >= 2:
+            # diffusers' PNDM: the sliced timestep list has lost its repeated level (sample_plms' docstring)
+            options = {"relabel_after_warmup": True, **(options or {})}
+        return sigmas, dataclasses.replace(run, sampler=spec.name, prior=prior, denoiser=denoiser,
+                                           sampler_options=options)
 
     def sampling_denoiser(self) -> DiscreteDenoiser:
         return self.denoiser

@@ -46,6 +46,7 @@ from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
 from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.formats.lora import KOHYA_FILE, PEFT_FILE, lora_from_layers, write_lora
 from latentdiff.formats.native import load_autoencoder
+from latentdiff.io.atomic import write_text
 from latentdiff.nn.lora import load_lora_state, lora_state_dict, merged_state_dict
 from latentdiff.train.ema import EMA
 from latentdiff.train.finetune import TEXT_ENCODER_MODES, LoRAConfig, add_lora, adopt_base, set_text_encoder_training
@@ -386,7 +387,7 @@ class DiffusionTrainer(Trainer):
         self.grid_inputs, captions = sample_inputs(self.model, self.exp)
         if captions:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "samples" / "captions.txt").write_text("\n".join(captions) + "\n")
+            write_text(self.run_dir / "samples" / "captions.txt", "\n".join(captions) + "\n")
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, Any] | None:
         loss, logs = self.batch_loss(batch, step_generator(self.cfg.seed, step))
