@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from latentdiff.cli import main
-from latentdiff.diffusion.guidance import CFGDenoiser, rescale_guided
+from latentdiff.diffusion.guidance import CFGDenoiser, parameterization_anchor, rescale_guided
 from latentdiff.diffusion.sampling import guided
 from latentdiff.formats import save_diffusers
 from latentdiff.pipelines import load_pipeline
@@ -39,6 +39,24 @@ def test_x0_rescale_is_diffusers_noise_rescale() -> None:
     got = rescale_guided(x, x - sigma * eps_cfg, x - sigma * eps_cond, RESCALE)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert float((got - (x - sigma * eps_cfg)).abs().max()) > 0.1  # the rescale does move the estimate
+
+
+def test_v_rescale_is_diffusers_v_rescale() -> None:
+    """A v-predicting network: the rescale acts on v, as diffusers' (v = (x / (1 + sigma^2) - D) * sqrt(1 +
+    sigma^2) / sigma in the VE scalings), which differs from rescaling eps."""
+    g = torch.Generator().manual_seed(1)
+    x, v_uncond, v_cond = (torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma = torch.tensor([0.5, 3.0, 14.0], dtype=torch.float64)
+    s = sigma.view(3, 1, 1, 1)
+    a = 1 / (1 + s ** 2)
+    to_d = lambda v: a * x - v * s * a.sqrt()  # noqa: E731  (x0 from v: D = a x - sigma sqrt(a) v)
+    v_cfg = v_uncond + 7.5 * (v_cond - v_uncond)
+    expected = to_d(rescale_noise_cfg(v_cfg, v_cond, guidance_rescale=RESCALE))
+    anchor = parameterization_anchor("v", sigma, x.ndim)
+    got = rescale_guided(x, to_d(v_cfg), to_d(v_cond), RESCALE, anchor)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    eps_form = rescale_guided(x, to_d(v_cfg), to_d(v_cond), RESCALE)
+    assert float((got - eps_form).abs().max()) > 1e-3  # the parameterisation matters
 
 
 def test_rescale_zero_and_no_guidance_leave_cfg_alone() -> None:
@@ -70,6 +88,21 @@ def test_rescale_matches_diffusers(v1, sampler: str) -> None:
     plain = ours.text_to_image(sd.PROMPT, sd.NEGATIVE, guidance_scale=7.5, steps=sd.STEPS, sampler=sampler,
                                latents=latents).images
     assert sd.max_diff(plain, expected) > 10 * sd.TOL  # the tolerance tells rescaled from plain CFG
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_v_prediction_rescale_matches_diffusers(tmp_path_factory, sampler: str) -> None:
+    root = tmp_path_factory.mktemp("rescale_v2")
+    tokenizer = sd.write_tokenizer(root / "tokenizer", pad_token_id=0)
+    folder = save_diffusers(sd.tiny_components(sd.UNET_V2, seed=20, v2=True, tokenizer=tokenizer), root / "v2")
+    ours, theirs = load_pipeline(folder), sd.load_theirs(folder)
+    latents = sd.initial_latents()
+    expected = sd.with_scheduler(theirs, sampler)(
+        sd.PROMPT, negative_prompt=sd.NEGATIVE, guidance_scale=7.5, guidance_rescale=RESCALE,
+        num_inference_steps=sd.STEPS, latents=latents, output_type="pt").images
+    got = ours.text_to_image(sd.PROMPT, sd.NEGATIVE, guidance_scale=7.5, steps=sd.STEPS, sampler=sampler,
+                             latents=latents, sampler_options={"guidance_rescale": RESCALE}).images
+    assert sd.max_diff(got, expected) <= sd.TOL
 
 
 def test_cli_guidance_rescale(v1, tmp_path, capsys) -> None:

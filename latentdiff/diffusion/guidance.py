@@ -40,8 +40,8 @@ def concat_conditioning(first: dict[str, torch.Tensor], second: dict[str, torch.
     return {k: torch.cat([_batched(k, first[k], n), _batched(k, second[k], n)]) for k in first}
 
 
-def rescale_guided(x: torch.Tensor, guided: torch.Tensor, conditional: torch.Tensor,
-                   rescale: float) -> torch.Tensor:
+def rescale_guided(x: torch.Tensor, guided: torch.Tensor, conditional: torch.Tensor, rescale: float,
+                   anchor: float | torch.Tensor = 1.0) -> torch.Tensor:
     """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4) on
     x0 estimates: the guided prediction's per-sample standard deviation is brought back to the conditional one's,
     mixed with the plain guided prediction by ``rescale`` (phi; 0 leaves it unchanged, the paper uses 0.7).
@@ -50,13 +50,25 @@ def rescale_guided(x: torch.Tensor, guided: torch.Tensor, conditional: torch.Ten
     D = x - sigma * eps (an eps-predicting network under the VE scalings), so eps = (x - D) / sigma and the ratio
     std(eps_cond) / std(eps_cfg) = std(x - D_cond) / std(x - D_cfg): sigma cancels. With
     factor = phi * ratio + (1 - phi), eps_out = factor * eps_cfg, hence D_out = x - factor * (x - D_cfg), which is
-    diffusers' step exactly for epsilon models. (For a v-predicting network diffusers rescales v, whose standard
-    deviation is a different mix of x and D; this follows the eps formulation for every parameterisation.)
+    diffusers' step exactly for epsilon models.
+
+    diffusers rescales whatever the network predicts. Each prediction is, up to a factor that the ratio cancels,
+    ``anchor * x - D``: eps (anchor 1, the default), v (anchor 1 / (1 + sigma^2): v = (x / (1 + sigma^2) - D) /
+    (sigma / sqrt(1 + sigma^2)) in these scalings; ``parameterization_anchor``) and x0 (anchor 0), so
+    D_out = anchor * x - factor * (anchor * x - D_cfg) is diffusers' step for each.
     """
     dims = list(range(1, x.ndim))
-    eps_cfg, eps_cond = x - guided, x - conditional
-    ratio = eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True)
-    return x - (rescale * ratio + (1 - rescale)) * eps_cfg
+    pred_cfg, pred_cond = anchor * x - guided, anchor * x - conditional
+    ratio = pred_cond.std(dim=dims, keepdim=True) / pred_cfg.std(dim=dims, keepdim=True)
+    return anchor * x - (rescale * ratio + (1 - rescale)) * pred_cfg
+
+
+def parameterization_anchor(parameterization: str, sigma: torch.Tensor | float, ndim: int) -> float | torch.Tensor:
+    """``rescale_guided``'s anchor for a network predicting ``parameterization`` ("eps", "v", "x0") at ``sigma``."""
+    if parameterization == "v":
+        sigma = torch.as_tensor(sigma)
+        return append_dims(1 / (1 + sigma ** 2), ndim) if sigma.ndim else 1 / (1 + float(sigma) ** 2)
+    return 0.0 if parameterization == "x0" else 1.0
 
 
 class CFGDenoiser(nn.Module):
@@ -82,4 +94,7 @@ class CFGDenoiser(nn.Module):
         if isinstance(scale, torch.Tensor):
             scale = append_dims(scale.to(x.device, x.dtype), x.ndim)
         guided = d_uncond + scale * (d_cond - d_uncond)
-        return rescale_guided(x, guided, d_cond, rescale) if rescale else guided
+        if not rescale:
+            return guided
+        anchor = parameterization_anchor(getattr(self.denoiser, "parameterization", "eps"), sigma, x.ndim)
+        return rescale_guided(x, guided, d_cond, rescale, anchor)
