@@ -379,6 +379,20 @@ def test_batches_continue_one_seed(tmp_path, capsys) -> None:
     capsys.readouterr()
 
 
+def test_sample_batches_continue_one_seed(tmp_path, capsys) -> None:
+    """`sample` too: -n 6 in batches of 4 begins with the grid of -n 4 (each class label stays with its image)."""
+    base = ["sample", str(MODELS["txt2img"]), "--steps", "2", "--seed", "3", "--nrow", "1", "--prompt", "a red bag",
+            "--prompt", "a blue shoe"]
+    assert cli.main([*base, "-n", "6", "--batch-size", "4", "-o", str(tmp_path / "six.png")]) == 0
+    assert cli.main([*base, "-n", "4", "-o", str(tmp_path / "four.png")]) == 0
+    six, four = (np.asarray(Image.open(tmp_path / name)) for name in ("six.png", "four.png"))
+    row = (four.shape[0] - 2) // 4  # one image per row, each with its 2-pixel border
+    assert six.shape[0] == 2 + 6 * row
+    assert np.array_equal(six[:four.shape[0]], four)
+    assert not np.array_equal(six[2 + 4 * row:2 + 5 * row], six[2:2 + row])  # the fifth image is a new draw
+    capsys.readouterr()
+
+
 def test_pixel_limit_comes_from_the_environment(tmp_path, monkeypatch) -> None:
     path = tmp_path / "wide.png"
     Image.new("RGB", (300, 200)).save(path)

@@ -88,15 +88,19 @@ def _sample(args: argparse.Namespace) -> None:
         if len(prompts) > 1 and not args.nrow:
             nrow = min(args.n, len(prompts))
     warn_unknown_words(model, [*prompts, args.negative])
-    images = model.sample(args.n, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
-                          cond=cond or None, uncond=uncond, guidance_scale=args.guidance, karras=args.karras,
-                          disable_progress=False)
+    generator, batches = torch.Generator().manual_seed(args.seed), []
+    for start in range(0, args.n, args.batch_size):  # at most --batch-size at once, from the one seed's stream
+        part = {key: value[start:start + args.batch_size] for key, value in cond.items()}
+        batches.append(model.sample(min(args.batch_size, args.n - start), args.sampler, args.steps, generator,
+                                    cond=part or None, uncond=uncond, guidance_scale=args.guidance,
+                                    karras=args.karras, disable_progress=False).cpu())
+    images = torch.cat(batches)
     record = None if args.no_metadata else {
         "verb": "sample", "prompt": "\n".join(prompts), "prompts": prompts, "classes": classes,
         "negative": args.negative, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
         "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n, "nrow": nrow,
         "sigma_ramp": "karras" if args.karras else None, "no_ema": args.no_ema, "index": None,
-        **model_identity(args.checkpoint)}
+        **({"batch_size": args.batch_size} if args.n > args.batch_size else {}), **model_identity(args.checkpoint)}
     path = save_png(_grid_image(images.cpu(), nrow), args.output, record)
     print(f"wrote {args.n} samples to {path}")
 
@@ -453,6 +457,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction, sampler_names: str) -> N
                    help="images per grid row (default: about sqrt(n))")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights (from train_state.pt)")
+    checked.add_batch_size(p)
     checked.add_allow_nonfinite(p)
     p.add_argument("--no-metadata", action="store_true", help="write no generation parameters into the PNG")
     p.add_argument("-o", "--output", type=checked.image_output, default="samples.png",
