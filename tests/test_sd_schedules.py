@@ -212,6 +212,25 @@ def unet_calls(unet: torch.nn.Module, run) -> list[tuple[float, torch.Tensor]]:
     return calls
 
 
+@pytest.mark.parametrize("strength", [0.9, 0.8, 0.35])
+def test_plms_img2img_every_call_as_diffusers(sd, strength: float) -> None:
+    """One level skipped (0.9 of 10 steps: diffusers' list starts with its repeated level), two, and most: every UNet
+    call's timestep and latent, and the image, are diffusers'."""
+    ours, theirs = sd
+    img2img = task_pipeline(theirs, "Img2Img", "plms", HUB)
+    run = dict(strength=strength, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3))
+    expected = unet_calls(theirs.unet, lambda: img2img(PROMPT, image=sample_image(), output_type="latent", **run))
+    got = unet_calls(ours.unet, lambda: ours.image_to_image(sample_image(), PROMPT, strength=strength, steps=STEPS,
+                                                            sampler="plms", generator=3, decode=False))
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    for (_, x_ours), (_, x_theirs) in zip(got, expected, strict=True):
+        torch.testing.assert_close(x_ours, x_theirs, rtol=0, atol=1e-4)
+    run["generator"] = torch.Generator().manual_seed(3)
+    image = img2img(PROMPT, image=sample_image(), output_type="pt", **run).images
+    mine = ours.image_to_image(sample_image(), PROMPT, strength=strength, steps=STEPS, sampler="plms", generator=3)
+    assert max_diff(mine.images, image) <= TOL
+
+
 @pytest.mark.parametrize("spacing", [HUB, "trailing"])
 def test_plms_img2img_starts_where_diffusers_does(sd, spacing: str | None) -> None:
     """Strength 0.6 of 10 steps: both noise the image to 601 (trailing: 699) and warm up from there to the next

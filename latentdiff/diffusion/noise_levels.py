@@ -176,10 +176,11 @@ def apply_strength(sigmas: torch.Tensor, strength: float, warmup_steps: int = 0)
     """The levels left to run at ``strength`` (1: all of them): the first ``strength_start`` are skipped.
 
     diffusers counts the skipped levels in its scheduler's timestep list, where a sampler with ``warmup_steps``
-    (PNDM) repeats its second level that many times; such a sampler starts that many levels earlier.
+    (PNDM) repeats its second level that many times; such a sampler starts that many levels earlier, but never
+    above the second level when one level or more is skipped (the list's entry there is that level).
     """
     start = strength_start(len(sigmas) - 1, strength)
-    return sigmas[max(start - warmup_steps, 0):]
+    return sigmas[start if start <= 1 else max(start - warmup_steps, 1):]
 
 
 def _interpolated_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:

@@ -180,7 +180,8 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
 @torch.no_grad()
 def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callback | None = None, generator: torch.Generator | None = None,
-                disable: bool | None = None, relabel_after_warmup: bool = False) -> torch.Tensor:
+                disable: bool | None = None, relabel_after_warmup: bool = False,
+                warmup_from: float | None = None) -> torch.Tensor:
     """Pseudo linear multistep (PNDM, Liu et al. 2022) as in CompVis's PLMSSampler, in sigma space.
 
     The DDIM update x_next = x + (sigma_next - sigma) eps is taken with an Adams-Bashforth combination of the
@@ -192,13 +193,21 @@ def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     list repeats the second level for the warm-up; strength slices that repeat away, so after the warm-up step the
     latent at ``sigmas[1]`` is passed on as if it were at ``sigmas[2]`` (one level, and one network call, fewer).
     The same latent is rescaled to that level's variance-exploding form here, which is what diffusers computes.
+    ``warmup_from``: the same when strength skips exactly one level (the list then starts with the repeat itself):
+    diffusers' warm-up evaluates the plain DDIM step's latent (at ``sigmas[1]``) labelled ``sigmas[0]``, steps the
+    start latent as if it were at ``warmup_from`` (the level above) to ``sigmas[0]``, and passes the result on as
+    ``sigmas[1]`` (``_diffusers_first_level_warmup``).
     """
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     eps_history: list[torch.Tensor] = []
     steps = len(sigmas) - 1
     for i in trange(steps, disable=disable):
+        if warmup_from is not None and i == 0 and steps > 1:
+            x, eps = _diffusers_first_level_warmup(model, x, sigmas, s_in, extra_args, warmup_from)
+            eps_history = [eps]
+            continue
         if relabel_after_warmup and i == 1:
-            x = x * ((1 + sigmas[2] ** 2) / (1 + sigmas[1] ** 2)).sqrt().to(x.dtype)
+            x = _relabelled(x, sigmas[1], sigmas[2])
             continue
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         eps = to_d(x, sigma, model(x, sigma * s_in, **extra_args))
@@ -217,6 +226,25 @@ def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
         x = x + (sigma_next - sigma) * eps_prime
         eps_history = (eps_history + [eps])[-3:]
     return x
+
+
+def _relabelled(x: torch.Tensor, sigma: torch.Tensor, as_sigma: torch.Tensor | float) -> torch.Tensor:
+    """The latent ``x`` holds at ``sigma`` (VE form), in the VE form of level ``as_sigma``: the same VP latent."""
+    as_sigma = torch.as_tensor(as_sigma, dtype=sigma.dtype, device=sigma.device)
+    return x * ((1 + as_sigma ** 2) / (1 + sigma ** 2)).sqrt().to(x.dtype)
+
+
+def _diffusers_first_level_warmup(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, s_in: torch.Tensor,
+                                  extra_args: dict, warmup_from: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' PNDM warm-up when its timestep list starts with the repeated level (see ``sample_plms``): the
+    latent it passes on, in the VE form of ``sigmas[1]``, and the first eps (the multistep history)."""
+    sigma, sigma_next = sigmas[0], sigmas[1]
+    eps = to_d(x, sigma, model(x, sigma * s_in, **extra_args))
+    x_ddim = _relabelled(x + (sigma_next - sigma) * eps, sigma_next, sigma)  # stepped to sigma_next, labelled sigma
+    eps_prime = (eps + to_d(x_ddim, sigma, model(x_ddim, sigma * s_in, **extra_args))) / 2
+    start = _relabelled(x, sigma, warmup_from)
+    x = start + (sigma - float(warmup_from)) * eps_prime  # from the level above to sigma
+    return _relabelled(x, sigma, sigma_next), eps
 
 
 @torch.no_grad()

@@ -392,9 +392,12 @@ class StableDiffusionPipeline(PipelineBase):
         denoiser = self.fractional_denoiser if fractional else self.denoiser
         spec = resolve_sampler(run.sampler)[0]
         options = run.sampler_options
-        if spec.name == "plms" and strength < 1 and strength_start(steps, strength) >= 2:
-            # diffusers' PNDM: the sliced timestep list has lost its repeated level (sample_plms' docstring)
+        skipped = strength_start(steps, strength) if spec.name == "plms" and strength < 1 else 0
+        if skipped >= 2:  # diffusers' PNDM: the sliced timestep list has lost its repeated level (sample_plms)
             options = {"relabel_after_warmup": True, **(options or {})}
+        elif skipped == 1:  # it starts with the repeated level: the warm-up steps from the level above
+            above = float(self._levels(run.sampler, steps, 1.0, spacing, sigma_ramp)[0][0])
+            options = {"warmup_from": above, **(options or {})}
         return sigmas, dataclasses.replace(run, sampler=spec.name, prior=prior, denoiser=denoiser,
                                            sampler_options=options)
 
