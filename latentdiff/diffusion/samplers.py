@@ -152,7 +152,8 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
 @torch.no_grad()
 def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callback | None = None, generator: torch.Generator | None = None,
-                disable: bool | None = None, eta: float = 0.0) -> torch.Tensor:
+                disable: bool | None = None, eta: float = 0.0,
+                landing_sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) in sigma space.
 
     With a = alphas_cumprod = 1 / (1 + sigma^2), DDIM's x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s_t^2) eps
@@ -160,10 +161,15 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     + (s_t / sqrt(a_prev)) z with s_t = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev) (eq. 16). eta = 0
     is deterministic and the same update as Euler; eta = 1 is DDPM's posterior (``sample_ddpm``). Any sigma
     sequence works, including an increasing one with eta = 0 (DDIM inversion).
+
+    ``landing_sigmas``: where each step lands instead of the next level; the latent is then passed on as the next
+    level (diffusers' DDIM always steps by T // n timesteps, which with "linspace" spacing falls between the
+    timesteps it lists).
     """
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma, listed = sigmas[i], sigmas[i + 1]
+        sigma_next = listed if landing_sigmas is None else landing_sigmas[i].to(sigmas)
         denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
         eps = to_d(x, sigma, denoised)
         a, a_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
@@ -174,6 +180,8 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
             x = x + noise_std * _noise_like(x, generator)
         else:
             x = denoised + sigma_next * eps
+        if landing_sigmas is not None:
+            x = _relabelled(x, sigma_next, listed)
     return x
 
 

@@ -39,7 +39,13 @@ from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.prompt_syntax import PromptChunk, apply_emphasis, prompt_chunks, stack_chunks
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
-from latentdiff.diffusion.noise_levels import LevelOptions, sampler_sigmas, starts_at_sigma_max, strength_start
+from latentdiff.diffusion.noise_levels import (
+    LevelOptions,
+    sampler_sigmas,
+    sampler_timesteps,
+    starts_at_sigma_max,
+    strength_start,
+)
 from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import resolve_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -398,8 +404,22 @@ class StableDiffusionPipeline(PipelineBase):
         elif skipped == 1:  # it starts with the repeated level: the warm-up steps from the level above
             above = float(self._levels(run.sampler, steps, 1.0, spacing, sigma_ramp)[0][0])
             options = {"warmup_from": above, **(options or {})}
+        if spec.name == "ddim":
+            landings = self._ddim_landings(steps, spacing, len(sigmas) - 1)
+            options = options if landings is None else {"landing_sigmas": landings, **(options or {})}
         return sigmas, dataclasses.replace(run, sampler=spec.name, prior=prior, denoiser=denoiser,
                                            sampler_options=options)
+
+    def _ddim_landings(self, steps: int, spacing: str, count: int) -> torch.Tensor | None:
+        """Where diffusers' DDIM lands from each of the last ``count`` listed timesteps: always T // n below it (the
+        final level past 0), which differs from the next listed one only with uneven ("linspace") spacing."""
+        timesteps = sampler_timesteps("ddim", steps, self.schedule.num_timesteps, self.levels.steps_offset, spacing)
+        timesteps = timesteps[len(timesteps) - count:]
+        stride = self.schedule.num_timesteps // steps
+        if all(a - b == stride for a, b in zip(timesteps, timesteps[1:], strict=False)):
+            return None  # leading / trailing: the landings are the listed levels
+        sigmas = self.schedule.sigmas.float()
+        return torch.stack([sigmas[max(int(t) - stride, 0)] for t in timesteps])
 
     def sampling_denoiser(self) -> DiscreteDenoiser:
         return self.denoiser
