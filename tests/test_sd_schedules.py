@@ -48,13 +48,10 @@ HUB_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end":
               "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
 SPACINGS = (HUB, "leading", "linspace", "trailing")
 # diffusers' DDIM and PNDM step by T // n whatever the spacing, so with "linspace" they land between the levels they
-# visit and evaluate the UNet at the next listed level with a latent of another level. Our DDIM does the same there
-# (sample_ddim's landing_sigmas); PNDM's warm-up mixes it with its repeated level and is not reproduced: PLMS steps
-# from level to level with "linspace" (as CompVis and A1111 do).
-OFF_LEVEL = {("plms", "linspace")}
-# diffusers' PNDM at strength < 1 drops the repeated warm-up entry of its list with the skipped ones, then evaluates
-# its third call (t = 401 at strength 0.6 of 10 steps) on the latent of the level before (501). Our PLMS does the
-# same there (sample_plms' relabel_after_warmup), so every sampler runs part way too; the set names exceptions.
+# visit and evaluate the UNet at the next listed level with a latent of another level; at strength < 1 PNDM's list
+# also loses its repeated warm-up level. Our DDIM (landing_sigmas) and PLMS (diffusers_plan) do the same there, so
+# no (sampler, spacing) pair and no sampler part way is left out; the sets name exceptions.
+OFF_LEVEL: set[tuple[str, str]] = set()
 PART_WAY: set[str] = set()
 
 

@@ -188,8 +188,7 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
 @torch.no_grad()
 def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callback | None = None, generator: torch.Generator | None = None,
-                disable: bool | None = None, relabel_after_warmup: bool = False,
-                warmup_from: float | None = None) -> torch.Tensor:
+                disable: bool | None = None, diffusers_plan: torch.Tensor | None = None) -> torch.Tensor:
     """Pseudo linear multistep (PNDM, Liu et al. 2022) as in CompVis's PLMSSampler, in sigma space.
 
     The DDIM update x_next = x + (sigma_next - sigma) eps is taken with an Adams-Bashforth combination of the
@@ -197,26 +196,15 @@ def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     it uses the pseudo improved Euler step, the mean of eps here and eps after a plain DDIM step (one extra
     network call).
 
-    ``relabel_after_warmup``: diffusers' PNDM at strength < 1 (its img2img and inpainting pipelines). Its timestep
-    list repeats the second level for the warm-up; strength slices that repeat away, so after the warm-up step the
-    latent at ``sigmas[1]`` is passed on as if it were at ``sigmas[2]`` (one level, and one network call, fewer).
-    The same latent is rescaled to that level's variance-exploding form here, which is what diffusers computes.
-    ``warmup_from``: the same when strength skips exactly one level (the list then starts with the repeat itself):
-    diffusers' warm-up evaluates the plain DDIM step's latent (at ``sigmas[1]``) labelled ``sigmas[0]``, steps the
-    start latent as if it were at ``warmup_from`` (the level above) to ``sigmas[0]``, and passes the result on as
-    ``sigmas[1]`` (``_diffusers_first_level_warmup``).
+    ``diffusers_plan``: run diffusers' PNDM call by call instead (``_sample_diffusers_pndm``), one row per network
+    call; its img2img/inpainting at strength < 1 and its "linspace" spacing visit levels this loop does not.
     """
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
     eps_history: list[torch.Tensor] = []
     steps = len(sigmas) - 1
+    if diffusers_plan is not None:
+        return _sample_diffusers_pndm(model, x, sigmas, s_in, extra_args, diffusers_plan.to(sigmas), callback, disable)
     for i in trange(steps, disable=disable):
-        if warmup_from is not None and i == 0 and steps > 1:
-            x, eps = _diffusers_first_level_warmup(model, x, sigmas, s_in, extra_args, warmup_from)
-            eps_history = [eps]
-            continue
-        if relabel_after_warmup and i == 1:
-            x = _relabelled(x, sigmas[1], sigmas[2])
-            continue
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         eps = to_d(x, sigma, model(x, sigma * s_in, **extra_args))
         if not eps_history and sigma_next > 0:
@@ -242,17 +230,38 @@ def _relabelled(x: torch.Tensor, sigma: torch.Tensor, as_sigma: torch.Tensor | f
     return x * ((1 + as_sigma ** 2) / (1 + sigma ** 2)).sqrt().to(x.dtype)
 
 
-def _diffusers_first_level_warmup(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, s_in: torch.Tensor,
-                                  extra_args: dict, warmup_from: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' PNDM warm-up when its timestep list starts with the repeated level (see ``sample_plms``): the
-    latent it passes on, in the VE form of ``sigmas[1]``, and the first eps (the multistep history)."""
-    sigma, sigma_next = sigmas[0], sigmas[1]
-    eps = to_d(x, sigma, model(x, sigma * s_in, **extra_args))
-    x_ddim = _relabelled(x + (sigma_next - sigma) * eps, sigma_next, sigma)  # stepped to sigma_next, labelled sigma
-    eps_prime = (eps + to_d(x_ddim, sigma, model(x_ddim, sigma * s_in, **extra_args))) / 2
-    start = _relabelled(x, sigma, warmup_from)
-    x = start + (sigma - float(warmup_from)) * eps_prime  # from the level above to sigma
-    return _relabelled(x, sigma, sigma_next), eps
+def _adams_bashforth(history: list[torch.Tensor]) -> torch.Tensor:
+    """PLMS' combination of the last 1-4 eps estimates (newest last)."""
+    weights = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+               4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}[len(history)]
+    return sum(w * e for w, e in zip(weights, reversed(history), strict=True))
+
+
+def _sample_diffusers_pndm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, s_in: torch.Tensor,
+                           extra_args: dict, plan: torch.Tensor, callback: Callback | None,
+                           disable: bool | None) -> torch.Tensor:
+    """diffusers' ``PNDMScheduler.step_plms``, one ``plan`` row (label, from, to sigma) per network call.
+
+    Call c evaluates the current latent at its label. Call 0 steps it from ``from`` to ``to`` with that eps and
+    keeps it; call 1 steps the kept latent with the mean of both eps (the warm-up); later calls step the current
+    latent with the Adams-Bashforth mix of the last four. A latent is always the same VP latent, passed between
+    levels in VE form (``_relabelled``): where diffusers' labels and steps disagree, so do ours, alike.
+    """
+    at, history = sigmas[0], []
+    kept, kept_at = x, at
+    for c in trange(len(plan), disable=disable):
+        label, start, end = plan[c]
+        x_in = _relabelled(x, at, label)
+        eps = to_d(x_in, label, _evaluate(model, x_in, label, s_in, extra_args, callback, c))
+        if c == 0:
+            history, kept, kept_at, base, base_at, mix = [eps], x, at, x, at, eps
+        elif c == 1:
+            base, base_at, mix = kept, kept_at, (eps + history[-1]) / 2
+        else:
+            history = (history + [eps])[-4:]
+            base, base_at, mix = x, at, _adams_bashforth(history)
+        x, at = _relabelled(base, base_at, start) + (end - start) * mix, end
+    return _relabelled(x, at, sigmas[-1])
 
 
 @torch.no_grad()

@@ -398,17 +398,33 @@ class StableDiffusionPipeline(PipelineBase):
         denoiser = self.fractional_denoiser if fractional else self.denoiser
         spec = resolve_sampler(run.sampler)[0]
         options = run.sampler_options
-        skipped = strength_start(steps, strength) if spec.name == "plms" and strength < 1 else 0
-        if skipped >= 2:  # diffusers' PNDM: the sliced timestep list has lost its repeated level (sample_plms)
-            options = {"relabel_after_warmup": True, **(options or {})}
-        elif skipped == 1:  # it starts with the repeated level: the warm-up steps from the level above
-            above = float(self._levels(run.sampler, steps, 1.0, spacing, sigma_ramp)[0][0])
-            options = {"warmup_from": above, **(options or {})}
+        if spec.name == "plms":
+            plan = self._pndm_plan(steps, strength, spacing)
+            options = options if plan is None else {"diffusers_plan": plan, **(options or {})}
         if spec.name == "ddim":
             landings = self._ddim_landings(steps, spacing, len(sigmas) - 1)
             options = options if landings is None else {"landing_sigmas": landings, **(options or {})}
         return sigmas, dataclasses.replace(run, sampler=spec.name, prior=prior, denoiser=denoiser,
                                            sampler_options=options)
+
+    def _pndm_plan(self, steps: int, strength: float, spacing: str) -> torch.Tensor | None:
+        """diffusers' PNDM call by call (``sample_plms``' ``diffusers_plan``): rows (label, from, to) of sigmas, or
+        None where its calls are our plain PLMS steps (full strength, evenly spaced timesteps)."""
+        timesteps = [int(t) for t in sampler_timesteps("plms", steps, self.schedule.num_timesteps,
+                                                       self.levels.steps_offset, spacing)]
+        stride = self.schedule.num_timesteps // steps
+        even = all(a - b == stride for a, b in zip(timesteps, timesteps[1:], strict=False))
+        if (strength >= 1 and even) or len(timesteps) < 2:
+            return None
+        listed = [timesteps[0], timesteps[1], *timesteps[1:]]  # PNDM repeats its second level for the warm-up
+        labels = listed[strength_start(steps, strength):] if strength < 1 else listed
+        sigmas = self.schedule.sigmas.float()
+
+        def sigma(t: int) -> torch.Tensor:  # past 0: the last step's target, alphas_cumprod[0]
+            return sigmas[min(max(t, 0), len(sigmas) - 1)]
+
+        rows = [(t, t + stride, t) if c == 1 else (t, t, t - stride) for c, t in enumerate(labels)]
+        return torch.stack([torch.stack([sigma(a), sigma(b), sigma(c)]) for a, b, c in rows])
 
     def _ddim_landings(self, steps: int, spacing: str, count: int) -> torch.Tensor | None:
         """Where diffusers' DDIM lands from each of the last ``count`` listed timesteps: always T // n below it (the
