@@ -225,12 +225,47 @@ def sampler_sigmas(schedule: NoiseSchedule, sampler: str | SamplerSpec, steps: i
     return apply_strength(torch.cat([sigmas, sigmas.new_tensor([final])]).float(), strength, spec.warmup_steps)
 
 
+def diffusers_stepping(schedule: NoiseSchedule, sampler: str | SamplerSpec, steps: int, offset: int = STEPS_OFFSET,
+                       spacing: str | None = None, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """Sampler options that make DDIM and PLMS step as diffusers' DDIM and PNDM schedulers do where those leave
+    the levels ``sampler_sigmas`` lists; empty where they step from level to level.
+
+    Both always step T // n timesteps below the one they evaluate, which with uneven ("linspace") spacing falls
+    between the listed ones: DDIM gets ``landing_sigmas``. PNDM also repeats its second level for the warm-up, which
+    strength < 1 slices away with the skipped ones: PLMS then runs ``diffusers_plan``, one row (label, from, to) per
+    network call, as ``PNDMScheduler.step_plms`` computes them.
+    """
+    spec = get_sampler(sampler)
+    if spec.name not in ("ddim", "plms"):
+        return {}
+    timesteps = [int(t) for t in sampler_timesteps(spec, steps, schedule.num_timesteps, offset, spacing)]
+    stride = schedule.num_timesteps // steps
+    even = all(a - b == stride for a, b in zip(timesteps, timesteps[1:], strict=False))
+    sigmas = schedule.sigmas.float()
+
+    def sigma(t: int) -> torch.Tensor:  # past 0: the last step's target, alphas_cumprod[0]
+        return sigmas[min(max(t, 0), len(sigmas) - 1)]
+
+    if spec.name == "ddim":
+        if even:
+            return {}
+        run = timesteps[strength_start(steps, strength):]
+        return {"landing_sigmas": torch.stack([sigma(t - stride) for t in run])}
+    if (strength >= 1 and even) or len(timesteps) < 2:
+        return {}
+    listed = [timesteps[0], *timesteps[1:2], *timesteps[1:]]  # PNDM repeats its second level for the warm-up
+    labels = listed[strength_start(steps, strength):]
+    rows = [(t, t + stride, t) if c == 1 else (t, t, t - stride) for c, t in enumerate(labels)]
+    return {"diffusers_plan": torch.stack([torch.stack([sigma(a), sigma(b), sigma(c)]) for a, b, c in rows])}
+
+
 def starts_at_sigma_max(sampler: str | SamplerSpec, spacing: str) -> bool:
     """Whether diffusers' scheduler for ``sampler`` starts from noise of std sigma_max (its ``init_noise_sigma``
     for the sigma schedulers with "linspace" or "trailing" spacing) rather than sqrt(1 + sigma_max^2)."""
     return get_sampler(sampler).fractional_timesteps and spacing in ("linspace", "trailing")
 
 
-__all__ = ["RAMPS", "SPACINGS", "STEPS_OFFSET", "LevelOptions", "apply_strength", "discrete_timesteps",
+__all__ = ["RAMPS", "SPACINGS", "STEPS_OFFSET", "LevelOptions", "apply_strength", "diffusers_stepping",
+           "discrete_timesteps",
            "get_sigmas_discrete", "get_sigmas_exponential", "get_sigmas_karras", "sampler_sigmas",
            "sampler_timesteps", "spaced_timesteps", "starts_at_sigma_max", "strength_start"]

@@ -200,24 +200,17 @@ def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     call; its img2img/inpainting at strength < 1 and its "linspace" spacing visit levels this loop does not.
     """
     sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
-    eps_history: list[torch.Tensor] = []
-    steps = len(sigmas) - 1
     if diffusers_plan is not None:
         return _sample_diffusers_pndm(model, x, sigmas, s_in, extra_args, diffusers_plan.to(sigmas), callback, disable)
-    for i in trange(steps, disable=disable):
+    eps_history: list[torch.Tensor] = []
+    for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         eps = to_d(x, sigma, model(x, sigma * s_in, **extra_args))
         if not eps_history and sigma_next > 0:
             x_ddim = x + (sigma_next - sigma) * eps
             eps_prime = (eps + to_d(x_ddim, sigma_next, model(x_ddim, sigma_next * s_in, **extra_args))) / 2
-        elif not eps_history:
-            eps_prime = eps
-        elif len(eps_history) == 1:
-            eps_prime = (3 * eps - eps_history[-1]) / 2
-        elif len(eps_history) == 2:
-            eps_prime = (23 * eps - 16 * eps_history[-1] + 5 * eps_history[-2]) / 12
         else:
-            eps_prime = (55 * eps - 59 * eps_history[-1] + 37 * eps_history[-2] - 9 * eps_history[-3]) / 24
+            eps_prime = _adams_bashforth([*eps_history, eps])
         _report(callback, i, x, sigma, x - sigma.to(x.dtype) * eps_prime)
         x = x + (sigma_next - sigma) * eps_prime
         eps_history = (eps_history + [eps])[-3:]
@@ -231,10 +224,15 @@ def _relabelled(x: torch.Tensor, sigma: torch.Tensor, as_sigma: torch.Tensor | f
 
 
 def _adams_bashforth(history: list[torch.Tensor]) -> torch.Tensor:
-    """PLMS' combination of the last 1-4 eps estimates (newest last)."""
-    weights = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
-               4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}[len(history)]
-    return sum(w * e for w, e in zip(weights, reversed(history), strict=True))
+    """PLMS' combination of the last 1-4 eps estimates (oldest first, the current one last)."""
+    e = history[::-1]
+    if len(e) == 1:
+        return e[0]
+    if len(e) == 2:
+        return (3 * e[0] - e[1]) / 2
+    if len(e) == 3:
+        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+    return (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
 
 
 def _sample_diffusers_pndm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, s_in: torch.Tensor,

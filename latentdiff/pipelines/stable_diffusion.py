@@ -39,13 +39,7 @@ from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.prompt_syntax import PromptChunk, apply_emphasis, prompt_chunks, stack_chunks
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
-from latentdiff.diffusion.noise_levels import (
-    LevelOptions,
-    sampler_sigmas,
-    sampler_timesteps,
-    starts_at_sigma_max,
-    strength_start,
-)
+from latentdiff.diffusion.noise_levels import LevelOptions, diffusers_stepping, sampler_sigmas, starts_at_sigma_max
 from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import resolve_sampler
 from latentdiff.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -397,45 +391,10 @@ class StableDiffusionPipeline(PipelineBase):
         prior = "ve" if starts_at_sigma_max(run.sampler, spacing) else "vp"
         denoiser = self.fractional_denoiser if fractional else self.denoiser
         spec = resolve_sampler(run.sampler)[0]
-        options = run.sampler_options
-        if spec.name == "plms":
-            plan = self._pndm_plan(steps, strength, spacing)
-            options = options if plan is None else {"diffusers_plan": plan, **(options or {})}
-        if spec.name == "ddim":
-            landings = self._ddim_landings(steps, spacing, len(sigmas) - 1)
-            options = options if landings is None else {"landing_sigmas": landings, **(options or {})}
+        stepping = diffusers_stepping(self.schedule, spec, steps, self.levels.steps_offset, spacing, strength)
+        options = {**stepping, **(run.sampler_options or {})} if stepping else run.sampler_options
         return sigmas, dataclasses.replace(run, sampler=spec.name, prior=prior, denoiser=denoiser,
                                            sampler_options=options)
-
-    def _pndm_plan(self, steps: int, strength: float, spacing: str) -> torch.Tensor | None:
-        """diffusers' PNDM call by call (``sample_plms``' ``diffusers_plan``): rows (label, from, to) of sigmas, or
-        None where its calls are our plain PLMS steps (full strength, evenly spaced timesteps)."""
-        timesteps = [int(t) for t in sampler_timesteps("plms", steps, self.schedule.num_timesteps,
-                                                       self.levels.steps_offset, spacing)]
-        stride = self.schedule.num_timesteps // steps
-        even = all(a - b == stride for a, b in zip(timesteps, timesteps[1:], strict=False))
-        if (strength >= 1 and even) or len(timesteps) < 2:
-            return None
-        listed = [timesteps[0], timesteps[1], *timesteps[1:]]  # PNDM repeats its second level for the warm-up
-        labels = listed[strength_start(steps, strength):] if strength < 1 else listed
-        sigmas = self.schedule.sigmas.float()
-
-        def sigma(t: int) -> torch.Tensor:  # past 0: the last step's target, alphas_cumprod[0]
-            return sigmas[min(max(t, 0), len(sigmas) - 1)]
-
-        rows = [(t, t + stride, t) if c == 1 else (t, t, t - stride) for c, t in enumerate(labels)]
-        return torch.stack([torch.stack([sigma(a), sigma(b), sigma(c)]) for a, b, c in rows])
-
-    def _ddim_landings(self, steps: int, spacing: str, count: int) -> torch.Tensor | None:
-        """Where diffusers' DDIM lands from each of the last ``count`` listed timesteps: always T // n below it (the
-        final level past 0), which differs from the next listed one only with uneven ("linspace") spacing."""
-        timesteps = sampler_timesteps("ddim", steps, self.schedule.num_timesteps, self.levels.steps_offset, spacing)
-        timesteps = timesteps[len(timesteps) - count:]
-        stride = self.schedule.num_timesteps // steps
-        if all(a - b == stride for a, b in zip(timesteps, timesteps[1:], strict=False)):
-            return None  # leading / trailing: the landings are the listed levels
-        sigmas = self.schedule.sigmas.float()
-        return torch.stack([sigmas[max(int(t) - stride, 0)] for t in timesteps])
 
     def sampling_denoiser(self) -> DiscreteDenoiser:
         return self.denoiser
