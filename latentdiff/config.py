@@ -103,9 +103,8 @@ def check_ranges(obj: Any, *, positive: tuple[str, ...] = (), non_negative: tupl
     """The ranges of a config dataclass's fields, for its ``__post_init__``: ``positive`` (> 0), ``non_negative``
     (>= 0), ``fractions`` (in [0, 1]) and ``positive_items`` (non-empty sequences of positive numbers). Also
     refuses NaN and infinity in any of them. Raises a ConfigError naming the first field out of range."""
-    rules = [(names, test, text) for names, test, text in (
-        (positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
-        (fractions, lambda v: 0 <= v <= 1, "in [0, 1]"))]
+    rules = ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fractions, lambda v: 0 <= v <= 1, "in [0, 1]"))
     for names, test, text in rules:
         for name in names:
             value = getattr(obj, name)

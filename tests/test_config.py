@@ -164,7 +164,7 @@ def test_yaml_aliases_are_limited_and_values_not_echoed(tmp_path):
     with pytest.raises(ConfigError, match="limited to"):
         read_yaml(tmp_path / "big.yaml")
     with pytest.raises(ConfigError, match="expands"):
-        parse_overrides(["steps=" + laughs.replace("\n", ", ").replace(": ", ": ").join("{}")])
+        parse_overrides(["steps=" + laughs.replace("\n", ", ").join("{}")])
     with pytest.raises(ConfigError) as error:  # a long value is cut in the message
         from_dict(Outer, {"steps": "x" * 10_000})
     assert len(str(error.value)) < 120

@@ -107,7 +107,12 @@ def test_native_generation_warns_once_naming_unknown_words(caplog) -> None:
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         pipe.text_to_image("a red sneaker on the left", **run)
+        pipe.text_to_image("a red zebra", **run)  # the next batch of a run: zebra was named already
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    with caplog.at_level(logging.WARNING):
+        pipe.text_to_image("a red okapi zebra", **run)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage().split("[UNK]: ")[1].startswith("okapi (")
 
 
 def test_info_on_a_native_autoencoder(first_stage, capsys) -> None:

@@ -129,6 +129,11 @@ def test_fp16_trains_with_a_gradient_scaler_that_is_saved_and_resumed(first_stag
     _, resumed = checkpoint(out)
     assert resumed["step"] == 3 and "grad_scaler" in resumed
     assert all(torch.isfinite(v).all() for v in resumed["model"].values())
+    # The scaler's state was put back: the resumed run ends where a straight 3-step run does, scaler included.
+    assert train(tmp_path / "straight", *fs, "train.steps=3") == 0
+    _, straight = checkpoint(tmp_path / "straight")
+    assert resumed["grad_scaler"] == straight["grad_scaler"]
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
     assert all(x == x for x in losses(out))
     # fp32 runs keep no scaler state (their checkpoints are as before).
     assert train(tmp_path / "fp32", f"model.first_stage={first_stage}", "train.batch_size=4", "train.steps=1") == 0

@@ -9,6 +9,7 @@ model is read or a file is written. Also here: the checks of sizes against a mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
@@ -120,10 +121,11 @@ def in_batches(batch_size: int, method: Callable[..., PipelineOutput]) -> Callab
     def run(*args, num_images: int, generator, **kwargs) -> PipelineOutput:
         if num_images <= batch_size:
             return method(*args, num_images=num_images, generator=generator, **kwargs)
-        generator, outputs = as_generator(generator), []
-        for start in range(0, num_images, batch_size):
+        generator, outputs, variation = as_generator(generator), [], kwargs.pop("variation", None)
+        for start in range(0, num_images, batch_size):  # a variation's image i keeps subseed + i across batches
+            part = None if variation is None else dataclasses.replace(variation, first=variation.first + start)
             outputs.append(method(*args, num_images=min(batch_size, num_images - start), generator=generator,
-                                  **kwargs))
+                                  variation=part, **kwargs))
         return PipelineOutput(torch.cat([o.images for o in outputs]), torch.cat([o.latents for o in outputs]))
     return run
 

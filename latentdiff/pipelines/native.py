@@ -66,13 +66,18 @@ def word_tokenizer(model: LatentDiffusion) -> WordTokenizer | None:
     return next((t for t in tokenizers if isinstance(t, WordTokenizer)), None)
 
 
-def warn_unknown_words(model: LatentDiffusion, texts: Sequence[str | None]) -> list[str]:
+def warn_unknown_words(model: LatentDiffusion, texts: Sequence[str | None], warned: set[str] | None = None
+                       ) -> list[str]:
     """One WARNING line naming the words of ``texts`` (prompts, negative prompts) that the model's own word
-    tokenizer does not know and reads as [UNK]; returns them (none for a model without that tokenizer)."""
+    tokenizer does not know and reads as [UNK]; returns them (none for a model without that tokenizer). Words in
+    ``warned`` are left out, and the named ones added to it (a pipeline warns once per word, not once per batch)."""
     tokenizer = word_tokenizer(model)
     if tokenizer is None:
         return []
     unknown = list(dict.fromkeys(w for text in texts if text for w in tokenizer.unknown_words(text)))
+    if warned is not None:
+        unknown = [w for w in unknown if w not in warned]
+        warned.update(unknown)
     if unknown:
         logger.warning("not in the text encoder's vocabulary of %d words, read as [UNK]: %s (`latentdiff info "
                        "MODEL --vocab` lists the words)", len(tokenizer.tokens) - len(SPECIAL_TOKENS),
@@ -100,6 +105,7 @@ class LatentDiffusionPipeline(PipelineBase):
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.attention_slice = attention_slice
         self.source = source or "the model"
+        self.warned_words: set[str] = set()  # unknown words already named (warn_unknown_words)
         if not self.has_conditioning:
             default_guidance = 1.0
         self.default_guidance = DEFAULT_GUIDANCE if default_guidance is None else float(default_guidance)
@@ -255,7 +261,7 @@ class LatentDiffusionPipeline(PipelineBase):
         if len(prompts) == 1 and inputs > 1:
             prompts = prompts * inputs
             negatives = negatives * inputs if negatives is not None and len(negatives) == 1 else negatives
-        warn_unknown_words(self.model, prompts + (negatives or []))
+        warn_unknown_words(self.model, prompts + (negatives or []), self.warned_words)
         if not self.has_text_conditioning:
             if [p for p in prompts + (negatives or []) if p]:
                 raise ValueError(f"{self.source} has no text conditioning ({self.describe_conditioning()}); "

@@ -44,18 +44,21 @@ def slerp(t: float, low: torch.Tensor, high: torch.Tensor, dim: int = -2) -> tor
 @dataclass(frozen=True)
 class Variation:
     """A variation of a seed's images: the noise of ``subseed`` (+ the image's index) mixed in at ``strength``
-    (0: none, 1: all)."""
+    (0: none, 1: all). ``first``: the index of the call's first image in the whole run (made in batches)."""
 
     subseed: int
     strength: float
+    first: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.strength <= 1:
             raise ValueError(f"the variation strength (--subseed-strength) must be in [0, 1], got {self.strength}")
 
     def subnoise(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """(N, C, H, W) float32 on the CPU: image i's noise drawn from a CPU generator seeded with subseed + i."""
-        return torch.stack([draw_noise(tuple(shape[1:]), torch.Generator("cpu").manual_seed(self.subseed + i))
+        """(N, C, H, W) float32 on the CPU: image i's noise drawn from a CPU generator seeded with
+        subseed + first + i."""
+        return torch.stack([draw_noise(tuple(shape[1:]),
+                                       torch.Generator("cpu").manual_seed(self.subseed + self.first + i))
                             for i in range(shape[0])])
 
     def apply(self, noise: torch.Tensor) -> torch.Tensor:

@@ -149,9 +149,10 @@ LOG_COLUMNS = ["loss", "loss_simple", "loss_simple_weighted", "loss_vlb", "grad_
                "scale_factor", "skipped", "images_per_s", "seconds", "cpu_seconds"]
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of one training step, the same on every rank: a function of (seed, step) only."""
-    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int, *stream: int) -> torch.Generator:
+    """The CPU generator of one training step, the same on every rank: a function of (seed, step) only; ``stream``
+    numbers further independent generators of the same step (DreamBooth's class half)."""
+    state = np.random.SeedSequence([seed, step, *stream]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -27,15 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from latentdiff.data.transforms import to_pil
 from latentdiff.diffusion.model import LatentDiffusion
 from latentdiff.train.diffusion import LOG_COLUMNS, DiffusionExperiment, DiffusionTrainer, step_generator
+from latentdiff.train.distributed import barrier
 from latentdiff.train.instance_data import PromptedFolder, count_images, prompt_sample_inputs
 
 logger = logging.getLogger(__name__)
@@ -104,14 +103,9 @@ class PriorPairs(Dataset):
         return self.instance.caption(index % len(self.instance))
 
 
-def _stream_generator(seed: int, index: int, stream: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, index, stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 def prior_generator(seed: int, step: int) -> torch.Generator:
     """The class half's CPU generator of one step: a function of (seed, step), apart from ``step_generator``'s."""
-    return _stream_generator(seed, step, _PRIOR_STREAM)
+    return step_generator(seed, step, _PRIOR_STREAM)
 
 
 @torch.no_grad()
@@ -129,7 +123,7 @@ def generate_class_images(model: LatentDiffusion, exp: DreamBoothExperiment) -> 
     logger.info("generating %d class images of %r into %s", missing, db.class_prompt, folder)
     for first in tqdm(range(0, missing, _GENERATION_BATCH), desc="class images", dynamic_ncols=True):
         chunk = numbers[first:first + _GENERATION_BATCH]
-        generator = _stream_generator(exp.train.seed, chunk[0], _GENERATION_STREAM)
+        generator = step_generator(exp.train.seed, chunk[0], _GENERATION_STREAM)
         images = model.sample(len(chunk), exp.sampler, exp.sample_steps, generator, cond={"caption": db.class_prompt},
                               guidance_scale=exp.sample_guidance)
         for number, image in zip(chunk, images.cpu(), strict=True):
@@ -159,8 +153,7 @@ class DreamBoothTrainer(DiffusionTrainer):
             raise ValueError(f"dreambooth.class_images {db.class_images!r} holds {have} of {db.num_class_images} "
                              "images, and a resumed run's model is no longer the base to generate the rest from")
         self.generated = generate_class_images(self.model, self.exp) if self.env.is_main else 0
-        if self.env.distributed:
-            dist.barrier()
+        barrier()  # the other ranks read the class images rank 0 wrote
 
     def source_data(self) -> Dataset:
         data = self.exp.data

@@ -21,6 +21,7 @@ from latentdiff.data import DataConfig
 from latentdiff.data.captioned import FolderCaptions
 from latentdiff.data.datasets import IMAGE_EXTENSIONS, ImageDataset, load_image_file, scan_image_folder
 from latentdiff.diffusion.model import LatentDiffusion
+from latentdiff.io.atomic import write_text
 
 
 class PromptedFolder(ImageDataset):
@@ -59,8 +60,7 @@ def prompt_sample_inputs(model: LatentDiffusion, prompts: Sequence[str], run_dir
     """The conditioner's inputs for ``prompts`` (one per grid image), written to ``samples/captions.txt`` too."""
     if model.cond_stage_model is None:
         raise ValueError("this run needs a text-conditioned model (a text encoder to take its prompts)")
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples" / "captions.txt").write_text("\n".join(prompts) + "\n")
+    write_text(run_dir / "samples" / "captions.txt", "\n".join(prompts) + "\n")
     return model.cond_stage_model.prepare({"caption": list(prompts)})
 
 

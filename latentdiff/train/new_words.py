@@ -27,6 +27,7 @@ import torch
 from latentdiff.conditioning.text import TextTransformer, build_vocabulary, split_caption
 from latentdiff.config import ConfigError
 from latentdiff.diffusion.model import LatentDiffusion, LatentDiffusionConfig
+from latentdiff.train.finetune import text_encoder_module
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ EMBEDDING_KEY = "cond_stage_model.transformer.token_embedding.weight"
 
 def own_text_encoder(model: LatentDiffusion) -> TextTransformer:
     """The model's jointly trained text transformer (the one with a word vocabulary); a ConfigError otherwise."""
-    encoder = getattr(model.cond_stage_model, "transformer", None) if model.cond_stage_model is not None else None
+    encoder = text_encoder_module(model)
     if not isinstance(encoder, TextTransformer):
         raise ConfigError("new_words adds words to the model's own word-level text encoder (text_encoder: "
                           "transformer), and this model has none: a CLIP or MiniLM tokenizer has a fixed vocabulary")

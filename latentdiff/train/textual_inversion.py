@@ -129,8 +129,7 @@ class TextualInversionTrainer(DiffusionTrainer):
         self.embedding.register_hook(lambda grad: grad * new_rows)
         self.embedding_key = next(name for name, p in model.named_parameters() if p is self.embedding)
         self.cond_params = [self.embedding]
-        self.optimizer = torch.optim.AdamW(self.cond_params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = self.adam(self.cond_params, cfg.lr)  # honours train.optimizer (adamw8bit)
         self.optimizers = {"optimizer": ScheduledOptimizer(self.optimizer, cfg.lr)}
         self.averages, self.ema, self.use_averages = [], None, False
         self.ddp_net = model.model  # nothing of the UNet trains: no DDP around it
@@ -161,8 +160,9 @@ class TextualInversionTrainer(DiffusionTrainer):
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, Any] | None:
         logs = super().train_step(batch, step)
-        with torch.no_grad():
-            self.embedding[:self.base_vocab].copy_(self.frozen_rows)
+        if self.cfg.weight_decay > 0:  # masked gradients leave the old rows alone; decoupled decay would not
+            with torch.no_grad():
+                self.embedding[:self.base_vocab].copy_(self.frozen_rows)
         return logs
 
     def learned_vectors(self) -> torch.Tensor:
