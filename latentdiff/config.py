@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+class YamlSyntaxError(ConfigError):
+    """Text that does not parse as YAML (an override's value is then taken as a plain string)."""
+
+
 # YAML limits: a config is a few KB; anchors and aliases may be used, but a document that expands to more than
 # MAX_YAML_NODES values (a "billion laughs" of nested aliases: 1 KB -> gigabytes) is refused before it is built.
 MAX_YAML_BYTES = 1 << 20
@@ -87,7 +91,7 @@ def load_yaml_text(text: str, where: str) -> Any:
                               "refused")
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {show_value(str(e), 200)}") from e
+        raise YamlSyntaxError(f"{where} is not valid YAML: {show_value(str(e), 200)}") from e
     except RecursionError:
         raise ConfigError(f"{where} nests too deeply") from None
     finally:
@@ -251,9 +255,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {show_value(item)} has an empty key")
         try:
             value = load_yaml_text(raw, f"override {key}") if raw.strip() else ""
-        except ConfigError as e:
-            if "not valid YAML" not in str(e):
-                raise
+        except YamlSyntaxError:
             value = raw
         node = tree
         parts = key.split(".")

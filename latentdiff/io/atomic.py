@@ -113,6 +113,18 @@ def remove_stale_temps(path: str | os.PathLike[str], every: bool = False) -> lis
     return removed
 
 
+_CLEANED_FOLDERS: set[Path] = set()  # folders this process has swept of dead processes' temporaries
+
+
+def _clean_folder_once(folder: Path) -> None:
+    """``remove_stale_temps`` over the whole of ``folder``, the first time this process writes into it (not on every
+    write: a run of many files into one folder would list it once per file)."""
+    key = folder.resolve()
+    if key not in _CLEANED_FOLDERS:
+        remove_stale_temps(folder, every=True)
+        _CLEANED_FOLDERS.add(key)
+
+
 def _fsync(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -140,7 +152,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path)
+            _clean_folder_once(path.parent)
             yield temp
             _fsync(temp)
             os.replace(temp, path)
@@ -189,7 +201,7 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
     try:
         with write_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path)
+            _clean_folder_once(path.parent)
             remove_path(staging)
             staging.mkdir()
             yield staging / path.name
