@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -68,22 +70,36 @@ def open_checked(source: str | Path | bytes, where: str) -> Image.Image:
     return img
 
 
-def read_image(path: str | Path, what: str = "image") -> Image.Image:
-    """The image file at ``path`` decoded into memory (the file closed again), after the header's pixel check.
-
-    A missing file is a FileNotFoundError and a file PIL cannot read a ValueError, both naming ``path``."""
-    path = Path(path)
+@contextmanager
+def _opened_file(path: Path, what: str) -> Iterator[Image.Image]:
+    """``open_checked`` on the file at ``path``: a missing file is a FileNotFoundError and a file PIL cannot read
+    (here or in the block) a ValueError, both naming ``path``; the pixel limit's error passes unchanged."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with open_checked(path, str(path)) as img:
-            img.load()
-            return img.copy()  # the decoded pixels outlive the closed file
+            yield img
     except ImageTooLargeError:
         raise
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of failing
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:120]})") from e
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "ImageTooLargeError", "check_pixels", "max_pixels",
-           "open_checked", "read_image"]
+def read_image(path: str | Path, what: str = "image") -> Image.Image:
+    """The image file at ``path`` decoded into memory (the file closed again), after the header's pixel check."""
+    with _opened_file(Path(path), what) as img:
+        img.load()
+        return img.copy()  # the decoded pixels outlive the closed file
+
+
+def image_file_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) of the image file at ``path`` from its header, without decoding it; the pixel limit and the
+    file's structure (``verify``: a truncated PNG fails here) are checked, with ``read_image``'s errors."""
+    with _opened_file(Path(path), what) as img:
+        size = img.size
+        img.verify()
+        return size
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "ImageTooLargeError", "check_pixels", "image_file_size",
+           "max_pixels", "open_checked", "read_image"]

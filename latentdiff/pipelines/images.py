@@ -19,28 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentdiff.data.image_files import open_checked, read_image
+from latentdiff.data.image_files import image_file_size, read_image
 from latentdiff.data.transforms import high_bit_depth_to_8bit
 from latentdiff.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path | list
-
-
-def image_file_size(path: str | Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) of the image file at ``path`` from its header, without decoding it; the pixel limit and the
-    file's structure (``verify``: a truncated PNG fails here) are checked, with the errors of ``read_image``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open_checked(path, str(path)) as img:
-            size = img.size
-            img.verify()
-            return size
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
