@@ -87,12 +87,10 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         record["guidance"] = float(pairs.pop("CFG scale", 7.0))
         if "Size" in pairs:
             record["width"], record["height"] = (int(v) for v in pairs.pop("Size").split("x"))
-        for key, name, kind in (("strength", "Denoising strength", float), ("subseed", "Variation seed", int),
-                                ("subseed_strength", "Variation seed strength", float),
-                                ("guidance_rescale", "CFG Rescale phi", float), ("model_hash", "Model hash", str),
-                                ("model_name", "Model", str), ("clip_skip", "Clip skip", int)):
-            if name in pairs:
-                record[key] = kind(pairs.pop(name))
+        for key, kind in (("strength", float), ("subseed", int), ("subseed_strength", float),
+                          ("guidance_rescale", float), ("model_hash", str), ("model", str), ("clip_skip", int)):
+            if A1111_KEYS[key] in pairs:  # the record calls the model's name model_name
+                record["model_name" if key == "model" else key] = kind(pairs.pop(A1111_KEYS[key]))
     except ValueError as e:
         raise PNGParametersError(f"the PNG's parameters text has a malformed value: {e}") from None
     if "Sampler" in pairs:
