@@ -155,6 +155,7 @@ def test_pink_renders_for_new_data_and_the_checker_tells_it_from_every_old_colou
     assert prompt_accuracy(pink_images, pink, aware)["colour_accuracy"] == 1.0
     assert prompt_accuracy(old, [a for a, _ in drawn], aware)["colour_accuracy"] == 1.0  # every old colour too
     assert prompt_accuracy(old, [a for a, _ in drawn], plain)["colour_accuracy"] == 1.0
-    assert prompt_accuracy(pink_images, pink, plain)["colour_accuracy"] == 0.0  # the default palette has no pink
+    with pytest.raises(ValueError, match="'pink'.*colours: red,"):  # the default palette has no pink: refused
+        prompt_accuracy(pink_images, pink, plain)
     with pytest.raises(ValueError, match="new_colours must be among pink"):
         PromptChecker(classifier, CheckerConfig(new_colours=("mauve",)))

@@ -300,8 +300,9 @@ class AttributeCheck:
 Attributes = Sequence[SceneAttribute] | Sequence[tuple[Any, Any, Any]] | Tensor
 
 
-def _as_attributes(attributes: Attributes) -> list[SceneAttribute]:
-    """Attributes as names, from names, indices, or an encoded (max_items, 3) tensor."""
+def _as_attributes(attributes: Attributes, colours: Sequence[str] = COLOUR_NAMES) -> list[SceneAttribute]:
+    """Attributes as names, from names, indices, or an encoded (max_items, 3) tensor; a colour outside ``colours``
+    (the checker's palette) is refused."""
     if isinstance(attributes, Tensor):
         return decode_attributes(attributes)  # type: ignore[return-value]
     out = []
@@ -309,8 +310,8 @@ def _as_attributes(attributes: Attributes) -> list[SceneAttribute]:
         cls = CLASS_NAMES[cls] if isinstance(cls, int) else cls
         colour = COLOUR_NAMES[colour] if isinstance(colour, int) else colour
         position = POSITIONS[position] if isinstance(position, int) else position
-        if cls not in CLASS_NAMES or (colour not in COLOURS and colour not in NEW_COLOURS) or position not in POSITIONS:
-            raise ValueError(f"unknown attribute {(cls, colour, position)!r}")
+        if cls not in CLASS_NAMES or colour not in colours or position not in POSITIONS:
+            raise ValueError(f"unknown attribute {(cls, colour, position)!r} (colours: {', '.join(colours)})")
         out.append(SceneAttribute(cls, colour, position))
     return out
 
@@ -346,7 +347,7 @@ class PromptChecker:
         bright = rgb.amax(1)  # (N, S, S)
         foreground = bright > cfg.foreground_threshold
 
-        prompts = [_as_attributes(a) for a in attributes_list]
+        prompts = [_as_attributes(a, self._colour_names) for a in attributes_list]
         crops, strays = [], []
         for n, attrs in enumerate(prompts):
             union = torch.zeros_like(foreground[n])
