@@ -76,7 +76,7 @@ def test_bad_lines_are_reported_by_number(tmp_path: Path, capsys) -> None:
     assert main(["generate", "--prompts", str(file), "--steps", "2", "-o", str(out) + "/"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"latentdiff: {file}:2: unknown key 'cfg' (known: {', '.join(LINE_OPTIONS)})"
-    assert err[1] == f"latentdiff: {file}:3: -n and --steps must be at least 1"
+    assert err[1] == f"latentdiff: {file}:3: --steps must be a whole number in [1, 10000], got 0"
     assert err[2] == f"latentdiff: error: {file}: 2 bad lines (above); nothing was generated"
     assert not out.exists()
     # A line the model cannot make (a size that is not a multiple of its 8 pixels) is skipped; the others are written.

@@ -79,16 +79,28 @@ image_count = _in_range(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAG
                         f" (at most {MAX_IMAGES} images per call: they are all held in memory for the grid; make more "
                         "with several calls and different --seed values)")
 step_count = _in_range(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
+strength = _in_range(math.ulp(0.0), float, "in (0, 1]", 1.0)
 
 
-def check_recorded_numbers(args: argparse.Namespace) -> None:
-    """The checks of the argparse types above again, for the values --from-png takes from a PNG's record."""
-    if args.n > MAX_IMAGES or args.steps > MAX_STEPS or args.batch_size < 1:
-        raise ValueError(f"-n must be at most {MAX_IMAGES}, --steps at most {MAX_STEPS} and --batch-size at least 1")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+# The generating verbs' numbers and their argparse types: what ``recheck_numbers`` runs again.
+RECHECKED = {"n": ("-n", image_count), "steps": ("--steps", step_count), "batch_size": ("--batch-size", positive_int),
+             "guidance": ("--guidance", non_negative_float), "guidance_rescale": ("--guidance-rescale", probability),
+             "seed": ("--seed", seed), "subseed": ("--subseed", seed),
+             "subseed_strength": ("--subseed-strength", probability), "strength": ("--strength", strength),
+             "height": ("--height", positive_int), "width": ("--width", positive_int),
+             "clip_skip": ("--clip-skip", positive_int)}
+
+
+def recheck_numbers(args: argparse.Namespace) -> None:
+    """The argparse types of ``RECHECKED`` again, for values that did not come through argparse (a PNG's record for
+    --from-png, a --prompts line); a ValueError naming the option."""
+    for name, (option, parse) in RECHECKED.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                parse(str(value))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{option} {e}") from None
 
 
 def check_native_size(pipe, width: int, height: int, what: str) -> None:
@@ -166,6 +178,6 @@ def file_output(text: str) -> str:
 
 __all__ = ["DEFAULT_BATCH", "IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "NATIVE_MAX_SCALE", "SEED_MAX",
            "OneLineParser", "add_allow_nonfinite", "add_batch_size", "check_image_output", "check_native_size",
-           "check_recorded_numbers", "check_requested_size", "file_output", "finite_float", "image_count",
+           "recheck_numbers", "check_requested_size", "file_output", "finite_float", "image_count",
            "image_output", "in_batches", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
            "probability", "seed", "step_count"]

@@ -142,24 +142,9 @@ def _check_generation_args(args: argparse.Namespace) -> None:
     """Checks that need no model: they fail before a large checkpoint is read."""
     get_sampler(args.sampler)
     checked.check_image_output(args)
-    if args.n < 1 or args.steps < 1:
-        raise ValueError("-n and --steps must be at least 1")
-    checked.check_recorded_numbers(args)
-    for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
+    checked.recheck_numbers(args)  # values a PNG's record or a --prompts line set did not pass argparse's types
     if getattr(args, "vae_tile", None) and args.vae_tile < 4:
         raise ValueError("--vae-tile is in latent pixels and must be at least 4")
-    if args.attention_slice is not None and args.attention_slice < 0:
-        raise ValueError("--attention-slice must be a positive number of queries (0: off)")
-    if getattr(args, "clip_skip", None) is not None and args.clip_skip < 1:
-        raise ValueError(f"--clip-skip must be at least 1 (1: the text encoder's usual output), got {args.clip_skip}")
-    strength = getattr(args, "strength", None)
-    if strength is not None and not 0 < strength <= 1:
-        raise ValueError(f"--strength must be in (0, 1], got {strength}")
-    if not 0 <= args.guidance_rescale <= 1:
-        raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     variation_of(args.subseed, args.subseed_strength)
     args.model = _model_path(args)
 
@@ -497,7 +482,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "Noise INIT to --strength of the way and denoise it with the prompt, as diffusers' "
                   "StableDiffusionImg2ImgPipeline. A native model encodes INIT with its first stage's posterior mean; "
                   "INIT must have the model's image size.", (("init", "the starting image"),))
-    p.add_argument("--strength", type=checked.finite_float, default=0.6,
+    p.add_argument("--strength", type=checked.strength, default=0.6,
                    help="how much to change: 0 keeps INIT, 1 redraws it entirely (default 0.6)")
     _add_generation_options(p, sampler_names, size=False)
     add_from_png_option(p, " (give INIT again: a PNG does not hold it)")
@@ -509,7 +494,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   "in latents at the end). A first stage with a mask-conditioned decoder (the bundled models') "
                   "decodes with the kept pixels.",
                   (("image", "the image"), ("mask", "same size as IMAGE; white = repaint, black = keep")))
-    p.add_argument("--strength", type=checked.finite_float, default=1.0,
+    p.add_argument("--strength", type=checked.strength, default=1.0,
                    help="1 repaints the masked region from noise; less keeps some of it (default 1)")
     p.add_argument("--keep-unmasked", action="store_true",
                    help="paste the original pixels back outside the mask (the autoencoder alters them slightly)")
