@@ -23,8 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from latentdiff.formats.lora import save_safetensors_atomic
-from latentdiff.formats.weights import safe_torch_load
+from latentdiff.formats.weights import safe_torch_load, save_safetensors_atomic
 from latentdiff.io.errors import CheckpointError
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")

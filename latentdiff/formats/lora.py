@@ -32,13 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from latentdiff.diffusion.unet import UNetConfig
 from latentdiff.formats.components import StableDiffusionComponents
 from latentdiff.formats.diffusers_names import unet_key_map
-from latentdiff.formats.weights import plain_tensors, read_state_dict
-from latentdiff.io.atomic import atomic_path
+from latentdiff.formats.weights import read_state_dict, save_safetensors_atomic
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.lora import LoRALayer, lora_delta
 
@@ -107,13 +105,6 @@ def _external_names(lora: LoRAWeights, unet_config: UNetConfig) -> dict[tuple[st
         names["unet", name] = unet_paths[name]
     names.update({("text_encoder", name): name for name in lora.text_encoder})
     return names
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """Write ``tensors`` to a temporary name beside ``path``, then rename it (nothing half-written is left)."""
-    with atomic_path(path) as temp:
-        save_file(plain_tensors(tensors), str(temp), metadata={"format": "pt", **metadata})
-    return path
 
 
 def write_lora(lora: LoRAWeights, unet_config: UNetConfig, path: str | Path, format: str) -> Path:
@@ -267,4 +258,4 @@ def unload_lora(comps: StableDiffusionComponents, handle: LoRAHandle) -> StableD
 
 __all__ = ["KOHYA_FILE", "LORA_FORMATS", "PEFT_FILE", "LoRAHandle", "LoRAPair", "LoRAWeights",
            "apply_lora_to_components", "load_lora", "lora_file_format", "lora_from_layers", "merge_lora", "read_lora",
-           "save_safetensors_atomic", "unload_lora", "write_lora"]
+           "unload_lora", "write_lora"]

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
+from latentdiff.io.atomic import atomic_path
 from latentdiff.io.errors import CheckpointError
 from latentdiff.io.state import check_weights, torch_load_weights_only
 
@@ -99,3 +100,11 @@ def plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 seen.add(storage)
         out[key] = tensor
     return out
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` (``plain_tensors``) to a temporary name beside ``path``, then rename it (nothing
+    half-written is left)."""
+    with atomic_path(path) as temp:
+        save_file(plain_tensors(tensors), str(temp), metadata={"format": "pt", **metadata})
+    return path
