@@ -16,6 +16,7 @@ from latentdiff.autoencoder.distributions import DiagonalGaussian
 from latentdiff.autoencoder.quantize import VectorQuantizer
 from latentdiff.config import check_ranges
 from latentdiff.nn.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
+from latentdiff.nn.onednn import Conv2d
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Encoder(nn.Module):
                  norm_groups: int = 32) -> None:
         super().__init__()
         self.num_resolutions = len(ch_mult)
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
         in_ch_mult = (1, *ch_mult)
         curr_res = resolution
         self.down = nn.ModuleList()
@@ -98,7 +99,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in, norm_groups)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, num_groups=norm_groups)
         self.norm_out = Normalize(block_in, norm_groups)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -124,7 +125,7 @@ class Decoder(nn.Module):
         self.tanh_out = tanh_out
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, num_groups=norm_groups)
         self.mid.attn_1 = AttnBlock(block_in, norm_groups)
@@ -146,7 +147,7 @@ class Decoder(nn.Module):
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
         self.norm_out = Normalize(block_in, norm_groups)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+        self.conv_out = Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor, residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``residuals``: optional features added after each level's blocks (``residuals[level]`` has that level's
@@ -188,7 +189,7 @@ class MaskConditionedDecoder(nn.Module):
         self.decoder = Decoder(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                                attn_resolutions=attn_resolutions, resolution=resolution, z_channels=z_channels,
                                dropout=dropout, resamp_with_conv=resamp_with_conv, norm_groups=norm_groups)
-        self.cond_in = nn.Conv2d(in_channels + 1, ch, 3, padding=1)
+        self.cond_in = Conv2d(in_channels + 1, ch, 3, padding=1)
         self.cond_down = nn.ModuleList()
         self.cond_out = nn.ModuleList()
         block_in = ch
@@ -199,7 +200,7 @@ class MaskConditionedDecoder(nn.Module):
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(block_in, resamp_with_conv)
             self.cond_down.append(stage)
-            out = nn.Conv2d(block_in, block_in, 1)
+            out = Conv2d(block_in, block_in, 1)
             nn.init.zeros_(out.weight)
             nn.init.zeros_(out.bias)
             self.cond_out.append(out)
@@ -245,13 +246,13 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(out_ch=c.out_ch, **arch)
         z_out = 2 * c.z_channels if c.double_z else c.z_channels
         if c.regularizer == "kl":
-            self.quant_conv = nn.Conv2d(z_out, 2 * c.embed_dim, 1)
+            self.quant_conv = Conv2d(z_out, 2 * c.embed_dim, 1)
         else:
-            self.quant_conv = nn.Conv2d(z_out, c.embed_dim, 1)
+            self.quant_conv = Conv2d(z_out, c.embed_dim, 1)
             self.quantize = VectorQuantizer(c.n_embed, c.embed_dim, beta=c.beta, ema=c.ema, ema_decay=c.ema_decay,
                                             restart_dead_codes=c.restart_dead_codes,
                                             dead_code_threshold=c.dead_code_threshold, restart_every=c.restart_every)
-        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
+        self.post_quant_conv = Conv2d(c.embed_dim, c.z_channels, 1)
         if c.mask_decoder:
             self.mask_decoder = MaskConditionedDecoder(out_ch=c.out_ch, in_channels=c.in_channels, **arch)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from latentdiff.io.errors import CheckpointError
 from latentdiff.io.state import load_state_strict
+from latentdiff.nn.onednn import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``mask`` None is plain causal attention; else a boolean (B, 1, L, L) from ``causal_attention_mask``."""
@@ -171,8 +172,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, width: int, hidden: int, activation: str) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
         self.activation = quick_gelu if activation == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.nn.onednn import Linear
+
 logger = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
@@ -145,11 +147,11 @@ class TextBlock(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_ratio * width, width))
+        self.mlp = nn.Sequential(Linear(width, mlp_ratio * width), nn.GELU(), nn.Dropout(dropout),
+                                 Linear(mlp_ratio * width, width))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, length, width = x.shape

@@ -22,6 +22,7 @@ from torch import nn
 from latentdiff.config import check_ranges
 from latentdiff.nn.attention import attention
 from latentdiff.nn.embeddings import timestep_embedding
+from latentdiff.nn.onednn import Conv2d, Linear
 from latentdiff.nn.transformer import SpatialTransformer
 
 
@@ -161,7 +162,7 @@ class Downsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op = Conv2d(channels, out_channels, 3, stride=2, padding=1)
         elif out_channels != channels:
             raise ValueError("average-pool downsampling cannot change the channel count")
         else:
@@ -179,7 +180,7 @@ class Upsample(nn.Module):
         out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+            self.conv = Conv2d(channels, out_channels, 3, padding=1)
         elif out_channels != channels:
             raise ValueError("upsampling without a conv cannot change the channel count")
 
@@ -205,7 +206,7 @@ class ResBlock(TimestepBlock):
         self.channels, self.out_channels = channels, out_channels
         self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -214,13 +215,13 @@ class ResBlock(TimestepBlock):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+            nn.SiLU(), Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
         self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
-                                        _zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+                                        _zero_(Conv2d(out_channels, out_channels, 3, padding=1)))
         if out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
@@ -299,12 +300,12 @@ class UNetModel(nn.Module):
                                           use_linear=cfg.use_linear_in_transformer, use_checkpoint=cfg.use_checkpoint)
             return AttentionBlock(ch, heads, use_checkpoint=cfg.use_checkpoint)
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, time_embed_dim), nn.SiLU(),
-                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.time_embed = nn.Sequential(Linear(mc, time_embed_dim), nn.SiLU(),
+                                        Linear(time_embed_dim, time_embed_dim))
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes, time_embed_dim)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]  # channels of every input block's output, consumed in reverse by the decoder
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -339,7 +340,7 @@ class UNetModel(nn.Module):
 
         # ch == model_channels * channel_mult[0]; CompVis writes model_channels, which is the same for every
         # published config (channel_mult[0] == 1) but breaks for any other first multiplier.
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), _zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), _zero_(Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
     def _attention_heads(self, ch: int) -> tuple[int, int]:
         """(heads, head width) of an attention layer on ``ch`` channels, by CompVis' rules."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.nn.attention import attention
+from latentdiff.nn.onednn import Conv2d, Linear
 
 
 def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -30,14 +31,14 @@ class ResnetBlock(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = Normalize(in_channels, num_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels > 0:
-            self.temb_proj = nn.Linear(temb_channels, out_channels)
+            self.temb_proj = Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -55,10 +56,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, num_groups: int = 32) -> None:
         super().__init__()
         self.norm = Normalize(channels, num_groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -80,7 +81,7 @@ class Downsample(nn.Module):
         if with_conv:
             # The original pads only right and bottom, then convolves without padding; keeping that
             # exact arithmetic is what makes Stable Diffusion's VAE weights reproduce its latents.
-            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+            self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_conv:
@@ -95,7 +96,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -14,6 +14,7 @@ from torch import nn
 
 from latentdiff.nn.attention import attention
 from latentdiff.nn.layers import Normalize
+from latentdiff.nn.onednn import Conv2d, Linear
 
 
 class CrossAttention(nn.Module):
@@ -29,10 +30,10 @@ class CrossAttention(nn.Module):
         context_dim = query_dim if not context_dim else context_dim
         self.heads, self.dim_head = heads, dim_head
         self.query_dim, self.context_dim = query_dim, context_dim
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +67,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -81,8 +82,8 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = int(dim * mult)
         dim_out = dim if dim_out is None else dim_out
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner_dim, dim_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -135,17 +136,17 @@ class SpatialTransformer(nn.Module):
         # CompVis normalises here with the first stage's GroupNorm (eps 1e-6), not the UNet's GroupNorm32.
         self.norm = Normalize(in_channels)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_in = Linear(in_channels, inner_dim)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, heads, dim_head, dropout, context_dim, use_checkpoint=use_checkpoint)
             for _ in range(depth)
         )
         if use_linear:
-            self.proj_out = nn.Linear(inner_dim, in_channels)
+            self.proj_out = Linear(inner_dim, in_channels)
         else:
-            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+            self.proj_out = Conv2d(inner_dim, in_channels, kernel_size=1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 

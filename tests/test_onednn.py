@@ -1,0 +1,159 @@
+"""The oneDNN inference path of ``latentdiff.nn.onednn``: same numbers as PyTorch's plain layers, taken only where
+no gradient is needed, and a packed weight that follows every change of the weight."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from latentdiff.diffusion.unet import UNetConfig, UNetModel
+from latentdiff.nn.onednn import Conv2d, Linear, onednn_active, onednn_kernels
+
+pytestmark = pytest.mark.skipif(not onednn_active(), reason="this PyTorch has no oneDNN, or LATENTDIFF_ONEDNN=0")
+
+CONVS = [  # (in, out, kernel, stride, padding, dilation, groups, bias)
+    (8, 16, 3, 1, 1, 1, 1, True),
+    (8, 16, 3, 2, 0, 1, 1, True),
+    (8, 8, 1, 1, 0, 1, 1, False),
+    (8, 16, 3, 1, 2, 2, 4, True),
+    (4, 12, (3, 1), (2, 1), (1, 0), 1, 1, True),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def _ops(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("spec", CONVS)
+def test_conv_matches_plain_convolution(spec) -> None:
+    cin, cout, k, stride, pad, dil, groups, bias = spec
+    torch.manual_seed(0)
+    conv = Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias).eval()
+    x = torch.randn(2, cin, 11, 9)
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight, conv.bias, stride, pad, dil, groups)
+    with torch.inference_mode():
+        got = conv(x)
+        got_strided = conv(torch.randn(2, cin, 22, 9)[:, :, ::2])  # another shape, a non-contiguous input
+    assert got.shape == want.shape and _rel(got, want) < 1e-5
+    assert got_strided.shape[2:] == want.shape[2:]
+    assert "mkldnn::_convolution_pointwise" in _ops(lambda: conv.requires_grad_(False)(x))
+
+
+def test_linear_matches_plain_linear_on_any_leading_shape() -> None:
+    torch.manual_seed(0)
+    lin = Linear(24, 40).requires_grad_(False)
+    for x in (torch.randn(5, 24), torch.randn(2, 7, 24), torch.randn(2, 24, 7).transpose(1, 2)):
+        with torch.no_grad():
+            assert _rel(lin(x), F.linear(x, lin.weight, lin.bias)) < 1e-5
+    assert "mkldnn::_linear_pointwise" in _ops(lambda: lin(torch.randn(3, 24)))
+
+
+def test_bfloat16_stays_close_to_float32() -> None:
+    torch.manual_seed(0)
+    conv, lin = Conv2d(16, 32, 3, padding=1).eval(), Linear(32, 48).eval()
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        want = lin(conv(x).permute(0, 2, 3, 1))
+    conv, lin = conv.to(torch.bfloat16), lin.to(torch.bfloat16)
+    with torch.inference_mode():
+        got = lin(conv(x.bfloat16()).permute(0, 2, 3, 1))
+    assert got.dtype is torch.bfloat16 and _rel(got, want) < 2e-2
+
+
+def test_the_packed_weight_follows_every_change_of_the_weight() -> None:
+    torch.manual_seed(0)
+    conv = Conv2d(6, 6, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 6, 8, 8)
+    with torch.inference_mode():
+        conv(x)
+    first = conv.__dict__["_onednn_packed"][1]
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)  # in place: the version counter moves
+        assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+        conv.load_state_dict({"weight": torch.randn(6, 6, 3, 3), "bias": torch.zeros(6)})
+        assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+        conv.weight = torch.nn.Parameter(torch.randn(6, 6, 3, 3), requires_grad=False)  # a new tensor
+        assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+        assert conv.__dict__["_onednn_packed"][1] is not first
+        again = conv.__dict__["_onednn_packed"][1]
+        conv(x)
+        assert conv.__dict__["_onednn_packed"][1] is again  # unchanged weight: packed once
+
+
+def test_gradients_take_the_plain_path_and_stay_correct() -> None:
+    torch.manual_seed(0)
+    conv, lin = Conv2d(4, 4, 3, padding=1), Linear(4, 3)
+    x = torch.randn(2, 4, 5, 5)
+    y = lin(conv(x).mean((2, 3)))
+    y.sum().backward()
+    assert conv.weight.grad is not None and lin.weight.grad is not None
+    assert "_onednn_packed" not in conv.__dict__
+    frozen = Conv2d(4, 4, 3, padding=1).requires_grad_(False)  # a frozen layer inside a differentiated graph
+    xg = torch.randn(2, 4, 5, 5, requires_grad=True)
+    frozen(xg).sum().backward()
+    assert xg.grad is not None and "_onednn_packed" not in frozen.__dict__
+
+
+def test_switches_copies_and_dtype_changes() -> None:
+    torch.manual_seed(0)
+    conv = Conv2d(3, 5, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        with onednn_kernels(False):
+            assert "mkldnn::_convolution_pointwise" not in _ops(lambda: conv(x))
+        with onednn_kernels(True, pack=False):
+            conv(x)
+            assert "_onednn_packed" not in conv.__dict__
+        want = conv(x)
+        assert "_onednn_packed" in conv.__dict__
+        twin = copy.deepcopy(conv)
+        assert torch.equal(twin(x), want)
+        assert torch.equal(pickle.loads(pickle.dumps(conv))(x), want)
+        half = conv.to(torch.bfloat16)
+        assert "_onednn_packed" not in half.__dict__
+        assert _rel(half(x.bfloat16()), want) < 2e-2
+
+
+def test_state_dict_names_are_torch_nn_ones() -> None:
+    ours, theirs = Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert isinstance(ours, torch.nn.Conv2d) and isinstance(Linear(2, 2), torch.nn.Linear)
+
+
+def test_unet_forward_matches_the_plain_kernels() -> None:
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
+                     context_dim=16)
+    torch.manual_seed(0)
+    unet = UNetModel(cfg).eval().requires_grad_(False)
+    for p in unet.parameters():
+        if not p.any():
+            p.normal_(0, 0.05)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        with onednn_kernels(False):
+            want = unet(x, t, context=ctx)
+        got = unet(x, t, context=ctx)
+    assert _rel(got, want) < 1e-5
+
+
+def test_a_wrong_environment_setting_is_refused() -> None:
+    env = dict(os.environ, LATENTDIFF_ONEDNN="fast")
+    result = subprocess.run([sys.executable, "-c", "import latentdiff.nn.onednn"], env=env, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode != 0
+    assert "LATENTDIFF_ONEDNN must be 1" in result.stderr and "not 'fast'" in result.stderr
