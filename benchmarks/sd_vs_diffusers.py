@@ -62,6 +62,10 @@ from typing import Any
 import torch
 
 PHASES = ("unet", "vae", "text", "txt2img")
+# our kernel settings (LATENTDIFF_ONEDNN, latentdiff/nn/onednn.py): PyTorch's plain kernels, oneDNN on the weights as
+# they are, oneDNN with convolution weights packed once (the default)
+KERNELS = {"plain": "0", "nopack": "nopack", "onednn": "1"}
+LAYOUTS = ("contiguous", "channels_last")  # diffusers' memory formats
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEEDS = {"unet": 1, "vae": 2, "text": 3, "inputs": 4}
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -225,7 +229,8 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, salt: int) -> torch.Tens
     return torch.randn(shape, generator=torch.Generator().manual_seed(SEEDS["inputs"] + salt)).to(dtype)
 
 
-def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir: Path) -> tuple[Any, Any]:
+def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir: Path,
+             channels_last: bool) -> tuple[Any, Any]:
     """(run(steps) -> images, modules) for a whole text-to-image call."""
     if impl == "ours":
         from latentdiff.conditioning.tokenizer import CLIPTokenizer
@@ -250,6 +255,9 @@ def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)), unet=build_theirs("unet", tiny),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(dtype=dtype)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
 
     def run(steps: int) -> torch.Tensor:
@@ -262,15 +270,19 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     """(run, warm_up, modules) of one phase; ``run()`` returns the output tensor."""
     impl, phase, size, tiny = spec["impl"], spec["phase"], spec["size"], spec["tiny"]
     dtype = DTYPES[spec["dtype"]]
+    channels_last = spec["variant"] == "channels_last"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     unet_config, _, clip_config = configs(tiny)
     if phase == "txt2img":
-        run_steps, modules = _txt2img(impl, size, dtype, tiny, Path(spec["tokenizer"]))
+        run_steps, modules = _txt2img(impl, size, dtype, tiny, Path(spec["tokenizer"]), channels_last)
         return (lambda: run_steps(spec["steps"])), (lambda: run_steps(1)), modules
     build = build_ours if impl == "ours" else build_theirs
     module = build(phase, tiny).to(dtype)
+    if phase in ("unet", "vae"):
+        module = module.to(memory_format=layout)
     if phase == "unet":
         latent = size // 8
-        x = _inputs((2, 4, latent, latent), dtype, 0)
+        x = _inputs((2, 4, latent, latent), dtype, 0).contiguous(memory_format=layout)
         t = torch.tensor([500.0, 500.0])
         context = _inputs((2, 77, unet_config.context_dim), dtype, 1)
         if impl == "ours":
@@ -280,7 +292,7 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
             def run() -> torch.Tensor:
                 return module(x, t, encoder_hidden_states=context).sample
     elif phase == "vae":
-        z = _inputs((1, 4, size // 8, size // 8), dtype, 2)
+        z = _inputs((1, 4, size // 8, size // 8), dtype, 2).contiguous(memory_format=layout)
         if impl == "ours":
             def run() -> torch.Tensor:
                 return module.decode(z)
@@ -305,7 +317,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         run, warm_up, modules = phase_function(spec)
         reset = reset_peak()
         before = rss_mb()
+        start = time.perf_counter()
         warm_up()
+        first = time.perf_counter() - start
         times = []
         for _ in range(spec["repeats"]):
             start = time.perf_counter()
@@ -315,7 +329,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     values = out.float().flatten()
     index = torch.linspace(0, values.numel() - 1, min(PROBE_VALUES, values.numel())).long()
     del modules
-    return {**spec, "times_s": times, "median_s": statistics.median(times), "peak_mb": peak, "rss_before_mb": before,
+    return {**spec, "times_s": times, "median_s": statistics.median(times), "first_s": first, "peak_mb": peak,
+            "rss_before_mb": before,
             "peak_reset": reset, "probe": values[index].tolist(), "output_shape": list(out.shape)}
 
 
@@ -324,6 +339,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if spec["impl"] == "ours":
+        env["LATENTDIFF_ONEDNN"] = KERNELS[spec["variant"]]
     proc = subprocess.run([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
@@ -360,19 +377,25 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> float:
 
 
 def table(results: list[dict[str, Any]], steps: int) -> str:
-    lines = ["| phase | dtype | ours (s) | diffusers (s) | ours/diffusers | peak MB ours / diffusers "
-             "| phase +MB ours / diffusers | max rel. diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for ours, theirs in zip(results[::2], results[1::2], strict=True):
-        name = label(ours["phase"], ours["size"], steps)
-        if "error" in ours or "error" in theirs:
-            lines.append(f"| {name} | {ours['dtype']} | {ours.get('error', 'ok')} | {theirs.get('error', 'ok')} "
-                         "| | | | |")
-            continue
-        o, t = ours["median_s"], theirs["median_s"]
-        grow_o, grow_t = ours["peak_mb"] - ours["rss_before_mb"], theirs["peak_mb"] - theirs["rss_before_mb"]
-        lines.append(f"| {name} | {ours['dtype']} | {o:.4f} | {t:.4f} | {o / t:.2f} | {ours['peak_mb']:.0f} / "
-                     f"{theirs['peak_mb']:.0f} | {grow_o:.0f} / {grow_t:.0f} | {compare(ours, theirs):.1e} |")
+    """One row per measurement; each of ours is compared with diffusers' fastest layout of the same phase."""
+    lines = ["| phase | dtype | side: setting | seconds | first call (s) | / best diffusers | peak MB | phase +MB "
+             "| max rel. diff |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["dtype"], r["phase"], r["size"]), []).append(r)
+    for (dtype, phase, size), rows in groups.items():
+        theirs = [r for r in rows if r["impl"] == "diffusers" and "error" not in r]
+        best = min(theirs, key=lambda r: r["median_s"]) if theirs else None
+        for r in rows:
+            cells = [label(phase, size, steps), dtype, f"{r['impl']}: {r['variant']}"]
+            if "error" in r:
+                lines.append("| " + " | ".join(cells + [r["error"], "", "", "", "", ""]) + " |")
+                continue
+            ratio = f"{r['median_s'] / best['median_s']:.2f}" if best else ""
+            diff = f"{compare(r, best):.1e}" if best and r is not best else ""
+            cells += [f"{r['median_s']:.3f}", f"{r['first_s']:.3f}", ratio, f"{r['peak_mb']:.0f}",
+                      f"{r['peak_mb'] - r['rss_before_mb']:.0f}", diff]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -405,6 +428,11 @@ def main() -> None:
     parser.add_argument("--txt2img-size", type=int, default=None, help="txt2img image side (default: first size)")
     parser.add_argument("--txt2img-repeats", type=int, default=1, help="timed txt2img runs after a 1-step warm-up")
     parser.add_argument("--tiny", action="store_true", help="small SD-structured models: a smoke run in seconds")
+    parser.add_argument("--ours", nargs="+", choices=list(KERNELS), default=["onednn"],
+                        help="our kernel settings to measure (default: the shipped one, onednn); 'plain nopack "
+                             "onednn' gives the waterfall")
+    parser.add_argument("--theirs", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                        help="diffusers' memory formats to measure; ratios use the fastest (default: both)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -422,14 +450,16 @@ def main() -> None:
         tokenizer = write_tokenizer(Path(tmp) / "tokenizer") if "txt2img" in args.phases else None
         for dtype in dtypes:
             for phase, size in plan(args):
-                for impl in ("ours", "diffusers"):
-                    spec = {"impl": impl, "phase": phase, "size": size, "dtype": dtype, "tiny": args.tiny,
+                for impl, variant in [("ours", v) for v in args.ours] + [("diffusers", v) for v in args.theirs]:
+                    spec = {"impl": impl, "variant": variant, "phase": phase, "size": size, "dtype": dtype,
+                            "tiny": args.tiny,
                             "threads": args.threads, "steps": args.steps, "tokenizer": str(tokenizer),
                             "repeats": args.txt2img_repeats if phase == "txt2img" else args.repeats}
                     result = run_worker(spec, args.threads)
                     results.append(result)
                     status = result.get("error") or f"{result['median_s']:.4f} s, peak {result['peak_mb']:.0f} MB"
-                    print(f"  {impl:>9} {dtype} {label(phase, size, args.steps)}: {status}", file=sys.stderr,
+                    print(f"  {impl:>9} {variant:>13} {dtype} {label(phase, size, args.steps)}: {status}",
+                          file=sys.stderr,
                           flush=True)
                     if args.json:  # after every measurement, so that a run cut short keeps what it measured
                         write_json(args, info, results)
