@@ -64,7 +64,8 @@ import torch
 PHASES = ("unet", "vae", "text", "txt2img")
 # our kernel settings (LATENTDIFF_ONEDNN, latentdiff/nn/onednn.py): PyTorch's plain kernels, oneDNN on the weights as
 # they are, oneDNN with convolution weights packed once (the default)
-KERNELS = {"plain": "0", "nopack": "nopack", "onednn": "1"}
+KERNELS = {"plain": "0", "nopack": "nopack", "onednn": "1", "deepcache3": "1"}
+# deepcache3 (txt2img only): the default kernels with DeepCache, the whole UNet every third step (an approximation)
 LAYOUTS = ("contiguous", "channels_last")  # diffusers' memory formats
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEEDS = {"unet": 1, "vae": 2, "text": 3, "inputs": 4}
@@ -230,7 +231,7 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, salt: int) -> torch.Tens
 
 
 def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir: Path,
-             channels_last: bool) -> tuple[Any, Any]:
+             variant: str) -> tuple[Any, Any]:
     """(run(steps) -> images, modules) for a whole text-to-image call."""
     if impl == "ours":
         from latentdiff.conditioning.tokenizer import CLIPTokenizer
@@ -239,9 +240,11 @@ def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir
         pipe = StableDiffusionPipeline(build_ours("unet", tiny), build_ours("vae", tiny), build_ours("text", tiny),
                                        CLIPTokenizer(tokenizer_dir), dtype=dtype, image_size=size)
 
+        options = {"deep_cache": 3} if variant == "deepcache3" else None
+
         def run(steps: int) -> torch.Tensor:
             return pipe.text_to_image(PROMPT, steps=steps, sampler="ddim", guidance_scale=GUIDANCE, generator=0,
-                                      height=size, width=size, progress=False).images
+                                      height=size, width=size, progress=False, sampler_options=options).images
         return run, pipe
     import diffusers
     import transformers
@@ -255,7 +258,7 @@ def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)), unet=build_theirs("unet", tiny),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(dtype=dtype)
-    if channels_last:
+    if variant == "channels_last":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
@@ -274,7 +277,7 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     layout = torch.channels_last if channels_last else torch.contiguous_format
     unet_config, _, clip_config = configs(tiny)
     if phase == "txt2img":
-        run_steps, modules = _txt2img(impl, size, dtype, tiny, Path(spec["tokenizer"]), channels_last)
+        run_steps, modules = _txt2img(impl, size, dtype, tiny, Path(spec["tokenizer"]), spec["variant"])
         return (lambda: run_steps(spec["steps"])), (lambda: run_steps(1)), modules
     build = build_ours if impl == "ours" else build_theirs
     module = build(phase, tiny).to(dtype)
@@ -451,6 +454,8 @@ def main() -> None:
         for dtype in dtypes:
             for phase, size in plan(args):
                 for impl, variant in [("ours", v) for v in args.ours] + [("diffusers", v) for v in args.theirs]:
+                    if variant == "deepcache3" and phase != "txt2img":
+                        continue
                     spec = {"impl": impl, "variant": variant, "phase": phase, "size": size, "dtype": dtype,
                             "tiny": args.tiny,
                             "threads": args.threads, "steps": args.steps, "tokenizer": str(tokenizer),

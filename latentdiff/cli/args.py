@@ -88,7 +88,7 @@ RECHECKED = {"n": ("-n", image_count), "steps": ("--steps", step_count), "batch_
              "seed": ("--seed", seed), "subseed": ("--subseed", seed),
              "subseed_strength": ("--subseed-strength", probability), "strength": ("--strength", strength),
              "height": ("--height", positive_int), "width": ("--width", positive_int),
-             "clip_skip": ("--clip-skip", positive_int)}
+             "clip_skip": ("--clip-skip", positive_int), "deep_cache": ("--deep-cache", positive_int)}
 
 
 def recheck_numbers(args: argparse.Namespace) -> None:

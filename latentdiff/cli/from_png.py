@@ -20,7 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # What `--from-png` takes from the PNG's record, unless given on the command line (those the verb has).
 FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
                       "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip",
-                      "subseed", "subseed_strength", "strength", "keep_unmasked", "no_mask_decoder", "batch_size")
+                      "subseed", "subseed_strength", "strength", "keep_unmasked", "no_mask_decoder", "batch_size",
+                      "deep_cache")
 
 def find_recorded(name: str | None, accept=lambda path: path.exists()) -> str | None:
     """A file a PNG names (a model, LoRA or embedding), looked for here, in models/ and among the bundled models."""

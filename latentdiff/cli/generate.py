@@ -45,6 +45,7 @@ DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # The options besides the shared ones that change a verb's image, recorded with it.
 _VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
+_RECORDED_WHEN_SET = ("deep_cache",)  # approximations: in the record only when used
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -228,6 +229,7 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
               "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
               "inputs": input_hashes(inputs), **model_identity(args.model)}
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
+    record.update({name: getattr(args, name) for name in _RECORDED_WHEN_SET if getattr(args, name, None)})
     if args.n > args.batch_size:  # recorded only when it splits the run: the later batches depend on it
         record["batch_size"] = args.batch_size
     if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings
@@ -255,6 +257,8 @@ def _common(args: argparse.Namespace, pipe) -> dict:
     if args.guidance_rescale:
         # CFG rescale is an option of the sampling core (``sampling.denoise``), reached through sampler_options.
         common["sampler_options"] = {"guidance_rescale": args.guidance_rescale}
+    if args.deep_cache:  # the pipelines run the sampling inside latentdiff.diffusion.deepcache.deep_cache
+        common.setdefault("sampler_options", {})["deep_cache"] = args.deep_cache
     levels = {"spacing": getattr(args, "spacing", None), "sigma_ramp": getattr(args, "sigma_ramp", None)}
     if any(levels.values()) or resolve_sampler(args.sampler)[1]:
         if isinstance(pipe, LatentDiffusionPipeline):
@@ -367,6 +371,10 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                         "conditional one's, as diffusers' guidance_rescale (0.7 in the paper; default 0: off)")
     p.add_argument("--steps", type=checked.step_count, default=25, help="sampler steps (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {sampler_names} (default dpmpp_2m)")
+    p.add_argument("--deep-cache", type=checked.positive_int, default=None, metavar="N",
+                   help="DeepCache: run the whole UNet every N-th step and only its outermost blocks in between, "
+                        "on the deep features kept from the last full step (faster, approximate; N=3 is "
+                        "DeepCache's usual setting; default: off, the exact model)")
     p.add_argument("--seed", type=checked.seed, default=0,
                    help="the same seed gives the same image on any device (default 0)")
     p.add_argument("--subseed", type=checked.seed, default=None, metavar="N",

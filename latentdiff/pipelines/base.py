@@ -15,14 +15,17 @@ import logging
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from latentdiff.diffusion.deepcache import deep_cache
 from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import Callback, Denoiser, get_sampler
 from latentdiff.diffusion.sampling import KnownRegion, denoise
+from latentdiff.diffusion.unet import UNetModel
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.images import to_pil_images
 from latentdiff.pipelines.variation import Variation
@@ -50,7 +53,9 @@ class PipelineOutput:
 @dataclass(frozen=True)
 class SamplingOptions:
     """How one pipeline call samples, besides its conditioning: the sampler and its options (those of the sampling
-    core too: ``{"guidance_rescale": 0.7}`` is CFG rescale, ``sampling.denoise``), the generator, the
+    core too: ``{"guidance_rescale": 0.7}`` is CFG rescale, ``sampling.denoise``; ``{"deep_cache": 3}`` runs the
+    UNet in full every third step and reuses its deep features in between, with ``"deep_cache_branch"`` (default
+    0) the shallow blocks that still run, ``latentdiff.diffusion.deepcache``), the generator, the
     progress callback and bar (None: tqdm's default), the starting noise's prior (``sampling.initial_noise_scale``)
     and the denoiser when it depends on the sampler (None: ``sampling_denoiser()``), and the variation mixed into the
     initial noise (``latentdiff.pipelines.variation``; None: none)."""
@@ -130,13 +135,16 @@ class PipelineBase(ABC):
                  uncond: dict[str, torch.Tensor] | None, guidance_scale: float, run: SamplingOptions,
                  init: torch.Tensor | None = None, known: KnownRegion | None = None) -> torch.Tensor:
         """The latent at sigmas[-1] from ``noise`` (or ``init`` noised), guided against ``uncond`` when given."""
-        with attention_slicing(self.attention_slice):
-            return denoise(run.denoiser or self.sampling_denoiser(), sigmas.to(self.device), noise,
+        options = dict(run.sampler_options or {})
+        denoiser = run.denoiser or self.sampling_denoiser()
+        caching = _deep_cached(denoiser, options.pop("deep_cache", None), options.pop("deep_cache_branch", 0))
+        with attention_slicing(self.attention_slice), caching:
+            return denoise(denoiser, sigmas.to(self.device), noise,
                            sampler=run.sampler, init=init, prior=run.prior, extra_args=cond, uncond=uncond,
                            guidance_scale=guidance_scale,
                            step_wrapper=None if known is None else known.wrap, generator=run.generator,
                            callback=run.callback, disable=None if run.progress is None else not run.progress,
-                           **(run.sampler_options or {}))
+                           **options)
 
     def _inpaint_latents(self, sigmas: torch.Tensor, noise: torch.Tensor, image_latents: torch.Tensor | None,
                          repaint: torch.Tensor, reimpose: bool, cond: dict[str, torch.Tensor],
@@ -155,6 +163,17 @@ class PipelineBase(ABC):
     def _keep_unmasked(images: torch.Tensor, masks: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """The generated pixels where ``masks`` is 1 (repaint), the original ``pixels`` elsewhere."""
         return masks * images + (1 - masks) * pixels
+
+
+def _deep_cached(denoiser: Denoiser, interval: int | None, branch: int) -> AbstractContextManager:
+    """DeepCache around one sampling run when ``interval`` is set (None or 0: the exact model)."""
+    if not interval:
+        return nullcontext()
+    modules = denoiser.modules() if isinstance(denoiser, torch.nn.Module) else ()
+    unet = next((m for m in modules if isinstance(m, UNetModel)), None)
+    if unet is None:
+        raise ValueError("deep_cache needs a UNet denoiser; this pipeline's is not one")
+    return deep_cache(unet, interval, branch)
 
 
 __all__ = ["Generator", "PipelineBase", "PipelineOutput", "SamplingOptions", "as_generator", "per_image", "prompt_list"]
