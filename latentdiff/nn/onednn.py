@@ -102,11 +102,11 @@ class Conv2d(nn.Conv2d):
         return super().forward(x)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight in oneDNN's layout, packed again only when the weight tensor or its contents changed
-        (tensors made under inference mode have no version counter: they are used as they are)."""
+        """The weight in oneDNN's layout, packed again only when the weight tensor or its contents changed.
+        Weights made under ``torch.inference_mode`` have no version counter to tell a change: they are used as
+        they are, unpacked (build models outside it, as the pipelines do, and run them inside it)."""
         w = self.weight
         if w.is_inference() or not _PACK.get():
-            self.__dict__.pop(_CACHE, None)
             return w
         key = (w.data_ptr(), w._version, w.dtype)
         cached = self.__dict__.get(_CACHE)

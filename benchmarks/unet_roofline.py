@@ -1,0 +1,154 @@
+"""Where SD v1.5's UNet step spends its time on this CPU, against what the hardware allows.
+
+Three tables:
+
+1. **Work**: the floating-point operations of one UNet step (batch 2, as with classifier-free guidance) by kind:
+   convolutions, linears (the transformers' projections and MLPs), attention (the two products per head),
+   counted on the meta device from the layers' real shapes.
+2. **Peak**: the best rate this machine reaches on a large dense product (a 4096^3 matrix product and a 3x3
+   1280-channel convolution at 16x16, both through oneDNN), fp32 and bf16. Work / peak is a lower bound on the step
+   for any implementation that does the same arithmetic.
+3. **Profile**: one step of our UNet (random weights, ``latentdiff.nn.onednn``'s kernels as shipped, or
+   ``--plain`` for PyTorch's own) under ``torch.profiler``: seconds and GFLOP/s per kind.
+
+    python benchmarks/unet_roofline.py --size 512 --dtype fp32     # about a minute on 2 cores
+    python benchmarks/unet_roofline.py --size 512 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentdiff.diffusion.unet import UNetConfig, UNetModel  # noqa: E402
+from latentdiff.nn import transformer  # noqa: E402
+from latentdiff.nn.onednn import onednn_kernels  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KINDS = {  # profiler op names -> kind
+    "mkldnn::_convolution_pointwise": "conv", "aten::mkldnn_convolution": "conv",
+    "mkldnn::_linear_pointwise": "linear", "aten::addmm": "linear", "aten::mm": "linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::bmm": "attention",
+    "aten::baddbmm": "attention", "aten::_softmax": "attention",
+}
+
+
+def work(size: int) -> dict[str, float]:
+    """GFLOP of one CFG-batch UNet step by kind (2 per multiply-add)."""
+    with torch.device("meta"):
+        unet = UNetModel(UNetConfig.sd_v1())
+    flops = {"conv": 0.0, "linear": 0.0, "attention": 0.0}
+
+    def count(module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            flops["conv"] += 2 * out.numel() * module.in_channels // module.groups * kh * kw
+        else:
+            flops["linear"] += 2 * out.numel() * module.in_features
+
+    for module in unet.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.register_forward_hook(count)
+    attend = transformer.attention
+
+    def counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1, mask=None) -> torch.Tensor:
+        flops["attention"] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
+        return attend(q, k, v, heads, mask)
+
+    transformer.attention = counted
+    try:
+        latent = torch.zeros(2, 4, size // 8, size // 8, device="meta")
+        unet(latent, torch.zeros(2, device="meta"), context=torch.zeros(2, 77, 768, device="meta"))
+    finally:
+        transformer.attention = attend
+    return {k: v / 1e9 for k, v in flops.items()}
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak(dtype: torch.dtype) -> dict[str, float]:
+    """GFLOP/s of a 4096^3 matrix product and a 3x3 1280-channel convolution at 16x16 (batch 2), oneDNN."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(4096, 4096, generator=g).to(dtype), torch.randn(4096, 4096, generator=g).to(dtype)
+    conv = torch.randn(1280, 1280, 3, 3, generator=g).to(dtype)
+    x = torch.randn(2, 1280, 16, 16, generator=g).to(dtype)
+    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(conv.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+    with torch.inference_mode():
+        gemm = _best(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
+        conv_s = _best(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1,
+                                                                       "none", [], ""))
+        plain = _best(lambda: F.linear(a, w))
+    return {"matmul 4096^3 (oneDNN)": 2 * 4096 ** 3 / gemm / 1e9,
+            "matmul 4096^3 (F.linear)": 2 * 4096 ** 3 / plain / 1e9,
+            "conv 3x3 1280ch 16x16 (oneDNN, packed)": 2 * 2 * 16 * 16 * 1280 * 1280 * 9 / conv_s / 1e9}
+
+
+def step_profile(size: int, dtype: torch.dtype, plain: bool) -> tuple[float, dict[str, float]]:
+    """(wall seconds of one step, self-CPU seconds by kind) for our UNet with random weights."""
+    torch.manual_seed(0)
+    unet = UNetModel(UNetConfig.sd_v1()).eval().requires_grad_(False).to(dtype)
+    x = torch.randn(2, 4, size // 8, size // 8).to(dtype)
+    t, ctx = torch.tensor([500, 500]), torch.randn(2, 77, 768).to(dtype)
+    with torch.inference_mode(), onednn_kernels(not plain):
+        unet(x, t, context=ctx)  # warm-up: packs the convolution weights
+        start = time.perf_counter()
+        unet(x, t, context=ctx)
+        wall = time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            unet(x, t, context=ctx)
+    seconds: dict[str, float] = {"conv": 0.0, "linear": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        seconds[KINDS.get(event.key, "other")] += event.self_cpu_time_total / 1e6
+    return wall, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="image side (default 512: a 64x64 latent)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--plain", action="store_true", help="profile PyTorch's plain kernels (LATENTDIFF_ONEDNN=0)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    gflop = work(args.size)
+    total = sum(gflop.values())
+    rates = peak(dtype)
+    best = max(rates.values())
+    print(f"SD v1.5 UNet step, {args.size} px, batch 2, {args.dtype}, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    print("\n| kind | GFLOP | share |\n|---|---:|---:|")
+    for kind, value in gflop.items():
+        print(f"| {kind} | {value:.1f} | {value / total:.0%} |")
+    print(f"| total | {total:.1f} | |")
+    print("\n| dense product | GFLOP/s |\n|---|---:|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.0f} |")
+    print(f"\nlower bound at the best rate: {total / best:.2f} s per step")
+    wall, seconds = step_profile(args.size, dtype, args.plain)
+    print(f"\nour step ({'plain kernels' if args.plain else 'oneDNN kernels'}): {wall:.2f} s wall\n")
+    print("| kind | seconds (profiled) | GFLOP/s |\n|---|---:|---:|")
+    for kind, value in seconds.items():
+        rate = f"{gflop[kind] / value:.0f}" if kind in gflop and value > 0 else ""
+        print(f"| {kind} | {value:.2f} | {rate} |")
+
+
+if __name__ == "__main__":
+    main()
