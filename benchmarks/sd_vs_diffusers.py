@@ -24,8 +24,9 @@ the building does not count; the phase runs once to warm up (a 1-step call for t
 (``--txt2img-repeats`` for txt2img). Reported: the best and the median wall time (over ``--rounds`` fresh
 processes per side, the sides alternating, times ``--repeats``; ratios use the best, the steadiest figure on a
 shared machine), the peak RSS (``VmHWM``) over warm-up and repeats, and the growth of the peak above the RSS
-before the phase (its activations and workspace). Where the reset is not permitted the peak includes the building (the header says so). A column compares the two outputs (the
-largest difference over 512 sampled values, relative to the largest value): both sides computed the same thing.
+before the phase (its activations and workspace). Where the reset is not permitted the peak includes the building
+(the header says so). A column compares the two outputs (the largest difference over 512 sampled values, relative
+to the largest value): both sides computed the same thing.
 
 Command lines (from the repository root):
 
