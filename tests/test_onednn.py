@@ -4,10 +4,12 @@ no gradient is needed, and a packed weight that follows every change of the weig
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
+from latentdiff.nn import onednn
 from latentdiff.nn.onednn import Conv2d, Linear, onednn_active, onednn_kernels
 
 pytestmark = pytest.mark.skipif(not onednn_active(), reason="this PyTorch has no oneDNN, or LATENTDIFF_ONEDNN=0")
@@ -157,3 +160,26 @@ def test_a_wrong_environment_setting_is_refused() -> None:
                             text=True, check=False)
     assert result.returncode != 0
     assert "LATENTDIFF_ONEDNN must be 1" in result.stderr and "not 'fast'" in result.stderr
+
+
+def test_low_memory_keeps_weights_unpacked_and_says_so_once(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(onednn, "memory_available", lambda: 100 << 20)
+    monkeypatch.setattr(onednn, "_LOW_MEMORY_NOTED", [])
+    torch.manual_seed(0)
+    convs = [Conv2d(4, 4, 3, padding=1).requires_grad_(False) for _ in range(2)]
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="latentdiff.nn.onednn"):
+        for conv in convs:
+            assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+            assert conv.__dict__["_onednn_packed"][1] is None
+            conv(x)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "100 MB available" in warnings[0] and "stay unpacked" in warnings[0]
+
+
+def test_memory_available_reads_the_kernels_figure() -> None:
+    available = onednn.memory_available()
+    if not Path("/proc/meminfo").exists():
+        assert available is None
+    else:
+        assert available is not None and 0 < available < 1 << 50

@@ -9,7 +9,8 @@ float32 or bfloat16, they call oneDNN directly:
   reorder is what makes the small feature maps of a UNet's deep levels slow: on the 2-core AVX-512 machine a 3x3
   1280-channel convolution on 8x8 pixels runs at 90 GFLOP/s through ``F.conv2d`` and at 171 with the packed weight.
   The packed copy costs the memory of the weight once more (an in-place change of the weight, ``.to()``, a new
-  state dict or LoRA merge packs it again on the next call).
+  state dict or LoRA merge packs it again on the next call); where less than that plus 1 GiB is available
+  (``MemAvailable``), the weight stays unpacked and a warning says so once.
 - ``Linear`` calls oneDNN's matrix product instead of MKL's ``addmm`` (fp32: 145-211 GFLOP/s against 122-177 for
   the UNet's shapes), on the weight as it is, without a second copy.
 
@@ -22,6 +23,7 @@ not the packed copies, where memory matters more than time.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +42,21 @@ _PACK: ContextVar[bool] = ContextVar("latentdiff_onednn_pack", default=_SETTING 
 _AVAILABLE = torch.backends.mkldnn.is_available()
 _BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _CACHE = "_onednn_packed"
+_RESERVE = 1 << 30  # packing leaves at least this much memory available (bytes), besides the copy it makes
+_LOW_MEMORY_NOTED: list[bool] = []
+logger = logging.getLogger(__name__)
+
+
+def memory_available() -> int | None:
+    """Bytes the kernel reports available (``MemAvailable`` of /proc/meminfo); None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @contextmanager
@@ -112,11 +129,19 @@ class Conv2d(nn.Conv2d):
         cached = self.__dict__.get(_CACHE)
         if cached is None or cached[0] != key:
             self.__dict__[_CACHE] = None  # free the stale copy before making the new one
+            available = memory_available()
+            if available is not None and available < 2 * w.numel() * w.element_size() + _RESERVE:
+                if not _LOW_MEMORY_NOTED:
+                    _LOW_MEMORY_NOTED.append(True)
+                    logger.warning("little memory left (%d MB available): convolution weights stay unpacked from "
+                                   "here on (slower, no second copy)", available >> 20)
+                self.__dict__[_CACHE] = (key, None)  # decided for this weight: no re-check at every call
+                return w
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
             self.__dict__[_CACHE] = cached = (key, packed)
-        return cached[1]
+        return w if cached[1] is None else cached[1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Conv2d:
         self.__dict__.pop(_CACHE, None)  # .to(), .float(), .share_memory(): the packed copy would be stale
