@@ -54,7 +54,8 @@ def test_conv_matches_plain_convolution(spec) -> None:
         got_strided = conv(torch.randn(2, cin, 22, 9)[:, :, ::2])  # another shape, a non-contiguous input
     assert got.shape == want.shape and _rel(got, want) < 1e-5
     assert got_strided.shape[2:] == want.shape[2:]
-    assert "mkldnn::_convolution_pointwise" in _ops(lambda: conv.requires_grad_(False)(x))
+    conv.requires_grad_(False)
+    assert "mkldnn::_convolution_pointwise" in _ops(lambda: conv(x))
 
 
 def test_linear_matches_plain_linear_on_any_leading_shape() -> None:
@@ -105,6 +106,9 @@ def test_gradients_take_the_plain_path_and_stay_correct() -> None:
     y = lin(conv(x).mean((2, 3)))
     y.sum().backward()
     assert conv.weight.grad is not None and lin.weight.grad is not None
+    assert "_onednn_packed" not in conv.__dict__
+    with torch.no_grad():  # sampling between training steps: oneDNN, but no packed copy of a trainable weight
+        assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
     assert "_onednn_packed" not in conv.__dict__
     frozen = Conv2d(4, 4, 3, padding=1).requires_grad_(False)  # a frozen layer inside a differentiated graph
     xg = torch.randn(2, 4, 5, 5, requires_grad=True)

@@ -53,6 +53,7 @@ def _sample(args: argparse.Namespace) -> None:
     if args.n < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be at least 1")
     model = load_latent_diffusion(args.checkpoint, select_device(args.device), ema=not args.no_ema)
+    model.requires_grad_(False)  # sampling only: frozen weights are the ones the oneDNN kernels pack once
     mode, conditioner = model.config.conditioning, model.config.conditioner
     classes, prompts = args.classes or [], args.prompts or []
     has_text = conditioner is not None and conditioner.text_encoder != "none"

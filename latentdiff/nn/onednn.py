@@ -85,9 +85,9 @@ def _fast(x: torch.Tensor, params: tuple[torch.Tensor | None, ...]) -> bool:
         return False
     if x.layout is not torch.strided or x.numel() == 0:
         return False
-    for p in params:
-        if p is not None and (p.dtype is not x.dtype or p.device.type != "cpu" or not isinstance(p, torch.Tensor)
-                              or type(p) not in (torch.Tensor, nn.Parameter)):
+    for p in params:  # plain tensors only: subclasses (FSDP's, quantised ones) keep their own dispatch
+        if p is not None and (type(p) not in (torch.Tensor, nn.Parameter) or p.dtype is not x.dtype
+                              or p.device.type != "cpu"):
             return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return False
@@ -120,11 +120,12 @@ class Conv2d(nn.Conv2d):
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         """The weight in oneDNN's layout, packed again only when the weight tensor or its contents changed.
-        Weights made under ``torch.inference_mode`` have no version counter to tell a change: they are used as
-        they are, unpacked (build models outside it, as the pipelines do, and run them inside it)."""
+        Trainable weights (``requires_grad``, e.g. a model sampled between training steps) and weights made under
+        ``torch.inference_mode`` (no version counter to tell a change) are used as they are, unpacked: build
+        models outside inference mode and freeze them, as the pipelines do."""
         w = self.weight
-        if w.is_inference() or not _PACK.get():
-            return w
+        if w.is_inference() or w.requires_grad or not _PACK.get():
+            return w  # a trainable weight changes at every step: a packed copy would only hold memory
         key = (w.data_ptr(), w._version, w.dtype)
         cached = self.__dict__.get(_CACHE)
         if cached is None or cached[0] != key:
