@@ -107,8 +107,10 @@ def test_gradients_take_the_plain_path_and_stay_correct() -> None:
     y.sum().backward()
     assert conv.weight.grad is not None and lin.weight.grad is not None
     assert "_onednn_packed" not in conv.__dict__
-    with torch.no_grad():  # sampling between training steps: oneDNN, but no packed copy of a trainable weight
+    with torch.no_grad():  # sampling between training steps packs the weight ...
         assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+    assert "_onednn_packed" in conv.__dict__
+    conv(x).sum().backward()  # ... and the next training step lets the copy go
     assert "_onednn_packed" not in conv.__dict__
     frozen = Conv2d(4, 4, 3, padding=1).requires_grad_(False)  # a frozen layer inside a differentiated graph
     xg = torch.randn(2, 4, 5, 5, requires_grad=True)

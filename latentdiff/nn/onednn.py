@@ -116,16 +116,18 @@ class Conv2d(nn.Conv2d):
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 "none", [], "")
+        if torch.is_grad_enabled() and _CACHE in self.__dict__:
+            # training again (after sampling between steps): the weight will change, its packed copy only holds memory
+            del self.__dict__[_CACHE]
         return super().forward(x)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         """The weight in oneDNN's layout, packed again only when the weight tensor or its contents changed.
-        Trainable weights (``requires_grad``, e.g. a model sampled between training steps) and weights made under
-        ``torch.inference_mode`` (no version counter to tell a change) are used as they are, unpacked: build
-        models outside inference mode and freeze them, as the pipelines do."""
+        Weights made under ``torch.inference_mode`` have no version counter to tell a change: they are used as
+        they are, unpacked (build models outside it, as the pipelines do, and run them inside it)."""
         w = self.weight
-        if w.is_inference() or w.requires_grad or not _PACK.get():
-            return w  # a trainable weight changes at every step: a packed copy would only hold memory
+        if w.is_inference() or not _PACK.get():
+            return w
         key = (w.data_ptr(), w._version, w.dtype)
         cached = self.__dict__.get(_CACHE)
         if cached is None or cached[0] != key:
