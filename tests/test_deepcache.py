@@ -147,7 +147,7 @@ def test_a_prompts_line_may_set_it(tmp_path) -> None:
     lines = tmp_path / "prompts.jsonl"
     lines.write_text('{"prompt": "a red bag", "deep_cache": 2}\n{"prompt": "a red bag"}\n')
     assert main(["generate", "--prompts", str(lines), "--steps", "4", "-o", str(tmp_path / "out") + "/"]) == 0
-    assert read_png_parameters(tmp_path / "out" / "0001.png")["deep_cache"] == 2
-    assert "deep_cache" not in read_png_parameters(tmp_path / "out" / "0002.png")
+    assert read_png_parameters(tmp_path / "out" / "0000.png")["deep_cache"] == 2
+    assert "deep_cache" not in read_png_parameters(tmp_path / "out" / "0001.png")
     lines.write_text('{"prompt": "a red bag", "deep_cache": 0}\n')
     assert main(["generate", "--prompts", str(lines), "--steps", "4", "-o", str(tmp_path / "bad") + "/"]) == 2
