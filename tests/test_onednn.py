@@ -189,3 +189,16 @@ def test_memory_available_reads_the_kernels_figure() -> None:
         assert available is None
     else:
         assert available is not None and 0 < available < 1 << 50
+
+
+def test_weights_made_in_inference_mode_run_unpacked_with_one_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(onednn, "_INFERENCE_NOTED", [])
+    with torch.inference_mode():
+        convs = [Conv2d(3, 3, 3, padding=1) for _ in range(2)]
+    x = torch.randn(1, 3, 5, 5)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="latentdiff.nn.onednn"):
+        for conv in convs:
+            assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+            assert "_onednn_packed" not in conv.__dict__
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "torch.inference_mode() stay unpacked" in warnings[0]

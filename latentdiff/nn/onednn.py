@@ -45,6 +45,7 @@ _BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _CACHE = "_onednn_packed"
 _RESERVE = 1 << 30  # packing leaves at least this much memory available (bytes), besides the copy it makes
 _LOW_MEMORY_NOTED: list[bool] = []
+_INFERENCE_NOTED: list[bool] = []
 logger = logging.getLogger(__name__)
 
 
@@ -127,7 +128,13 @@ class Conv2d(nn.Conv2d):
         Weights made under ``torch.inference_mode`` have no version counter to tell a change: they are used as
         they are, unpacked (build models outside it, as the pipelines do, and run them inside it)."""
         w = self.weight
-        if w.is_inference() or not _PACK.get():
+        if not _PACK.get():
+            return w
+        if w.is_inference():
+            if not _INFERENCE_NOTED:
+                _INFERENCE_NOTED.append(True)
+                logger.warning("convolution weights made under torch.inference_mode() stay unpacked (slower): build "
+                               "or load the model outside it and run it inside it")
             return w
         key = (w.data_ptr(), w._version, w.dtype)
         cached = self.__dict__.get(_CACHE)
