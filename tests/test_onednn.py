@@ -170,7 +170,7 @@ def test_a_wrong_environment_setting_is_refused() -> None:
 
 def test_low_memory_keeps_weights_unpacked_and_says_so_once(monkeypatch, caplog) -> None:
     monkeypatch.setattr(onednn, "memory_available", lambda: 100 << 20)
-    monkeypatch.setattr(onednn, "_LOW_MEMORY_NOTED", [])
+    monkeypatch.setattr(onednn, "_NOTED", set())
     torch.manual_seed(0)
     convs = [Conv2d(4, 4, 3, padding=1).requires_grad_(False) for _ in range(2)]
     x = torch.randn(1, 4, 6, 6)
@@ -192,7 +192,7 @@ def test_memory_available_reads_the_kernels_figure() -> None:
 
 
 def test_weights_made_in_inference_mode_run_unpacked_with_one_warning(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(onednn, "_INFERENCE_NOTED", [])
+    monkeypatch.setattr(onednn, "_NOTED", set())
     with torch.inference_mode():
         convs = [Conv2d(3, 3, 3, padding=1) for _ in range(2)]
     x = torch.randn(1, 3, 5, 5)

@@ -45,7 +45,6 @@ DEFAULT_MODELS = {"generate": DEFAULT_MODEL, "img2img": DEFAULT_MODEL, "inpaint"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # The options besides the shared ones that change a verb's image, recorded with it.
 _VERB_OPTIONS = ("strength", "keep_unmasked", "no_mask_decoder", "spacing", "sigma_ramp", "dtype", "prediction_type")
-_RECORDED_WHEN_SET = ("deep_cache",)  # approximations: in the record only when used
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -230,7 +229,8 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
               "seed": args.seed, "width": images.shape[-1], "height": images.shape[-2], "n": args.n,
               "inputs": input_hashes(inputs), **model_identity(args.model)}
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
-    record.update({name: getattr(args, name) for name in _RECORDED_WHEN_SET if getattr(args, name, None)})
+    if getattr(args, "deep_cache", None):  # an approximation: recorded only when used
+        record["deep_cache"] = args.deep_cache
     if args.n > args.batch_size:  # recorded only when it splits the run: the later batches depend on it
         record["batch_size"] = args.batch_size
     if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings

@@ -44,9 +44,14 @@ _AVAILABLE = torch.backends.mkldnn.is_available()
 _BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _CACHE = "_onednn_packed"
 _RESERVE = 1 << 30  # packing leaves at least this much memory available (bytes), besides the copy it makes
-_LOW_MEMORY_NOTED: list[bool] = []
-_INFERENCE_NOTED: list[bool] = []
+_NOTED: set[str] = set()  # the warnings given in this process (each once)
 logger = logging.getLogger(__name__)
+
+
+def _warn_once(what: str, message: str, *args: object) -> None:
+    if what not in _NOTED:
+        _NOTED.add(what)
+        logger.warning(message, *args)
 
 
 def memory_available() -> int | None:
@@ -81,7 +86,7 @@ def onednn_active() -> bool:
 def _fast(x: torch.Tensor, params: tuple[torch.Tensor | None, ...]) -> bool:
     """True where an inference call can take oneDNN's path: CPU, fp32/bf16 throughout, nothing to differentiate,
     no autocast, no tracing or compiling (those see the plain operators)."""
-    if not (_AVAILABLE and _ENABLED.get()) or type(x) is not torch.Tensor or x.device.type != "cpu":
+    if not onednn_active() or type(x) is not torch.Tensor or x.device.type != "cpu":
         return False
     if x.dtype is not torch.float32 and not (x.dtype is torch.bfloat16 and _BF16):
         return False
@@ -131,10 +136,8 @@ class Conv2d(nn.Conv2d):
         if not _PACK.get():
             return w
         if w.is_inference():
-            if not _INFERENCE_NOTED:
-                _INFERENCE_NOTED.append(True)
-                logger.warning("convolution weights made under torch.inference_mode() stay unpacked (slower): build "
-                               "or load the model outside it and run it inside it")
+            _warn_once("inference", "convolution weights made under torch.inference_mode() stay unpacked (slower): "
+                       "build or load the model outside it and run it inside it")
             return w
         key = (w.data_ptr(), w._version, w.dtype)
         cached = self.__dict__.get(_CACHE)
@@ -142,10 +145,8 @@ class Conv2d(nn.Conv2d):
             self.__dict__[_CACHE] = None  # free the stale copy before making the new one
             available = memory_available()
             if available is not None and available < 2 * w.numel() * w.element_size() + _RESERVE:
-                if not _LOW_MEMORY_NOTED:
-                    _LOW_MEMORY_NOTED.append(True)
-                    logger.warning("little memory left (%d MB available): convolution weights stay unpacked from "
-                                   "here on (slower, no second copy)", available >> 20)
+                _warn_once("memory", "little memory left (%d MB available): convolution weights stay unpacked "
+                           "from here on (slower, no second copy)", available >> 20)
                 self.__dict__[_CACHE] = (key, None)  # decided for this weight: no re-check at every call
                 return w
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
