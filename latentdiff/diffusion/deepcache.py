@@ -45,12 +45,16 @@ class DeepCacheState:
             self.slot += 1
         return self.slot
 
-    def cached(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
-        """The kept feature for ``slot`` when this step may reuse it for input ``x`` (None: run the whole UNet)."""
+    def reuse(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The kept feature for ``slot`` when this step may reuse it for input ``x``, counted as a cached call
+        (None: run the whole UNet)."""
         if self.step % self.interval == 0 or slot not in self.features:
             return None
         shape, feature = self.features[slot]
-        return feature if shape == x.shape and feature.dtype == x.dtype else None
+        if shape != x.shape or feature.dtype != x.dtype:
+            return None
+        self.cached_calls += 1
+        return feature
 
     def keep(self, slot: int, x: torch.Tensor, feature: torch.Tensor) -> None:
         """Keep ``feature``, computed in full for input ``x``, for the next steps' calls in ``slot``."""

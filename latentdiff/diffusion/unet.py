@@ -20,7 +20,6 @@ import torch.utils.checkpoint
 from torch import nn
 
 from latentdiff.config import check_ranges
-from latentdiff.diffusion.deepcache import DeepCacheState
 from latentdiff.nn.attention import attention
 from latentdiff.nn.embeddings import timestep_embedding
 from latentdiff.nn.onednn import Conv2d, Linear
@@ -389,40 +388,25 @@ class UNetModel(nn.Module):
         if self.config.num_classes:
             emb = emb + self.label_emb(y)
 
+        # Inside ``deep_cache`` a cached step runs only the outermost ``shallow`` blocks of each side, on the deep
+        # feature kept from the last full step; otherwise (shallow 0 without the cache) the whole network runs.
         cache = self.__dict__.get("_deep_cache")
-        if cache is not None:
-            return self._forward_cached(x, timesteps, emb, context, context_mask, cache)
+        slot = cache.begin(timesteps) if cache is not None else 0
+        kept = cache.reuse(slot, x) if cache is not None else None
+        shallow = cache.branch + 1 if cache is not None else 0
         skips = []
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
-            skips.append(h)
-        h = self.middle_block(h, emb, context, context_mask)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h)
-
-    def _forward_cached(self, x: torch.Tensor, timesteps: torch.Tensor, emb: torch.Tensor,
-                        context: torch.Tensor | None, context_mask: torch.Tensor | None,
-                        cache: DeepCacheState) -> torch.Tensor:
-        """The forward inside ``deep_cache``: the whole network on a full step (keeping the feature that enters the
-        last ``branch + 1`` output blocks), only the shallow blocks around the kept feature on a cached one."""
-        slot = cache.begin(timesteps)
-        shallow = cache.branch + 1
-        kept = cache.cached(slot, x)
-        skips = []
-        h = x
-        for block in self.input_blocks[:shallow] if kept is not None else self.input_blocks:
+        for block in self.input_blocks if kept is None else self.input_blocks[:shallow]:
             h = block(h, emb, context, context_mask)
             skips.append(h)
         if kept is None:
             h = self.middle_block(h, emb, context, context_mask)
             for block in self.output_blocks[:len(self.output_blocks) - shallow]:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-            cache.keep(slot, x, h)
+            if cache is not None:
+                cache.keep(slot, x, h)
         else:
             h = kept
-            cache.cached_calls += 1
         for block in self.output_blocks[len(self.output_blocks) - shallow:]:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
