@@ -7,13 +7,14 @@ float32 or bfloat16, they call oneDNN directly:
 - ``Conv2d`` reorders its weight once into the blocked layout oneDNN computes in (chosen for the first input's
   shape) and keeps it until the weight changes, instead of reordering it at every call as ``F.conv2d`` does. That
   reorder is what makes the small feature maps of a UNet's deep levels slow: on the 2-core AVX-512 machine a 3x3
-  1280-channel convolution on 8x8 pixels runs at 90 GFLOP/s through ``F.conv2d`` and at 171 with the packed weight.
+  1280-channel convolution on 8x8 pixels runs at 92 GFLOP/s through ``F.conv2d`` and at 222 with the packed weight
+  (``benchmarks/cpu_kernels.py``).
   The packed copy costs the memory of the weight once more (an in-place change of the weight, ``.to()``, a new
   state dict or LoRA merge packs it again on the next call; a forward with gradients, training again, lets it go);
   where less than that plus 1 GiB is available (``MemAvailable``), the weight stays unpacked and a warning says so
   once.
-- ``Linear`` calls oneDNN's matrix product instead of MKL's ``addmm`` (fp32: 145-211 GFLOP/s against 122-177 for
-  the UNet's shapes), on the weight as it is, without a second copy.
+- ``Linear`` calls oneDNN's matrix product instead of MKL's ``addmm`` (fp32: 132-216 GFLOP/s against 120-180 for
+  the UNet's shapes, ``benchmarks/cpu_kernels.py``), on the weight as it is, without a second copy.
 
 Both compute the same products in another order: outputs differ from the plain layers by float rounding (relative
 1e-6 in fp32). Gradients, autocast, tracing/export/``torch.compile`` and other devices take the plain path.

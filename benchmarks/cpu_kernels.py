@@ -1,0 +1,125 @@
+"""The kernel measurements behind latentdiff/nn/onednn.py and docs/performance.md's "tried and not kept" list.
+
+Best of 5 (after one warm-up) for each of SD v1.5's shapes at 512 px (batch 2):
+
+- convolutions: ``F.conv2d`` against oneDNN on a weight packed once (``latentdiff.nn.onednn.Conv2d``'s path);
+- linears: ``F.linear`` (MKL) against oneDNN on the weight as it is, and on a packed weight;
+- self-attention: PyTorch's SDPA against per-head ``torch.mm`` products over query chunks of 128 (softmax between),
+  with each one's error relative to an fp32 SDPA;
+- int8 dynamic quantisation of one linear (``torch.ao.quantization.quantize_dynamic``) against fp32, with its error.
+
+    python benchmarks/cpu_kernels.py              # fp32 and bf16, a few minutes on 2 cores
+    python benchmarks/cpu_kernels.py --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.ao.quantization import quantize_dynamic
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONVS = [(320, 64, 3), (640, 32, 3), (1280, 16, 3), (1280, 8, 3), (320, 64, 1)]  # channels, side, kernel
+LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (4096, 4096, 4096)]
+ATTENTION = [(4096, 8, 40), (1024, 8, 80)]  # tokens, heads, head width
+
+
+def best(fn, *args, repeats: int = 5, **kwargs) -> float:
+    """Seconds of the fastest of ``repeats`` calls ``fn(*args, **kwargs)``, after one warm-up call."""
+    fn(*args, **kwargs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def convolutions(dtype: torch.dtype) -> None:
+    print("\n| conv (batch 2) | F.conv2d GFLOP/s | oneDNN packed GFLOP/s | rel. diff |\n|---|---:|---:|---:|")
+    for channels, side, k in CONVS:
+        x = torch.randn(2, channels, side, side).to(dtype)
+        w, b = (0.02 * torch.randn(channels, channels, k, k)).to(dtype), torch.randn(channels).to(dtype)
+        pad = [k // 2, k // 2]
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), pad, [1, 1], [1, 1], 1, list(x.shape))
+        ours = (torch.ops.mkldnn._convolution_pointwise, x, packed, b, pad, [1, 1], [1, 1], 1, "none", [], "")
+        gflop = 2 * 2 * side * side * channels * channels * k * k / 1e9
+        plain_s = best(F.conv2d, x, w, b, padding=k // 2)
+        print(f"| {k}x{k}, {channels} ch, {side}x{side} | {gflop / plain_s:.0f} | {gflop / best(*ours):.0f} | "
+              f"{rel(ours[0](*ours[1:]), F.conv2d(x.float(), w.float(), b.float(), padding=k // 2)):.1e} |")
+
+
+def linears(dtype: torch.dtype) -> None:
+    print("\n| linear M x K x N | F.linear GFLOP/s | oneDNN GFLOP/s | oneDNN packed GFLOP/s |\n|---|---:|---:|---:|")
+    for m, k, n in LINEARS:
+        x, w = torch.randn(m, k).to(dtype), (0.05 * torch.randn(n, k)).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        gflop = 2 * m * k * n / 1e9
+        onednn = torch.ops.mkldnn._linear_pointwise
+        rates = [gflop / best(F.linear, x, w), gflop / best(onednn, x, w, None, "none", [], ""),
+                 gflop / best(onednn, x, packed, None, "none", [], "")]
+        print(f"| {m} x {k} x {n} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    out = torch.empty_like(q)
+    scale = q.shape[-1] ** -0.5
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            qs, kt, vs = q[b, h] * scale, k[b, h].t(), v[b, h]
+            for i in range(0, q.shape[2], chunk):
+                torch.mm(torch.softmax(torch.mm(qs[i:i + chunk], kt), -1), vs, out=out[b, h, i:i + chunk])
+    return out
+
+
+def attention(dtype: torch.dtype) -> None:
+    print("\n| self-attention (batch 2) | SDPA GFLOP/s (rel. error) | chunked mm GFLOP/s (rel. error) |\n"
+          "|---|---:|---:|")
+    for tokens, heads, width in ATTENTION:
+        q, k, v = (torch.randn(2, heads, tokens, width).to(dtype) for _ in range(3))
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        gflop = 2 * heads * tokens * tokens * width * 4 / 1e9
+        sdpa_s = best(F.scaled_dot_product_attention, q, k, v, repeats=3)
+        mm_s = best(chunked_attention, q, k, v, repeats=3)
+        print(f"| {tokens} tokens, {heads} heads of {width} | {gflop / sdpa_s:.0f} "
+              f"({rel(F.scaled_dot_product_attention(q, k, v), exact):.0e}) | {gflop / mm_s:.0f} "
+              f"({rel(chunked_attention(q, k, v), exact):.0e}) |")
+
+
+def int8() -> None:
+    linear = torch.nn.Sequential(torch.nn.Linear(320, 2560)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantised = quantize_dynamic(linear, {torch.nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(8192, 320)
+    fp32_s, int8_s = best(linear, x), best(quantised, x)
+    print(f"\nint8 dynamic, 8192 x 320 x 2560: fp32 nn.Linear {fp32_s * 1e3:.0f} ms, int8 {int8_s * 1e3:.0f} ms "
+          f"({fp32_s / int8_s:.2f}x), rel. error {rel(quantised(x), linear(x)):.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for name in DTYPES if args.dtype == "both" else [args.dtype]:
+            print(f"\n## {name}, {args.threads} threads, torch {torch.__version__}")
+            convolutions(DTYPES[name])
+            linears(DTYPES[name])
+            attention(DTYPES[name])
+        int8()
+
+
+if __name__ == "__main__":
+    main()
