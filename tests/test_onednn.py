@@ -49,11 +49,16 @@ def test_conv_matches_plain_convolution(spec) -> None:
     x = torch.randn(2, cin, 11, 9)
     with torch.no_grad():
         want = F.conv2d(x, conv.weight, conv.bias, stride, pad, dil, groups)
+    strided = torch.randn(2, cin, 22, 9)[:, :, ::2]  # the same shape, a non-contiguous input
+    wider = torch.randn(2, cin, 15, 13)  # another shape than the one the weight was packed for
     with torch.inference_mode():
-        got = conv(x)
-        got_strided = conv(torch.randn(2, cin, 22, 9)[:, :, ::2])  # another shape, a non-contiguous input
+        got, got_strided, got_wider = conv(x), conv(strided), conv(wider)
+    with torch.no_grad():
+        want_strided, want_wider = (F.conv2d(t, conv.weight, conv.bias, stride, pad, dil, groups)
+                                    for t in (strided, wider))
     assert got.shape == want.shape and _rel(got, want) < 1e-5
-    assert got_strided.shape[2:] == want.shape[2:]
+    assert got_strided.shape == want_strided.shape and _rel(got_strided, want_strided) < 1e-5
+    assert got_wider.shape == want_wider.shape and _rel(got_wider, want_wider) < 1e-5
     conv.requires_grad_(False)
     assert "mkldnn::_convolution_pointwise" in _ops(lambda: conv(x))
 
