@@ -10,6 +10,7 @@ Best of 5 (after one warm-up) for each of SD v1.5's shapes at 512 px (batch 2):
 
     python benchmarks/cpu_kernels.py              # fp32 and bf16, a few minutes on 2 cores
     python benchmarks/cpu_kernels.py --dtype fp32
+    python benchmarks/cpu_kernels.py --dtype bf16 --parts conv linear
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch.ao.quantization import quantize_dynamic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONVS = [(320, 64, 3), (640, 32, 3), (1280, 16, 3), (1280, 8, 3), (320, 64, 1)]  # channels, side, kernel
+CONVS = [(320, 64, 3), (640, 32, 3), (1280, 16, 3), (1280, 8, 3), (320, 64, 1), (640, 32, 1), (1280, 16, 1),
+         (1280, 8, 1)]  # channels, side, kernel
 LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (4096, 4096, 4096)]
 ATTENTION = [(4096, 8, 40), (1024, 8, 80)]  # tokens, heads, head width
 
@@ -105,20 +107,25 @@ def int8() -> None:
           f"({fp32_s / int8_s:.2f}x), rel. error {rel(quantised(x), linear(x)):.1e}")
 
 
+PARTS = {"conv": convolutions, "linear": linears, "attention": attention, "int8": int8}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with torch.inference_mode():
         for name in DTYPES if args.dtype == "both" else [args.dtype]:
             print(f"\n## {name}, {args.threads} threads, torch {torch.__version__}")
-            convolutions(DTYPES[name])
-            linears(DTYPES[name])
-            attention(DTYPES[name])
-        int8()
+            for part in args.parts:
+                if part != "int8":
+                    PARTS[part](DTYPES[name])
+        if "int8" in args.parts:
+            int8()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ def attention_slicing(query_chunk: int | None) -> Iterator[None]:
         _QUERY_CHUNK.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _query_chunk() -> int | None:
+    """The setting of ``attention_slicing`` here; ``torch.compile`` reads it once, when it traces (dynamo cannot
+    trace a ``ContextVar``)."""
+    return _QUERY_CHUNK.get()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attend ``q`` (B, Lq, H*D) over ``k``/``v`` (B, Lk, H*D); returns (B, Lq, H*D).
@@ -43,7 +50,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
     k = k.view(b, lk, heads, d).transpose(1, 2)
     v = v.view(b, lk, heads, d).transpose(1, 2)
     attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
-    chunk = _QUERY_CHUNK.get()
+    chunk = _query_chunk()
     if chunk is None or chunk >= lq:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     else:

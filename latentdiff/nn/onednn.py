@@ -86,7 +86,10 @@ def onednn_active() -> bool:
 
 def _fast(x: torch.Tensor, params: tuple[torch.Tensor | None, ...]) -> bool:
     """True where an inference call can take oneDNN's path: CPU, fp32/bf16 throughout, nothing to differentiate,
-    no autocast, no tracing or compiling (those see the plain operators)."""
+    no autocast, no tracing or compiling (those see the plain operators; the compiling check comes first, so that
+    ``torch.compile`` traces none of the rest)."""
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
     if not onednn_active() or type(x) is not torch.Tensor or x.device.type != "cpu":
         return False
     if x.dtype is not torch.float32 and not (x.dtype is torch.bfloat16 and _BF16):
@@ -99,9 +102,7 @@ def _fast(x: torch.Tensor, params: tuple[torch.Tensor | None, ...]) -> bool:
             return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return False
-    if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return not (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    return not (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
 class Linear(nn.Linear):
