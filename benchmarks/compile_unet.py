@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
-
 from sd_vs_diffusers import _inputs, build_ours, configs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
