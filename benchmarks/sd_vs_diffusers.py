@@ -41,6 +41,11 @@ Command lines (from the repository root):
     python benchmarks/sd_vs_diffusers.py --tiny --dtype fp32 --repeats 1 --threads 1
     # both dtypes (a CPU without native bf16 kernels makes the bf16 convolutions very slow)
     python benchmarks/sd_vs_diffusers.py --tiny --repeats 1
+    # the GPU table (a GPU machine): fp16 and bf16, eager and compiled, images/s at batch 8
+    python benchmarks/sd_vs_diffusers.py --device cuda --dtype fp16 bf16 --sizes 512 --phases unet vae txt2img \
+        --txt2img-batch 8 --rounds 2 --json sd_vs_diffusers_gpu.json
+    python benchmarks/sd_vs_diffusers.py --device cuda --dtype fp16 --sizes 512 --phases unet txt2img --compile \
+        --txt2img-batch 8
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ PHASES = ("unet", "vae", "text", "txt2img")
 KERNELS = {"plain": "0", "nopack": "nopack", "onednn": "1", "deepcache3": "1"}
 # deepcache3 (txt2img only): the default kernels with DeepCache, the whole UNet every third step (an approximation)
 LAYOUTS = ("contiguous", "channels_last")  # diffusers' memory formats
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEEDS = {"unet": 1, "vae": 2, "text": 3, "inputs": 4}
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
@@ -232,21 +237,26 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, salt: int) -> torch.Tens
     return torch.randn(shape, generator=torch.Generator().manual_seed(SEEDS["inputs"] + salt)).to(dtype)
 
 
-def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir: Path,
-             variant: str) -> tuple[Any, Any]:
-    """(run(steps) -> images, modules) for a whole text-to-image call."""
+def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir: Path, variant: str,
+             spec: dict[str, Any]) -> tuple[Any, Any]:
+    """(run(steps) -> images, modules) for a whole text-to-image call of ``spec["batch"]`` images, on
+    ``spec["device"]``, the UNet compiled where ``spec["compile"]``."""
+    device, batch = torch.device(spec["device"]), spec["batch"]
     if impl == "ours":
         from latentdiff.conditioning.tokenizer import CLIPTokenizer
         from latentdiff.pipelines import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(build_ours("unet", tiny), build_ours("vae", tiny), build_ours("text", tiny),
-                                       CLIPTokenizer(tokenizer_dir), dtype=dtype, image_size=size)
+                                       CLIPTokenizer(tokenizer_dir), dtype=dtype, image_size=size, device=device)
+        if spec["compile"]:
+            pipe.unet = torch.compile(pipe.unet)
 
         options = {"deep_cache": 3} if variant == "deepcache3" else None
 
         def run(steps: int) -> torch.Tensor:
             return pipe.text_to_image(PROMPT, steps=steps, sampler="ddim", guidance_scale=GUIDANCE, generator=0,
-                                      height=size, width=size, progress=False, sampler_options=options).images
+                                      height=size, width=size, progress=False, sampler_options=options,
+                                      num_images=batch).images
         return run, pipe
     import diffusers
     import transformers
@@ -259,7 +269,9 @@ def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir
         vae=build_theirs("vae", tiny), text_encoder=build_theirs("text", tiny),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)), unet=build_theirs("unet", tiny),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipe.to(dtype=dtype)
+    pipe = pipe.to(device=device, dtype=dtype)
+    if spec["compile"]:
+        pipe.unet = torch.compile(pipe.unet)
     if variant == "channels_last":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -267,7 +279,7 @@ def _txt2img(impl: str, size: int, dtype: torch.dtype, tiny: bool, tokenizer_dir
 
     def run(steps: int) -> torch.Tensor:
         return pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+                    generator=torch.Generator().manual_seed(0), output_type="pt", num_images_per_prompt=batch).images
     return run, pipe
 
 
@@ -279,17 +291,20 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     layout = torch.channels_last if channels_last else torch.contiguous_format
     unet_config, _, clip_config = configs(tiny)
     if phase == "txt2img":
-        run_steps, modules = _txt2img(impl, size, dtype, tiny, Path(spec["tokenizer"]), spec["variant"])
+        run_steps, modules = _txt2img(impl, size, dtype, tiny, Path(spec["tokenizer"]), spec["variant"], spec)
         return (lambda: run_steps(spec["steps"])), (lambda: run_steps(1)), modules
     build = build_ours if impl == "ours" else build_theirs
-    module = build(phase, tiny).to(dtype)
+    device = torch.device(spec["device"])
+    module = build(phase, tiny).to(device, dtype)
     if phase in ("unet", "vae"):
         module = module.to(memory_format=layout)
+    if spec["compile"] and phase == "unet":
+        module = torch.compile(module)
     if phase == "unet":
         latent = size // 8
-        x = _inputs((2, 4, latent, latent), dtype, 0).contiguous(memory_format=layout)
-        t = torch.tensor([500.0, 500.0])
-        context = _inputs((2, 77, unet_config.context_dim), dtype, 1)
+        x = _inputs((2, 4, latent, latent), dtype, 0).to(device).contiguous(memory_format=layout)
+        t = torch.tensor([500.0, 500.0], device=device)
+        context = _inputs((2, 77, unet_config.context_dim), dtype, 1).to(device)
         if impl == "ours":
             def run() -> torch.Tensor:
                 return module(x, t, context=context)
@@ -297,7 +312,7 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
             def run() -> torch.Tensor:
                 return module(x, t, encoder_hidden_states=context).sample
     elif phase == "vae":
-        z = _inputs((1, 4, size // 8, size // 8), dtype, 2).contiguous(memory_format=layout)
+        z = _inputs((1, 4, size // 8, size // 8), dtype, 2).to(device).contiguous(memory_format=layout)
         if impl == "ours":
             def run() -> torch.Tensor:
                 return module.decode(z)
@@ -305,7 +320,7 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
             def run() -> torch.Tensor:
                 return module.decode(z).sample
     else:
-        ids = torch.randint(0, clip_config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(5))
+        ids = torch.randint(0, clip_config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(5)).to(device)
         if impl == "ours":
             def run() -> torch.Tensor:
                 return module.encode(ids)
@@ -315,24 +330,37 @@ def phase_function(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     return run, run, module
 
 
+def _timed(fn: Any, cuda: bool) -> tuple[Any, float]:
+    """(fn(), its wall seconds), waiting for the GPU's queued work on both ends where ``cuda``."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one phase of one implementation in this (fresh) process; returns times, memory and a probe."""
     torch.set_num_threads(spec["threads"])
     # Built outside inference mode, as the pipelines build them: weights made inside it have no version counter,
     # and our convolutions then keep them unpacked (latentdiff/nn/onednn.py).
     run, warm_up, modules = phase_function(spec)
+    cuda = spec["device"].startswith("cuda")
     with torch.inference_mode():
         reset = reset_peak()
         before = rss_mb()
-        start = time.perf_counter()
-        warm_up()
-        first = time.perf_counter() - start
+        if cuda:  # GPU memory: the allocator's peak over the phase instead of the process's resident set
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        first = _timed(warm_up, cuda)[1]
         times = []
         for _ in range(spec["repeats"]):
-            start = time.perf_counter()
-            out = run()
-            times.append(time.perf_counter() - start)
-        peak = peak_mb()
+            out, seconds = _timed(run, cuda)
+            times.append(seconds)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_mb()
     values = out.float().flatten()
     index = torch.linspace(0, values.numel() - 1, min(PROBE_VALUES, values.numel())).long()
     del modules
@@ -358,10 +386,11 @@ def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     return {**spec, "error": f"exit {proc.returncode}: {tail}"}
 
 
-def label(phase: str, size: int, steps: int) -> str:
+def label(phase: str, size: int, steps: int, batch: int = 1) -> str:
+    images = f", {batch} images" if batch > 1 else ""
     return {"unet": f"UNet step {size}px (batch 2, CFG)", "vae": f"VAE decode {size}px",
             "text": "text encode (2 x 77 tokens)",
-            "txt2img": f"txt2img {size}px, {steps} DDIM steps, CFG"}[phase]
+            "txt2img": f"txt2img {size}px, {steps} DDIM steps, CFG{images}"}[phase]
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -387,7 +416,7 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> float:
 def table(results: list[dict[str, Any]], steps: int) -> str:
     """One row per side and setting; ratios divide best times by diffusers' best layout of the same phase."""
     lines = ["| phase | dtype | side: setting | best (s) | median (s) | first call (s) | / best diffusers | peak MB "
-             "| phase +MB | max rel. diff |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| phase +MB | max rel. diff | images/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["dtype"], r["phase"], r["size"]), []).append(r)
@@ -395,14 +424,16 @@ def table(results: list[dict[str, Any]], steps: int) -> str:
         theirs = [r for r in rows if r["impl"] == "diffusers" and "error" not in r]
         best = min(theirs, key=lambda r: r["best_s"]) if theirs else None
         for r in rows:
-            cells = [label(phase, size, steps), dtype, f"{r['impl']}: {r['variant']}"]
+            batch = r.get("batch", 1)
+            cells = [label(phase, size, steps, batch), dtype, f"{r['impl']}: {r['variant']}"]
             if "error" in r:
-                lines.append("| " + " | ".join(cells + [r["error"], "", "", "", "", "", ""]) + " |")
+                lines.append("| " + " | ".join(cells + [r["error"], "", "", "", "", "", "", ""]) + " |")
                 continue
             ratio = f"{r['best_s'] / best['best_s']:.2f}" if best else ""
             diff = f"{compare(r, best):.1e}" if best and r is not best else ""
             cells += [f"{r['best_s']:.3f}", f"{r['median_s']:.3f}", f"{r['first_s']:.3f}", ratio, f"{r['peak_mb']:.0f}",
-                      f"{r['peak_mb'] - r['rss_before_mb']:.0f}", diff]
+                      f"{r['peak_mb'] - r['rss_before_mb']:.0f}", diff,
+                      f"{batch / r['best_s']:.3f}" if phase == "txt2img" else ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -420,6 +451,8 @@ def versions() -> dict[str, str]:
     except (OSError, StopIteration):
         cpu = platform.processor() or "unknown"
     out["cpu"] = cpu
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
     return out
 
 
@@ -427,7 +460,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads for both sides (default: torch's, %(default)s here)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--dtype", nargs="+", choices=[*DTYPES, "both"], default=["both"],
+                        help="one or more of fp32 bf16 fp16, or both (fp32 and bf16, the default)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU table (peak MB is then the "
+                                                        "CUDA allocator's peak)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet on both sides (its first call, the warm-up, compiles)")
+    parser.add_argument("--txt2img-batch", type=int, default=1,
+                        help="images per txt2img call (both sides; the table then gives images/s)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="image sides for the UNet and VAE phases (default 512 256; --tiny: 128 64)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
@@ -454,7 +494,7 @@ def main() -> None:
     args.steps = args.steps or (2 if args.tiny else 20)
     if any(s % 64 for s in args.sizes + [args.txt2img_size or 64]):
         parser.error("sizes must be multiples of 64 (the VAE's 8 times the UNet's 8)")
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    dtypes = list(dict.fromkeys(d for name in args.dtype for d in (["fp32", "bf16"] if name == "both" else [name])))
     info = versions()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -468,21 +508,27 @@ def main() -> None:
                     for impl, variant in sides:
                         spec = {"impl": impl, "variant": variant, "phase": phase, "size": size, "dtype": dtype,
                                 "tiny": args.tiny, "threads": args.threads, "steps": args.steps,
-                                "tokenizer": str(tokenizer),
+                                "tokenizer": str(tokenizer), "device": args.device, "compile": args.compile,
+                                "batch": args.txt2img_batch if phase == "txt2img" else 1,
                                 "repeats": args.txt2img_repeats if phase == "txt2img" else args.repeats}
                         result = merge(merged.get((impl, variant)), run_worker(spec, args.threads))
                         merged[(impl, variant)] = result
                         status = result.get("error") or (f"best {result['best_s']:.4f} s, median "
                                                          f"{result['median_s']:.4f} s, peak {result['peak_mb']:.0f} MB")
                         print(f"  round {round_ + 1}: {impl:>9} {variant:>13} {dtype} "
-                              f"{label(phase, size, args.steps)}: {status}", file=sys.stderr, flush=True)
+                              f"{label(phase, size, args.steps, spec['batch'])}: {status}", file=sys.stderr,
+                              flush=True)
                         if args.json:  # after every measurement, so that a run cut short keeps what it measured
                             write_json(args, info, results + list(merged.values()))
                 results += merged.values()
     resets = {r.get("peak_reset") for r in results if "error" not in r}
     peak_note = ("peaks exclude model building (high-water mark reset)" if resets == {True}
                  else "peaks INCLUDE model building (the high-water mark could not be reset)")
-    print(f"\nSD v1.5{' (tiny configs)' if args.tiny else ''}: threads {args.threads}, cpu {info['cpu']}, torch "
+    if args.device != "cpu":
+        peak_note = f"device {args.device} ({info.get('gpu', '?')}), peak MB = the CUDA allocator's peak"
+    compiled = ", the UNet compiled (torch.compile) on both sides" if args.compile else ""
+    print(f"\nSD v1.5{' (tiny configs)' if args.tiny else ''}{compiled}: threads {args.threads}, cpu {info['cpu']}, "
+          f"torch "
           f"{info['torch']}, diffusers {info['diffusers']}, transformers {info['transformers']}; {peak_note}; "
           f"{args.rounds} round(s) of {args.repeats} runs (txt2img: {args.txt2img_repeats}) after a warm-up, "
           "the sides alternating; ratios from the best times\n")
