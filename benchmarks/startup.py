@@ -2,8 +2,10 @@
 
 Each repeat runs the command in a fresh interpreter with ``-X importtime`` and prints a table of the median over the
 repeats: the whole wall time, the cumulative import time of torch, of latentdiff's modules (without torch) and of
-everything else, and what is left (loading the model, sampling, writing the PNG). Import times come from
-``-X importtime`` (it adds a little overhead of its own; the wall time is measured around the whole process).
+everything else, and what is left (loading the model, sampling, writing the PNG). Each repeat also times a fresh
+``python -c "import torch"`` (no ``-X importtime``): the floor under any command built on torch, on this machine.
+Import times come from ``-X importtime`` (it adds a little overhead of its own; the wall time is measured around
+the whole process).
 
     python benchmarks/startup.py                 # 5 repeats, the README's main job
     python benchmarks/startup.py --repeats 3 -- sample models/scenes-txt2img -n 4
@@ -54,7 +56,11 @@ def run_once(verb_args: list[str], out: Path) -> dict[str, float]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     torch_s, ours, other = import_times(done.stderr)
-    return {"wall": wall, "torch": torch_s, "latentdiff (and its imports but torch)": ours, "other imports": other,
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    floor = time.perf_counter() - start
+    return {"wall": wall, "floor: python -c 'import torch' (wall)": floor, "torch": torch_s,
+            "latentdiff (and its imports but torch)": ours, "other imports": other,
             "the rest (load, sample, write)": wall - torch_s - ours - other}
 
 

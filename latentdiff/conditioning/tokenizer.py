@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import importlib
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import ftfy
 import torch
 
 from latentdiff.conditioning import package_folders
@@ -54,6 +54,13 @@ CONTEXT_LENGTH = 77
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _WORD_END = "</w>"
 
+
+
+@functools.cache
+def _ftfy():  # noqa: ANN202 (the ftfy module)
+    """ftfy, imported on first use: it takes a tenth of a second, which a command whose model has no CLIP text
+    encoder (the bundled ones) need not pay."""
+    return importlib.import_module("ftfy")
 
 class TokenizedText(NamedTuple):
     """Token ids (N, L) int64 and their attention mask (N, L) int64: 1 for real tokens, 0 for padding."""
@@ -290,7 +297,7 @@ class CLIPTokenizer:
 
     def clean(self, text: str) -> str:
         """Fix the encoding (ftfy), unescape HTML twice, collapse whitespace, lower-case."""
-        text = ftfy.fix_text(text)
+        text = _ftfy().fix_text(text)
         text = html.unescape(html.unescape(text))
         return " ".join(text.split()).lower()
 
