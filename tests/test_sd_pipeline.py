@@ -32,7 +32,8 @@ from latentdiff.formats import StableDiffusionComponents, save_diffusers, save_n
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention, attention_slicing
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline
-from latentdiff.pipelines.tiling import decode_tiled, tile_starts
+from latentdiff.pipelines import stable_diffusion
+from latentdiff.pipelines.tiling import automatic_tile, decode_bytes, decode_tiled, tile_starts
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -402,6 +403,33 @@ def test_tiled_decoding_blends_without_seams(v1) -> None:
         assert float((ours.decode_latents(latents) - whole).abs().mean()) < 0.05
     finally:
         ours.vae_tile = None
+
+
+def test_decoding_is_per_image_and_tiles_itself_only_when_memory_is_short(v1, monkeypatch, caplog) -> None:
+    """A batch decodes one image at a time (the same images as one by one); where a whole decode would not fit in the
+    memory available the pipeline tiles on its own and says so; with room it decodes whole, exactly."""
+    ours, _ = v1
+    latents = torch.randn(2, 4, 24, 24, generator=torch.Generator().manual_seed(3))
+    both = ours.decode_latents(latents)
+    assert torch.equal(both[1:], ours.decode_latents(latents[1:]))
+    # The decision: an SD-sized decode (128 channels at full resolution) at 512 px needs about 1.6 GB in float32.
+    assert decode_bytes(512, 512, 128, 4) == 12 * 128 * 4 * 512 * 512 + (64 << 20)
+    assert automatic_tile(64, 64, 8, 128, 4, available=8 << 30) is None
+    assert automatic_tile(64, 64, 8, 128, 4, available=None) is None
+    tile = automatic_tile(128, 128, 8, 128, 4, available=3 << 30)  # 1024 px: 6.5 GB whole
+    window = (tile + 2 * (tile // 4)) * 8
+    assert tile % 8 == 0 and 16 <= tile < 128 and decode_bytes(window, window, 128, 4) <= 2 << 30
+    assert decode_bytes(window + 80, window + 80, 128, 4) > 2 << 30  # the largest that fits
+    # Through the pipeline: plenty of memory decodes whole; little memory tiles, with one warning.
+    channels = ours.vae.config.ch * ours.vae.config.ch_mult[0]
+    need = decode_bytes(24 * ours.vae_factor, 24 * ours.vae_factor, channels, 4)
+    monkeypatch.setattr(stable_diffusion, "memory_available", lambda: (1 << 30) + 100 * need)
+    assert torch.equal(ours.decode_latents(latents), both)
+    monkeypatch.setattr(stable_diffusion, "memory_available", lambda: (1 << 30) + need // 2)
+    with caplog.at_level("WARNING", logger=stable_diffusion.logger.name):
+        tiled = ours.decode_latents(latents)
+    assert [r.getMessage() for r in caplog.records if "decoding in tiles" in r.getMessage()] != []
+    assert not torch.equal(tiled, both) and float((tiled - both).abs().mean()) < 0.05
 
 
 # ------------------------------------------------------------------------------------------ loading, CLI

@@ -420,7 +420,8 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                    help="attend Q queries at a time to save memory (default: all at once)")
     if stable_diffusion:
         p.add_argument("--vae-tile", type=checked.positive_int, default=None, metavar="T",
-                       help="decode in overlapping tiles of T latent pixels to save memory (default: whole)")
+                       help="decode in overlapping tiles of T latent pixels to save memory (default: whole, or tiles "
+                            "where a whole decode would not fit in the memory available)")
     p.add_argument("--separate", action="store_true", help="with -n > 1, one file per image (OUT-0.png, ...)")
     p.add_argument("--no-metadata", action="store_true",
                    help="write no generation parameters into the PNGs (default: A1111's 'parameters' text chunk and "

@@ -56,6 +56,7 @@ from latentdiff.formats.embeddings import read_embedding
 from latentdiff.formats.lora import apply_lora_to_components
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
+from latentdiff.nn.onednn import memory_available
 from latentdiff.pipelines.base import (
     Generator,
     PipelineBase,
@@ -66,7 +67,7 @@ from latentdiff.pipelines.base import (
     prompt_list,
 )
 from latentdiff.pipelines.images import ImageInput, check_size, to_image_tensor, to_mask_tensor
-from latentdiff.pipelines.tiling import decode_tiled
+from latentdiff.pipelines.tiling import automatic_tile, decode_bytes, decode_tiled
 from latentdiff.pipelines.variation import Variation
 
 logger = logging.getLogger(__name__)
@@ -353,16 +354,40 @@ class StableDiffusionPipeline(PipelineBase):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] on the CPU from latents (times ``scale_factor``), tiled when enabled."""
+        """Images (N, 3, H, W) in [0, 1] on the CPU from latents (times ``scale_factor``), one image at a time (a
+        batch costs the memory of one decode), tiled when enabled or when a whole decode would not fit in the memory
+        available (``automatic_tile``; a warning says so)."""
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         z = (latents / self.scale_factor).to(self.device, vae_dtype)
+        tile = self.vae_tile or self._automatic_tile(z)
+        overlap = self.vae_tile_overlap if self.vae_tile_overlap is not None else (tile or 0) // 4
+        images = []
         with attention_slicing(self.attention_slice):
-            if self.vae_tile and max(z.shape[-2:]) > self.vae_tile:
-                overlap = self.vae_tile_overlap if self.vae_tile_overlap is not None else self.vae_tile // 4
-                images = decode_tiled(self.vae.decode, z, self.vae_tile, overlap, self.vae_factor, context=overlap)
-            else:
-                images = self.vae.decode(z)
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+            for one in z.split(1):
+                if tile and max(one.shape[-2:]) > tile:
+                    one = decode_tiled(self.vae.decode, one, tile, overlap, self.vae_factor, context=overlap)
+                else:
+                    one = self.vae.decode(one)
+                images.append((one.float() / 2 + 0.5).clamp(0, 1).cpu())
+        return torch.cat(images)
+
+    def _automatic_tile(self, z: torch.Tensor) -> int | None:
+        """The tile size where decoding one whole image of ``z`` would not fit in the memory available (the CPU's
+        ``MemAvailable``, a GPU's free memory), else None."""
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = memory_available() if self.device.type == "cpu" else None
+        config = self.vae.config
+        tile = automatic_tile(z.shape[-2], z.shape[-1], self.vae_factor, config.ch * config.ch_mult[0],
+                              z.element_size(), available)
+        if tile is not None:
+            need = decode_bytes(z.shape[-2] * self.vae_factor, z.shape[-1] * self.vae_factor,
+                                config.ch * config.ch_mult[0], z.element_size())
+            logger.warning("decoding in tiles of %d latent pixels: a whole %dx%d decode needs about %d MB, %d MB are "
+                           "available (--vae-tile chooses the tile size)", tile, z.shape[-1] * self.vae_factor,
+                           z.shape[-2] * self.vae_factor, need >> 20, available >> 20)
+        return tile
 
     def sigmas(self, sampler: str, steps: int, strength: float = 1.0, spacing: str | None = None,
                sigma_ramp: str | None = None) -> torch.Tensor:

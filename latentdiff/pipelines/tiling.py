@@ -6,6 +6,9 @@ away, so its convolutions see the real neighbourhood rather than zero padding. T
 pixels, and in each overlap the two decoded tiles are cross-faded with weights that ramp linearly from one to the
 other, so the result is continuous. The decoder's GroupNorm statistics and middle attention are per tile (as in
 diffusers' tiled VAE), so a tiled decode is close to, not equal to, a full one; larger tiles bring it closer.
+
+``automatic_tile`` decides when a pipeline tiles without being asked: only where a whole decode would not fit in the
+memory available, so that a long sampling run is not lost to running out of memory at its last step.
 """
 
 from __future__ import annotations
@@ -81,4 +84,38 @@ def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
     return out / weight
 
 
-__all__ = ["decode_tiled", "tile_starts"]
+# An upper estimate of a decode's working memory, in bytes per output pixel and per channel of the decoder's
+# full-resolution level: SD's kl-f8 decoder (128 channels there) measured 1008 MB above its weights at 512 x 512 in
+# float32 and 656 MB in bfloat16 (benchmarks/sd_vs_diffusers.py --phases vae, docs/sd_vs_diffusers_*.json), that
+# is 7.5 and 9.8 bytes per channel and pixel; 12 leaves a margin, plus a fixed 64 MB of workspace.
+DECODE_BYTES_PER_CHANNEL_PIXEL = 12
+DECODE_WORKSPACE = 64 << 20
+MEMORY_RESERVE = 1 << 30  # what an automatic decision leaves free for the rest of the process and the system
+
+
+def decode_bytes(height: int, width: int, channels: int, element_size: int) -> int:
+    """The estimated working memory (bytes) of decoding one ``height`` x ``width`` image with a decoder whose
+    full-resolution level has ``channels`` channels, in a dtype of ``element_size`` bytes."""
+    return DECODE_BYTES_PER_CHANNEL_PIXEL * channels * element_size * height * width + DECODE_WORKSPACE
+
+
+def automatic_tile(h: int, w: int, factor: int, channels: int, element_size: int, available: int | None
+                   ) -> int | None:
+    """The tile (latent pixels) to decode an (h, w) latent in, given ``available`` bytes: None where one decode fits
+    (or nothing is known of the memory), else the largest multiple of 8 (at least 16) whose window, the tile and a
+    quarter tile of context on each side, fits."""
+    if available is None:
+        return None
+    budget = available - MEMORY_RESERVE
+    if decode_bytes(h * factor, w * factor, channels, element_size) <= budget:
+        return None
+    tile = (max(h, w) // 8) * 8
+    while tile > 16:
+        window = min(tile + 2 * (tile // 4), max(h, w)) * factor
+        if decode_bytes(window, window, channels, element_size) <= budget:
+            break
+        tile -= 8
+    return max(tile, 16)
+
+
+__all__ = ["automatic_tile", "decode_bytes", "decode_tiled", "tile_starts"]
