@@ -41,13 +41,15 @@ class TokenMerge:
 
     ``kept``: the (B, N - r) positions of the tokens that stay as they are (the unmatched sources, then the
     destinations); ``merged``: the (B, r) positions of the sources merged away; ``into``: (B, r) the index, among
-    the kept tokens, of the destination each merged source goes into.
+    the kept tokens, of the destination each merged source goes into; ``sizes``: (B, N - r, 1) how many tokens each
+    kept one stands for (1 + the sources merged into it).
     """
 
     tokens: int
     kept: torch.Tensor
     merged: torch.Tensor
     into: torch.Tensor
+    sizes: torch.Tensor
     self_attention: bool = True
     cross_attention: bool = False
     mlp: bool = False
@@ -61,7 +63,8 @@ class TokenMerge:
         c = x.shape[-1]
         kept = x.gather(1, self.kept[..., None].expand(-1, -1, c))
         moving = x.gather(1, self.merged[..., None].expand(-1, -1, c))
-        return kept.scatter_reduce(1, self.into[..., None].expand(-1, -1, c), moving, reduce="mean")
+        # A sum and a division: scatter_reduce(reduce="mean") gives the same numbers, three times slower on the CPU.
+        return kept.scatter_add(1, self.into[..., None].expand(-1, -1, c), moving) / self.sizes.to(x.dtype)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, N - r, C) -> (B, N, C): every kept token's output in its place, each merged source given the output
@@ -94,15 +97,18 @@ def bipartite_soft_matching(metric: torch.Tensor, destinations: torch.Tensor, r:
     destinations = destinations.to(device)
     r = min(r, sources.numel())
     with torch.no_grad():
-        unit = F.normalize(metric, dim=-1)
-        scores = unit[:, sources] @ unit[:, destinations].transpose(1, 2)  # (B, sources, destinations)
-        best, partner = scores.max(dim=-1)
+        # Each source's best destination needs only the destinations normalised; its cosine, the score that ranks
+        # the pairs, divides by its own norm afterwards (cheaper than normalising every source's features).
+        src = metric[:, sources]
+        dot, partner = (src @ F.normalize(metric[:, destinations], dim=-1).transpose(1, 2)).max(dim=-1)
+        best = dot / src.norm(dim=-1).clamp_min(1e-12)
         # Stable, so that ties (identical tokens) are broken the same way on every device.
         order = torch.sort(best, dim=-1, descending=True, stable=True).indices
     merged, unmatched = sources[order[:, :r]], sources[order[:, r:]]
     into = unmatched.shape[1] + partner.gather(1, order[:, :r])
     kept = torch.cat([unmatched, destinations.expand(b, -1)], dim=1)
-    return TokenMerge(n, kept, merged, into, **sublayers)
+    sizes = torch.ones(b, n - r, 1, device=device).scatter_add_(1, into[..., None], torch.ones(b, r, 1, device=device))
+    return TokenMerge(n, kept, merged, into, sizes, **sublayers)
 
 
 @dataclass
