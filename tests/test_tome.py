@@ -173,6 +173,10 @@ def test_nesting_other_modules_and_unets_without_transformers_are_refused(unet) 
                                      num_heads=2, context_dim=16))
     with pytest.raises(ValueError, match="no transformer at a downsampling factor <= 1"), token_merging(deep_only):
         pass
+    no_transformers = UNetModel(UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1,),
+                                           num_heads=2, context_dim=None, use_spatial_transformer=False))
+    with pytest.raises(ValueError, match="no transformer blocks"), token_merging(no_transformers):
+        pass
 
 
 def test_pipelines_merge_when_asked_alone_and_with_deep_cache() -> None:

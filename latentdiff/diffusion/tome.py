@@ -68,7 +68,11 @@ def token_merging(unet: nn.Module, ratio: float = 0.5, max_downsample: int = 1, 
     if not isinstance(unet, UNetModel):
         raise TypeError(f"token_merging needs a UNetModel, got {type(unet).__name__}")
     _check_settings(ratio, max_downsample, sx, sy, seed)
-    chosen = [t for t, ds in transformer_levels(unet) if ds <= max_downsample]
+    levels = transformer_levels(unet)
+    if not levels:
+        raise ValueError("this UNet has no transformer blocks (its attention is AttentionBlock, "
+                         "use_spatial_transformer=False): token merging has nothing to merge; leave it off")
+    chosen = [t for t, ds in levels if ds <= max_downsample]
     if not chosen:
         raise ValueError(f"this UNet has no transformer at a downsampling factor <= {max_downsample}: nothing to "
                          "merge (raise max_downsample, or leave token merging off)")

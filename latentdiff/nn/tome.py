@@ -9,8 +9,9 @@ merged source the output of its destination. Nothing is learned: the merge is co
 
 ``TokenMerge`` is one such merge; ``TokenMerging`` holds the settings and the seeded generator that plans one per
 call, which a ``SpatialTransformer`` carrying it (``latentdiff.diffusion.tome.token_merging`` puts it there) hands
-to its blocks. The random destinations come from a CPU ``torch.Generator`` seeded once, so a run gives the same
-image every time, on any device.
+to its blocks. The random destinations come from a CPU ``torch.Generator`` seeded once, so a run merges the same
+tokens every time, on any device. (On a GPU the merge's sums are atomic adds, whose rounding may vary from run to
+run unless ``torch.use_deterministic_algorithms(True)``; on the CPU they are bit for bit the same.)
 """
 
 from __future__ import annotations
