@@ -10,6 +10,7 @@ of it does; the same checker on the real scenes gives the ceiling ("real" rows).
     python benchmarks/scenes_eval.py real                    # the checker on real test scenes (the ceiling)
     python benchmarks/scenes_eval.py txt2img --n 1000        # seen and unseen combinations, FD, s/image
     python benchmarks/scenes_eval.py txt2img --n 300 --deep-cache 3   # the same with DeepCache (approximate)
+    python benchmarks/scenes_eval.py txt2img --n 300 --tome 0.5       # the same with token merging (approximate)
     python benchmarks/scenes_eval.py guidance --n 300        # the guidance-scale curve (docs/scenes-guidance.png)
     python benchmarks/scenes_eval.py seg2img --n 1000        # class fidelity to the map
     python benchmarks/scenes_eval.py inpaint --n 500         # unmasked PSNR, filled-region prompt accuracy
@@ -159,10 +160,12 @@ def _txt2img_images(pipe, batch: dict, args: argparse.Namespace, guidance: float
     captions = list(batch["caption"])
 
     def fn(start: int, stop: int) -> torch.Tensor:
-        options = {"deep_cache": args.deep_cache} if args.deep_cache else None
+        options = {"deep_cache": args.deep_cache} if args.deep_cache else {}
+        if args.tome:
+            options["tome"] = args.tome
         return pipe.text_to_image(captions[start:stop], steps=args.steps, sampler=args.sampler,
                                   guidance_scale=guidance, generator=args.seed + start, progress=False,
-                                  sampler_options=options).images
+                                  sampler_options=options or None).images
 
     return generate(fn, len(captions), args.batch_size)
 
@@ -377,6 +380,8 @@ def main() -> None:
             p.add_argument("--batch-size", type=int, default=100)
             p.add_argument("--deep-cache", type=int, default=None, metavar="N",
                            help="txt2img/guidance: DeepCache, the whole UNet every N-th step (default: off)")
+            p.add_argument("--tome", type=float, default=None, metavar="RATIO",
+                           help="txt2img/guidance: token merging (ToMe for SD) at RATIO (default: off)")
             p.add_argument("--grid", default=str(ROOT / "runs" / "scenes-eval" / f"{name}.png"))
         if name == "inpaint":
             p.add_argument("--keep-unmasked", action="store_true", help="paste the input back outside the mask")

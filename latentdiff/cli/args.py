@@ -80,6 +80,7 @@ image_count = _in_range(1, int, f"a whole number in [1, {MAX_IMAGES}]", MAX_IMAG
                         "with several calls and different --seed values)")
 step_count = _in_range(1, int, f"a whole number in [1, {MAX_STEPS}]", MAX_STEPS)
 strength = _in_range(math.ulp(0.0), float, "in (0, 1]", 1.0)
+tome_ratio = _in_range(0.0, float, "a fraction of tokens in [0, 1)", math.nextafter(1.0, 0.0))
 
 
 # The generating verbs' numbers and their argparse types: what ``recheck_numbers`` runs again.
@@ -88,7 +89,8 @@ RECHECKED = {"n": ("-n", image_count), "steps": ("--steps", step_count), "batch_
              "seed": ("--seed", seed), "subseed": ("--subseed", seed),
              "subseed_strength": ("--subseed-strength", probability), "strength": ("--strength", strength),
              "height": ("--height", positive_int), "width": ("--width", positive_int),
-             "clip_skip": ("--clip-skip", positive_int), "deep_cache": ("--deep-cache", positive_int)}
+             "clip_skip": ("--clip-skip", positive_int), "deep_cache": ("--deep-cache", positive_int),
+             "tome": ("--tome", tome_ratio)}
 
 
 def recheck_numbers(args: argparse.Namespace) -> None:
@@ -180,4 +182,4 @@ __all__ = ["DEFAULT_BATCH", "IMAGE_SUFFIXES", "MAX_IMAGES", "MAX_STEPS", "NATIVE
            "OneLineParser", "add_allow_nonfinite", "add_batch_size", "check_image_output", "check_native_size",
            "recheck_numbers", "check_requested_size", "file_output", "finite_float", "image_count",
            "image_output", "in_batches", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
-           "probability", "seed", "step_count"]
+           "probability", "seed", "step_count", "tome_ratio"]

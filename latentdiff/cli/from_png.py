@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FROM_PNG_ARGUMENTS = ("prompt", "negative", "steps", "sampler", "spacing", "sigma_ramp", "guidance",
                       "guidance_rescale", "seed", "height", "width", "n", "dtype", "prediction_type", "clip_skip",
                       "subseed", "subseed_strength", "strength", "keep_unmasked", "no_mask_decoder", "batch_size",
-                      "deep_cache")
+                      "deep_cache", "tome")
 
 def find_recorded(name: str | None, accept=lambda path: path.exists()) -> str | None:
     """A file a PNG names (a model, LoRA or embedding), looked for here, in models/ and among the bundled models."""

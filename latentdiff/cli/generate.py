@@ -231,6 +231,8 @@ def _generation_record(args: argparse.Namespace, pipe, images, inputs: dict[str,
     record.update({name: getattr(args, name) for name in _VERB_OPTIONS if hasattr(args, name)})
     if getattr(args, "deep_cache", None):  # an approximation: recorded only when used
         record["deep_cache"] = args.deep_cache
+    if getattr(args, "tome", None):  # token merging, an approximation too: recorded only when used
+        record["tome"] = args.tome
     if args.n > args.batch_size:  # recorded only when it splits the run: the later batches depend on it
         record["batch_size"] = args.batch_size
     if getattr(args, "clip_skip", None) is not None:  # recorded only when given, as LoRAs and embeddings
@@ -260,6 +262,8 @@ def _common(args: argparse.Namespace, pipe) -> dict:
         common["sampler_options"] = {"guidance_rescale": args.guidance_rescale}
     if args.deep_cache:  # the pipelines run the sampling inside latentdiff.diffusion.deepcache.deep_cache
         common.setdefault("sampler_options", {})["deep_cache"] = args.deep_cache
+    if args.tome:  # and inside latentdiff.diffusion.tome.token_merging
+        common.setdefault("sampler_options", {})["tome"] = args.tome
     levels = {"spacing": getattr(args, "spacing", None), "sigma_ramp": getattr(args, "sigma_ramp", None)}
     if any(levels.values()) or resolve_sampler(args.sampler)[1]:
         if isinstance(pipe, LatentDiffusionPipeline):
@@ -376,6 +380,10 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
                    help="DeepCache: run the whole UNet every N-th step and only its outermost blocks in between, "
                         "on the deep features kept from the last full step (faster, approximate; N=3 is "
                         "DeepCache's usual setting; default: off, the exact model)")
+    p.add_argument("--tome", type=checked.tome_ratio, default=None, metavar="RATIO",
+                   help="token merging (ToMe for SD): merge RATIO of the tokens of the highest-resolution "
+                        "transformers into similar ones around their self-attention, in [0, 1) (faster, "
+                        "approximate; 0.5 is tomesd's default; default: off, the exact model)")
     p.add_argument("--seed", type=checked.seed, default=0,
                    help="the same seed gives the same image on any device (default 0)")
     p.add_argument("--subseed", type=checked.seed, default=None, metavar="N",

@@ -43,7 +43,7 @@ LINE_OPTIONS: dict[str, tuple[str, tuple[type, ...]]] = {
     "guidance_rescale": ("guidance_rescale", (int, float)), "sampler": ("sampler", (str,)),
     "width": ("width", (int,)), "height": ("height", (int,)), "n": ("n", (int,)), "subseed": ("subseed", (int,)),
     "subseed_strength": ("subseed_strength", (int, float)), "spacing": ("spacing", (str,)),
-    "deep_cache": ("deep_cache", (int,)),
+    "deep_cache": ("deep_cache", (int,)), "tome": ("tome", (int, float)),
 }
 
 

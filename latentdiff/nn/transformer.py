@@ -15,6 +15,7 @@ from torch import nn
 from latentdiff.nn.attention import attention
 from latentdiff.nn.layers import Normalize
 from latentdiff.nn.onednn import Conv2d, Linear
+from latentdiff.nn.tome import TokenMerge
 
 
 class CrossAttention(nn.Module):
@@ -108,16 +109,23 @@ class BasicTransformerBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, tokens: TokenMerge | None = None) -> torch.Tensor:
+        """``tokens``: a token merge (``latentdiff.nn.tome``) the sub-layers it names run under (None: all tokens)."""
         if self.use_checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, context, context_mask, use_reentrant=False)
-        return self._forward(x, context, context_mask)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, context, context_mask, tokens,
+                                                     use_reentrant=False)
+        return self._forward(x, context, context_mask, tokens)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                 context_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, context_mask if context is not None else None)
-        return x + self.ff(self.norm3(x))
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                 tokens: TokenMerge | None = None) -> torch.Tensor:
+        context_mask = context_mask if context is not None else None
+        if tokens is None:
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context, context_mask)
+            return x + self.ff(self.norm3(x))
+        x = x + tokens.around("self_attention", self.attn1, self.norm1(x))
+        x = x + tokens.around("cross_attention", self.attn2, self.norm2(x), context, context_mask)
+        return x + tokens.around("mlp", self.ff, self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -160,8 +168,10 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         if self.use_linear:
             x = self.proj_in(x)
+        # Inside ``latentdiff.diffusion.tome.token_merging`` each block's sub-layers run on merged tokens.
+        merging = self.__dict__.get("_token_merging")
         for block in self.transformer_blocks:
-            x = block(x, context, context_mask)
+            x = block(x, context, context_mask, None if merging is None else merging.plan(x, h, w))
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

@@ -25,6 +25,7 @@ from latentdiff.diffusion.deepcache import deep_cache
 from latentdiff.diffusion.process import draw_noise
 from latentdiff.diffusion.samplers import Callback, Denoiser, get_sampler
 from latentdiff.diffusion.sampling import KnownRegion, denoise
+from latentdiff.diffusion.tome import token_merging
 from latentdiff.diffusion.unet import UNetModel
 from latentdiff.nn.attention import attention_slicing
 from latentdiff.pipelines.images import to_pil_images
@@ -55,7 +56,9 @@ class SamplingOptions:
     """How one pipeline call samples, besides its conditioning: the sampler and its options (those of the sampling
     core too: ``{"guidance_rescale": 0.7}`` is CFG rescale, ``sampling.denoise``; ``{"deep_cache": 3}`` runs the
     UNet in full every third step and reuses its deep features in between, with ``"deep_cache_branch"`` (default
-    0) the shallow blocks that still run, ``latentdiff.diffusion.deepcache``), the generator, the
+    0) the shallow blocks that still run, ``latentdiff.diffusion.deepcache``; ``{"tome": 0.5}`` merges half the
+    tokens of the highest-resolution transformers around their self-attention, or a dict of ``token_merging``'s
+    keyword arguments, ``latentdiff.diffusion.tome``), the generator, the
     progress callback and bar (None: tqdm's default), the starting noise's prior (``sampling.initial_noise_scale``)
     and the denoiser when it depends on the sampler (None: ``sampling_denoiser()``), and the variation mixed into the
     initial noise (``latentdiff.pipelines.variation``; None: none)."""
@@ -138,7 +141,8 @@ class PipelineBase(ABC):
         options = dict(run.sampler_options or {})
         denoiser = run.denoiser or self.sampling_denoiser()
         caching = _deep_cached(denoiser, options.pop("deep_cache", None), options.pop("deep_cache_branch", 0))
-        with attention_slicing(self.attention_slice), caching:
+        merging = _token_merged(denoiser, options.pop("tome", None))
+        with attention_slicing(self.attention_slice), caching, merging:
             return denoise(denoiser, sigmas.to(self.device), noise,
                            sampler=run.sampler, init=init, prior=run.prior, extra_args=cond, uncond=uncond,
                            guidance_scale=guidance_scale,
@@ -165,15 +169,30 @@ class PipelineBase(ABC):
         return masks * images + (1 - masks) * pixels
 
 
+def _unet_of(denoiser: Denoiser, option: str) -> UNetModel:
+    """The UNet inside a denoiser, for a sampler option that works on it."""
+    modules = denoiser.modules() if isinstance(denoiser, torch.nn.Module) else ()
+    unet = next((m for m in modules if isinstance(m, UNetModel)), None)
+    if unet is None:
+        raise ValueError(f"{option} needs a UNet denoiser; this pipeline's is not one")
+    return unet
+
+
 def _deep_cached(denoiser: Denoiser, interval: int | None, branch: int) -> AbstractContextManager:
     """DeepCache around one sampling run when ``interval`` is set (None or 0: the exact model)."""
     if not interval:
         return nullcontext()
-    modules = denoiser.modules() if isinstance(denoiser, torch.nn.Module) else ()
-    unet = next((m for m in modules if isinstance(m, UNetModel)), None)
-    if unet is None:
-        raise ValueError("deep_cache needs a UNet denoiser; this pipeline's is not one")
-    return deep_cache(unet, interval, branch)
+    return deep_cache(_unet_of(denoiser, "deep_cache"), interval, branch)
+
+
+def _token_merged(denoiser: Denoiser, tome: float | dict[str, Any] | None) -> AbstractContextManager:
+    """Token merging around one sampling run: ``tome`` a ratio (None or 0: the exact model) or a dict of
+    ``token_merging``'s keyword arguments."""
+    if isinstance(tome, dict):
+        return token_merging(_unet_of(denoiser, "tome"), **tome)
+    if tome is None or (isinstance(tome, (int, float)) and tome == 0):
+        return nullcontext()
+    return token_merging(_unet_of(denoiser, "tome"), ratio=tome)
 
 
 __all__ = ["Generator", "PipelineBase", "PipelineOutput", "SamplingOptions", "as_generator", "per_image", "prompt_list"]

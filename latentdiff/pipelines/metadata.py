@@ -31,7 +31,8 @@ SHORT_HASH_DIGITS = 10
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "guidance": "CFG scale", "seed": "Seed", "size": "Size",
               "model_hash": "Model hash", "model": "Model", "subseed": "Variation seed",
               "subseed_strength": "Variation seed strength", "strength": "Denoising strength",
-              "guidance_rescale": "CFG Rescale phi", "clip_skip": "Clip skip", "lora_hashes": "Lora hashes"}
+              "guidance_rescale": "CFG Rescale phi", "clip_skip": "Clip skip", "tome": "Token merging ratio",
+              "lora_hashes": "Lora hashes"}
 _A1111_NAMES = {target: alias for alias, target in SAMPLER_ALIASES.items()}
 # `Key: value` pairs of the last line: a value runs to the next comma unless it is quoted.
 _PAIR = re.compile(r'\s*([^:,]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -61,6 +62,7 @@ def a1111_parameters(record: dict[str, Any]) -> str:
               "subseed_strength": record.get("subseed_strength"), "strength": record.get("strength"),
               "guidance_rescale": record.get("guidance_rescale") or None,
               "clip_skip": record["clip_skip"] if (record.get("clip_skip") or 1) > 1 else None,  # A1111: only > 1
+              "tome": record.get("tome") or None,
               "lora_hashes": ", ".join(f"{Path(e['file']).stem}: {e['sha256'][:SHORT_HASH_DIGITS]}"
                                        for e in record.get("loras") or []) or None}
     pairs = ", ".join(f"{A1111_KEYS[k]}: {_quoted(v)}" for k, v in values.items() if v is not None)
@@ -72,8 +74,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
 
 def parse_a1111_parameters(text: str) -> dict[str, Any]:
     """A1111's ``parameters`` text as a record (prompt, negative, steps, sampler, guidance, seed, width, height,
-    model_name, model_hash, strength, guidance_rescale, clip_skip, subseed, subseed_strength: those present); unknown
-    keys are kept under ``a1111``."""
+    model_name, model_hash, strength, guidance_rescale, clip_skip, tome, subseed, subseed_strength: those present);
+    unknown keys are kept under ``a1111``."""
     lines = text.strip("\n").split("\n")
     pairs = {key.strip(): json.loads(value) if value.startswith('"') else value.strip()
              for key, value in _PAIR.findall(lines[-1])}
@@ -88,7 +90,8 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         if "Size" in pairs:
             record["width"], record["height"] = (int(v) for v in pairs.pop("Size").split("x"))
         for key, kind in (("strength", float), ("subseed", int), ("subseed_strength", float),
-                          ("guidance_rescale", float), ("model_hash", str), ("model", str), ("clip_skip", int)):
+                          ("guidance_rescale", float), ("model_hash", str), ("model", str), ("clip_skip", int),
+                          ("tome", float)):
             if A1111_KEYS[key] in pairs:  # the record calls the model's name model_name
                 record["model_name" if key == "model" else key] = kind(pairs.pop(A1111_KEYS[key]))
     except ValueError as e:
