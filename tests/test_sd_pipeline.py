@@ -31,8 +31,7 @@ from latentdiff.diffusion.unet import UNetConfig, UNetModel
 from latentdiff.formats import StableDiffusionComponents, save_diffusers, save_native, save_original
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention, attention_slicing
-from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline
-from latentdiff.pipelines import stable_diffusion
+from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline, stable_diffusion
 from latentdiff.pipelines.tiling import automatic_tile, decode_bytes, decode_tiled, tile_starts
 
 diffusers = pytest.importorskip("diffusers")
