@@ -11,8 +11,10 @@ their noise from ``generator`` on the generator's own device (the CPU, by the pr
 to ``x``'s device, so a seed gives the same samples on any device and thread count.
 
 The discrete-time samplers of CompVis (DDPM, DDIM, PLMS) become short sigma-space updates once one notes
-alphas_cumprod = 1 / (1 + sigma^2); each docstring gives the correspondence. What all samplers share (set-up,
-the reported model call, the generator's noise) is in ``latentdiff.diffusion.sampler_steps``.
+alphas_cumprod = 1 / (1 + sigma^2); each docstring gives the correspondence. The multistep solvers A1111 and
+diffusers users know by name (DPM++ 2M SDE, DPM++ 3M SDE, UniPC) live in ``latentdiff.diffusion.solvers``, and
+what all samplers share (set-up, the reported model call, the generator's noise) in
+``latentdiff.diffusion.sampler_steps``.
 
 ``SAMPLERS`` registers each function with what it needs (``SamplerSpec``): the noise levels it takes, its model
 evaluations per step, warm-up, ancestral noise, and the scheduler conventions diffusers applies to it. Code outside
@@ -31,6 +33,7 @@ from tqdm.auto import trange
 
 from latentdiff.diffusion.denoiser import to_d
 from latentdiff.diffusion.sampler_steps import Callback, Denoiser, evaluate, noise_like, report, setup
+from latentdiff.diffusion.solvers import sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_unipc
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -313,6 +316,10 @@ SAMPLERS: dict[str, SamplerSpec] = _registry(
     SamplerSpec("euler_ancestral", sample_euler_ancestral, ancestral=True, fractional_timesteps=True),
     SamplerSpec("heun", sample_heun, evaluations_per_step=2, fractional_timesteps=True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, spacing_extra_level=True),
+    # latentdiff.diffusion.solvers; their levels are diffusers' DPM-Solver / UniPC schedulers'
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, ancestral=True, spacing_extra_level=True),
+    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, ancestral=True, spacing_extra_level=True),
+    SamplerSpec("unipc", sample_unipc, spacing_extra_level=True),
 )
 
 # AUTOMATIC1111's sampler names (its k-diffusion and CompVis samplers that we have), with the sigma ramp the name
@@ -320,7 +327,10 @@ SAMPLERS: dict[str, SamplerSpec] = _registry(
 SAMPLER_ALIASES: dict[str, tuple[str, str | None]] = {
     "Euler a": ("euler_ancestral", None), "Euler": ("euler", None), "Heun": ("heun", None),
     "DPM++ 2M": ("dpmpp_2m", None), "DPM++ 2M Karras": ("dpmpp_2m", "karras"), "DDIM": ("ddim", None),
-    "PLMS": ("plms", None),
+    "PLMS": ("plms", None), "DPM++ 2M SDE": ("dpmpp_2m_sde", None), "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
+    "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "exponential"), "DPM++ 3M SDE": ("dpmpp_3m_sde", None),
+    "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"), "DPM++ 3M SDE Exponential": ("dpmpp_3m_sde", "exponential"),
+    "UniPC": ("unipc", None),
 }
 _ALIASES_LOWER = {alias.lower(): target for alias, target in SAMPLER_ALIASES.items()}
 
@@ -346,5 +356,5 @@ def get_sampler(sampler: str | SamplerSpec) -> SamplerSpec:
 
 
 __all__ = ["SAMPLERS", "SAMPLER_ALIASES", "SamplerSpec", "ancestral_step", "get_sampler", "resolve_sampler",
-           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
-           "sample_heun", "sample_plms"]
+           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
+           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_plms", "sample_unipc"]
