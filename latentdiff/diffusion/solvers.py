@@ -118,10 +118,12 @@ def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
     d1_0 = (D - D_1) / r0, d1_1 = (D_1 - D_2) / r1 (r0 = h_1 / h, r1 = h_2 / h: the previous steps over this one),
     d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1), d2 = (d1_0 - d1_1) / (r0 + r1), and the step adds
     phi_2 d1 - phi_3 d2 with phi_2 = 1 - (1 - e^-h_eta) / h_eta and phi_3 = phi_2 / h_eta - 1/2 (h_eta = (1 + eta) h),
-    the weights of DPM-Solver's third order multistep update; the second step adds phi_2 (D - D_1) / r0 (the "heun"
-    form of 2M). At eta = 0 it is ``DPMSolverMultistepScheduler(solver_order=3, solver_type="heun")``'s ODE solver;
-    at eta = 1 not diffusers' third order "sde-dpmsolver++" step, whose d2 weight is another. The last step, to
-    sigma 0, returns D. ``noise_sampler`` and the noise: as ``sample_dpmpp_2m_sde``.
+    the weights of DPM-Solver's third order multistep update (phi_3 is half the weight that integrates a quadratic D
+    exactly; kept, as it defines the sampler users know); the second step adds phi_2 (D - D_1) / r0 (the "heun"
+    form of 2M). At eta = 0 it is ``DPMSolverMultistepScheduler(solver_order=3, solver_type="heun",
+    lower_order_final=False)``'s ODE solver; at eta = 1 not diffusers' third order "sde-dpmsolver++" step, whose d2
+    weight is another. The last step, to sigma 0, returns D. ``noise_sampler`` and the noise: as
+    ``sample_dpmpp_2m_sde``.
 
     (A1111 also drops the next-to-last noise level for this sampler, ``discard_next_to_last_sigma``; that is a choice
     of levels, not of the sampler, and is not made here.)
