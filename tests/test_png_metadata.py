@@ -14,6 +14,7 @@ from PIL import Image, PngImagePlugin
 from test_golden import _write_inputs
 
 from latentdiff.cli import main
+from latentdiff.diffusion.samplers import SAMPLER_ALIASES, SAMPLERS, resolve_sampler
 from latentdiff.io.files import file_sha256
 from latentdiff.pipelines.metadata import (
     JSON_KEY,
@@ -51,6 +52,32 @@ def test_a1111_text_known_answer_both_ways() -> None:
     assert a1111_sampler_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
     assert a1111_sampler_name("DPM++ 2M Karras", None) == "DPM++ 2M Karras"
     assert a1111_sampler_name("ddpm", None) == "ddpm"  # A1111 has no name for it: ours
+
+
+def test_every_a1111_sampler_name_round_trips() -> None:
+    """Each A1111 name we accept is the one we write for its (sampler, ramp), and reads back as the same pair."""
+    for alias, (name, ramp) in SAMPLER_ALIASES.items():
+        assert a1111_sampler_name(name, ramp) == alias
+        parsed = parse_a1111_parameters(a1111_parameters(dict(RECORD, sampler=name, sigma_ramp=ramp)))
+        assert parsed["sampler"] == alias and resolve_sampler(parsed["sampler"]) == (SAMPLERS[name], ramp)
+    assert a1111_sampler_name("dpmpp_3m_sde", "exponential") == "DPM++ 3M SDE Exponential"
+    assert a1111_sampler_name("unipc", None) == "UniPC"
+
+
+@pytest.mark.parametrize("sampler, a1111_name", [("unipc", "UniPC"), ("DPM++ 2M SDE", "DPM++ 2M SDE"),
+                                                 ("dpmpp_3m_sde", "DPM++ 3M SDE")])
+def test_new_solvers_generate_and_come_back_from_png(tmp_path: Path, capsys, sampler: str, a1111_name: str) -> None:
+    """The multistep solvers on the bundled model: 2 steps give an image, its PNG names the sampler as A1111 does,
+    and --from-png gives the same bytes (the SDE solvers' per-step noise comes from the seed too)."""
+    out = tmp_path / "out.png"
+    assert _run(PROMPT, "--steps", "2", "--seed", "3", "--sampler", sampler, "-o", str(out)) == 0
+    pixels = np.asarray(Image.open(out))
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+    assert f"Steps: 2, Sampler: {a1111_name}, " in _chunks(out)[PARAMETERS_KEY]
+    assert read_png_parameters(out)["sampler"] == sampler
+    again = tmp_path / "again.png"
+    assert _run("--from-png", str(out), "-o", str(again)) == 0
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_a1111_text_quotes_and_extra_keys() -> None:

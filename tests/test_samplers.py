@@ -140,6 +140,9 @@ SAMPLER_CASES = {
     "euler_ancestral": (karras(500), {}),
     "heun": (karras(30), {}),
     "dpmpp_2m": (karras(30), {}),
+    "dpmpp_2m_sde": (karras(50), {}),
+    "dpmpp_3m_sde": (karras(30), {}),
+    "unipc": (karras(15), {}),
     "ddim": (discrete(200), {}),
     "plms": (discrete(25), {}),
     "ddpm": (full_chain_sigmas(), {}),
@@ -156,7 +159,8 @@ def run_sampler(name: str, data: GaussianMixture, n: int, seed: int) -> torch.Te
 
 
 def test_registry_names_and_error():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "plms", "euler", "euler_ancestral", "heun", "dpmpp_2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "plms", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde",
+                             "dpmpp_3m_sde", "unipc"}
     assert get_sampler("heun") is SAMPLERS["heun"]
     with pytest.raises(ValueError, match="dpmpp_2m"):
         get_sampler("dpm++")
@@ -187,11 +191,15 @@ def test_registry_declares_the_model_evaluations(name, steps, ends_at_zero):
 def test_registry_declares_needs_and_scheduler_conventions():
     assert {n for n, s in SAMPLERS.items() if s.levels == "timesteps"} == {"ddpm", "ddim", "plms"}
     assert {n for n, s in SAMPLERS.items() if s.levels == "sigmas"} == {"euler", "euler_ancestral", "heun",
-                                                                          "dpmpp_2m"}
+                                                                          "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
+                                                                          "unipc"}
     assert {n for n, s in SAMPLERS.items() if s.evaluations_per_step == 2} == {"heun"}
     assert {n for n, s in SAMPLERS.items() if s.warmup_steps} == {"plms"}
     assert {n for n, s in SAMPLERS.items() if s.ends_at_first_level} == {"ddim", "plms"}
-    assert {n for n, s in SAMPLERS.items() if s.spacing_extra_level} == {"dpmpp_2m"}
+    assert {n for n, s in SAMPLERS.items() if s.spacing_extra_level} == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
+                                                                          "unipc"}
+    assert {n for n, s in SAMPLERS.items() if s.ancestral} == {"ddpm", "euler_ancestral", "dpmpp_2m_sde",
+                                                                "dpmpp_3m_sde"}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -237,7 +245,8 @@ def test_mixture_denoiser_is_the_posterior_mean():
     assert torch.allclose(predicted, x0[near].mean(0), atol=6 * x0[near].std(0).max() / near.sum().sqrt())
 
 
-@pytest.mark.parametrize("name,expected_order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("plms", 2)])
+@pytest.mark.parametrize("name,expected_order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("plms", 2),
+                                                 ("unipc", 3)])
 def test_deterministic_samplers_converge_at_their_order(name, expected_order):
     # Against the exact ODE solution (to the last nonzero sigma, then the same final denoising step), doubling
     # the number of steps must divide the error by about 2^order; a wrong coefficient drops the order.

@@ -49,8 +49,14 @@ SIZE = 32  # pixels; latents are 16 x 16 (the VAE downsamples by 2)
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
     "plms": "PNDMScheduler", "heun": "HeunDiscreteScheduler", "ddpm": "DDPMScheduler",
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler", "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
+# The scheduler's options that make it the sampler, given explicitly: a scheduler made from another one's config
+# keeps that one's options. (dpmpp_3m_sde has no diffusers scheduler: its third order "sde-dpmsolver++" update is
+# another one, see test_solvers.)
+SCHEDULER_OPTIONS = {"dpmpp_2m": {"algorithm_type": "dpmsolver++"},
+                     "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"}}
 
 
 # ------------------------------------------------------------------------------------------ tiny models
@@ -99,7 +105,8 @@ def load_theirs(folder: Path, cls: str = "StableDiffusionPipeline"):
 
 
 def with_scheduler(pipe, sampler: str):
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config,
+                                                                          **SCHEDULER_OPTIONS.get(sampler, {}))
     return pipe
 
 

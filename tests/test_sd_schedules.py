@@ -20,6 +20,7 @@ from PIL import Image
 from test_sd_pipeline import (
     NEGATIVE,
     PROMPT,
+    SCHEDULER_OPTIONS,
     SCHEDULERS,
     STEPS,
     TOL,
@@ -59,7 +60,9 @@ def scheduler_for(pipe, sampler: str, spacing: str | None, **config):
     """``pipe`` with diffusers' scheduler for ``sampler``, from the hub SD 1.5 config (plus ``spacing`` and
     ``config``). Not from ``pipe.scheduler.config``: a loaded scheduler's config lists the keys its file lacked
     (``_use_default_values``), and ``from_config`` drops them even when given."""
-    extra = dict(config, **({} if spacing is None else {"timestep_spacing": spacing}))
+    extra = dict(SCHEDULER_OPTIONS.get(sampler, {}), **config)
+    if spacing is not None:
+        extra["timestep_spacing"] = spacing
     pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(dict(HUB_CONFIG, **extra))
     return pipe
 
@@ -136,16 +139,18 @@ def test_inpaint_every_spacing(sd, sampler: str, spacing: str | None) -> None:
 
 
 @pytest.mark.parametrize("sampler, ramp", [("euler", "karras"), ("heun", "karras"), ("dpmpp_2m", "karras"),
+                                           ("dpmpp_2m_sde", "karras"), ("unipc", "karras"),
                                            ("euler", "exponential"), ("heun", "exponential")])
 def test_sigma_ramps_match_diffusers(sd, sampler: str, ramp: str) -> None:
-    """(DPM-Solver with exponential sigmas is left out: diffusers truncates their fractional timesteps to integers,
-    where we round them as for its Karras ramp; 0.006 apart on this model.)"""
+    """(DPM-Solver and UniPC with exponential sigmas are left out: diffusers truncates their fractional timesteps to
+    integers, where we round them as for its Karras ramp; 0.006 apart on this model.)"""
     ours, theirs = sd
     latents = initial_latents()
     theirs = scheduler_for(theirs, sampler, HUB, **{f"use_{ramp}_sigmas": True})
     expected = theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, latents=latents,
-                      output_type="pt").images
-    got = ours.text_to_image(PROMPT, NEGATIVE, steps=STEPS, sampler=sampler, latents=latents, sigma_ramp=ramp).images
+                      generator=torch.Generator().manual_seed(4), output_type="pt").images
+    got = ours.text_to_image(PROMPT, NEGATIVE, steps=STEPS, sampler=sampler, latents=latents, sigma_ramp=ramp,
+                             generator=4).images
     assert max_diff(got, expected) <= TOL
 
 
@@ -272,7 +277,9 @@ def test_diffusers_ddim_linspace_steps_off_its_levels() -> None:
 def test_a1111_names_are_aliases() -> None:
     assert resolve_sampler("DPM++ 2M Karras") == (get_sampler("dpmpp_2m"), "karras")
     assert resolve_sampler("euler a") == (get_sampler("euler_ancestral"), None)
-    assert all(get_sampler(alias).name in SCHEDULERS for alias in SAMPLER_ALIASES)
+    assert resolve_sampler("DPM++ 3M SDE Exponential") == (get_sampler("dpmpp_3m_sde"), "exponential")
+    assert resolve_sampler("unipc") == resolve_sampler("UniPC") == (get_sampler("unipc"), None)
+    assert all(get_sampler(alias).name in SCHEDULERS for alias in SAMPLER_ALIASES if "3M" not in alias)
     with pytest.raises(ValueError, match="AUTOMATIC1111"):
         get_sampler("LMS")
 

@@ -393,12 +393,12 @@ def _add_generation_options(p: argparse.ArgumentParser, sampler_names: str, size
     if stable_diffusion:
         p.add_argument("--spacing", choices=SPACINGS, default=None,
                        help="timestep spacing (default: the model's scheduler config, else diffusers' default for "
-                            "the sampler: linspace for Euler, Heun, DPM++; leading for DDIM, PLMS, DDPM)")
+                            "the sampler: linspace for Euler, Heun, DPM++, UniPC; leading for DDIM, PLMS, DDPM)")
         ramp = p.add_mutually_exclusive_group()
         ramp.add_argument("--karras", dest="sigma_ramp", action="store_const", const="karras",
-                          help="Karras et al. noise levels (Euler, Heun, DPM++)")
+                          help="Karras et al. noise levels (Euler, Heun, DPM++, UniPC)")
         ramp.add_argument("--exponential", dest="sigma_ramp", action="store_const", const="exponential",
-                          help="noise levels evenly spaced in log sigma (Euler, Heun, DPM++)")
+                          help="noise levels evenly spaced in log sigma (Euler, Heun, DPM++, UniPC)")
     what = ("a native run folder (`latentdiff train`), checkpoint folder or model.safetensors, or Stable Diffusion "
             "weights: a .safetensors/.ckpt single file or a diffusers folder") if stable_diffusion else (
             "a native run folder (`latentdiff train`), checkpoint folder or model.safetensors")

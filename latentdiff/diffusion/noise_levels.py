@@ -8,8 +8,9 @@ as diffusers' ``timestep_spacing`` names the choices. For T = 1000:
 - "linspace" ``round(linspace(0, T - 1, n))``: 999, 888, 777, ..., 111, 0;
 - "trailing" ``round(arange(T, 0, -T / n)) - 1`` (Lin et al. 2023, starts from pure noise): 999, 899, ..., 99.
 
-DPM-Solver (``DPMSolverMultistepScheduler``) spaces "leading" and "linspace" over ``n + 1`` levels and drops the
-lowest: 901, 811, ..., 91. The sigma of timestep t is sqrt((1 - a_t) / a_t) with a = alphas_cumprod.
+DPM-Solver (``DPMSolverMultistepScheduler``, our DPM++ samplers) and UniPC (``UniPCMultistepScheduler``) space
+"leading" and "linspace" over ``n + 1`` levels and drop the lowest: 901, 811, ..., 91. The sigma of timestep t is
+sqrt((1 - a_t) / a_t) with a = alphas_cumprod.
 
 Stable Diffusion's schedulers (diffusers, ``scheduler_config.json``: leading spacing, ``steps_offset=1``,
 ``set_alpha_to_one=False``) also differ in where the last step lands: DDIM and PLMS step from timestep 1 to
@@ -18,11 +19,11 @@ step to sigma = 0 (DPM-Solver's ``final_sigmas_type="zero"``, whose last step is
 ``sample_dpmpp_2m``'s). ``sampler_sigmas`` gives these levels from what the sampler's registry entry declares.
 
 Which spacing a sampler uses by default follows diffusers: a scheduler config's ``timestep_spacing`` when it has one,
-else the scheduler class's own default ("linspace" for Euler, Euler ancestral, Heun and DPM-Solver, "leading" for
+else the scheduler class's own default ("linspace" for Euler, Euler ancestral, Heun, DPM-Solver and UniPC, "leading" for
 DDIM, PNDM and DDPM: the hub's SD 1.5 config has no such key). ``LevelOptions`` carries what a model's
 ``scheduler_config.json`` says (spacing, ``steps_offset``, Karras / exponential sigmas). diffusers' sigma schedulers
 (Euler, Euler ancestral, Heun) keep "linspace" timesteps fractional and interpolate sigma linearly between the
-schedule's own; a Karras or exponential ramp spans the spaced sigmas (DPM-Solver: all of the schedule's).
+schedule's own; a Karras or exponential ramp spans the spaced sigmas (DPM-Solver, UniPC: all of the schedule's).
 
 img2img and inpainting at ``strength`` < 1 start part way (``apply_strength``): as diffusers' ``get_timesteps``,
 ``n - min(int(n * strength), n)`` levels are skipped, counted in the scheduler's timestep list, which repeats a

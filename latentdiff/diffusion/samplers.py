@@ -11,7 +11,10 @@ their noise from ``generator`` on the generator's own device (the CPU, by the pr
 to ``x``'s device, so a seed gives the same samples on any device and thread count.
 
 The discrete-time samplers of CompVis (DDPM, DDIM, PLMS) become short sigma-space updates once one notes
-alphas_cumprod = 1 / (1 + sigma^2); each docstring gives the correspondence.
+alphas_cumprod = 1 / (1 + sigma^2); each docstring gives the correspondence. The multistep solvers A1111 and
+diffusers users know by name (DPM++ 2M SDE, DPM++ 3M SDE, UniPC) live in ``latentdiff.diffusion.solvers``, and
+what all samplers share (set-up, the reported model call, the generator's noise) in
+``latentdiff.diffusion.sampler_steps``.
 
 ``SAMPLERS`` registers each function with what it needs (``SamplerSpec``): the noise levels it takes, its model
 evaluations per step, warm-up, ancestral noise, and the scheduler conventions diffusers applies to it. Code outside
@@ -29,39 +32,10 @@ import torch
 from tqdm.auto import trange
 
 from latentdiff.diffusion.denoiser import to_d
-
-Denoiser = Callable[..., torch.Tensor]
-Callback = Callable[[dict[str, Any]], None]
-
+from latentdiff.diffusion.sampler_steps import Callback, Denoiser, evaluate, noise_like, report, setup
+from latentdiff.diffusion.solvers import sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_unipc
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn on the generator's device then moved to x's."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _setup(x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    # Sigmas stay in at least float32 even for a float16 x: small sigmas and their ratios need the precision.
-    sigmas = torch.as_tensor(sigmas).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError("sigmas must be a 1-D tensor of at least two values")
-    return sigmas, sigmas.new_ones(x.shape[0]), extra_args or {}
-
-
-def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
-
-
-def _evaluate(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, s_in: torch.Tensor, extra_args: dict,
-              callback: Callback | None, i: int) -> torch.Tensor:
-    """Step ``i``'s denoised estimate D(x, sigma), reported to the callback."""
-    denoised = model(x, sigma * s_in, **extra_args)
-    _report(callback, i, x, sigma, denoised)
-    return denoised
-
 
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +69,13 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                            callback: Callback | None = None, generator: torch.Generator | None = None,
                            disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """Euler to sigma_down, then add noise back up to sigma_next (see ``ancestral_step``); eta = 0 is Euler."""
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = _evaluate(model, x, sigmas[i], s_in, extra_args, callback, i)
+        denoised = evaluate(model, x, sigmas[i], s_in, extra_args, callback, i)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigma_up > 0:
-            x = x + _noise_like(x, generator) * s_noise * sigma_up
+            x = x + noise_like(x, generator) * s_noise * sigma_up
     return x
 
 
@@ -110,10 +84,10 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
                 callback: Callback | None = None, generator: torch.Generator | None = None,
                 disable: bool | None = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1, deterministic); Euler on the last step to sigma = 0."""
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
+        denoised = evaluate(model, x, sigma, s_in, extra_args, callback, i)
         d = to_d(x, sigma, denoised)
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:  # the corrector would divide by sigma = 0
@@ -134,11 +108,11 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
     the multistep variant replaces D by a linear extrapolation through the previous step's denoised estimate,
     D + (D - D_prev) / (2r) with r = h_prev / h. The first step and the final step to sigma = 0 are first order.
     """
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
     denoised_prev = None
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
+        denoised = evaluate(model, x, sigma, s_in, extra_args, callback, i)
         d_hat = denoised
         if denoised_prev is not None and sigma_next > 0:
             r = (sigmas[i - 1] / sigma).log() / (sigma / sigma_next).log()
@@ -166,18 +140,18 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     level (diffusers' DDIM always steps by T // n timesteps, which with "linspace" spacing falls between the
     timesteps it lists).
     """
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, listed = sigmas[i], sigmas[i + 1]
         sigma_next = listed if landing_sigmas is None else landing_sigmas[i].to(sigmas)
-        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
+        denoised = evaluate(model, x, sigma, s_in, extra_args, callback, i)
         eps = to_d(x, sigma, denoised)
         a, a_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
         if eta > 0 and sigma_next > 0:
             s_t = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
             noise_std = s_t / a_prev.sqrt()
             x = denoised + (sigma_next ** 2 - noise_std ** 2).clamp_min(0).sqrt() * eps
-            x = x + noise_std * _noise_like(x, generator)
+            x = x + noise_std * noise_like(x, generator)
         else:
             x = denoised + sigma_next * eps
         if landing_sigmas is not None:
@@ -199,7 +173,7 @@ def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     ``diffusers_plan``: run diffusers' PNDM call by call instead (``_sample_diffusers_pndm``), one row per network
     call; its img2img/inpainting at strength < 1 and its "linspace" spacing visit levels this loop does not.
     """
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
     if diffusers_plan is not None:
         return _sample_diffusers_pndm(model, x, sigmas, s_in, extra_args, diffusers_plan.to(sigmas), callback, disable)
     eps_history: list[torch.Tensor] = []
@@ -211,7 +185,7 @@ def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
             eps_prime = (eps + to_d(x_ddim, sigma_next, model(x_ddim, sigma_next * s_in, **extra_args))) / 2
         else:
             eps_prime = _adams_bashforth([*eps_history, eps])
-        _report(callback, i, x, sigma, x - sigma.to(x.dtype) * eps_prime)
+        report(callback, i, x, sigma, x - sigma.to(x.dtype) * eps_prime)
         x = x + (sigma_next - sigma) * eps_prime
         eps_history = (eps_history + [eps])[-3:]
     return x
@@ -250,7 +224,7 @@ def _sample_diffusers_pndm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     for c in trange(len(plan), disable=disable):
         label, start, end = plan[c]
         x_in = _relabelled(x, at, label)
-        eps = to_d(x_in, label, _evaluate(model, x_in, label, s_in, extra_args, callback, c))
+        eps = to_d(x_in, label, evaluate(model, x_in, label, s_in, extra_args, callback, c))
         if c == 0:
             history, kept, kept_at, base, base_at, mix = [eps], x, at, x, at, eps
         elif c == 1:
@@ -275,14 +249,14 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     With ``sigmas`` all of a schedule's sigmas (and 0) this is exactly DDPM's T-step chain, whose last step
     (t = 0, variance 0) returns the posterior mean, i.e. x0. No clipping of x0 (latents are unbounded).
     """
-    sigmas, s_in, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _evaluate(model, x, sigma, s_in, extra_args, callback, i)
+        denoised = evaluate(model, x, sigma, s_in, extra_args, callback, i)
         keep = sigma_next ** 2 / sigma ** 2
         x = denoised + keep * (x - denoised)
         if sigma_next > 0:
-            x = x + sigma_next * (1 - keep).sqrt() * _noise_like(x, generator)
+            x = x + sigma_next * (1 - keep).sqrt() * noise_like(x, generator)
     return x
 
 
@@ -342,6 +316,10 @@ SAMPLERS: dict[str, SamplerSpec] = _registry(
     SamplerSpec("euler_ancestral", sample_euler_ancestral, ancestral=True, fractional_timesteps=True),
     SamplerSpec("heun", sample_heun, evaluations_per_step=2, fractional_timesteps=True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, spacing_extra_level=True),
+    # latentdiff.diffusion.solvers; their levels are diffusers' DPM-Solver / UniPC schedulers'
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, ancestral=True, spacing_extra_level=True),
+    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, ancestral=True, spacing_extra_level=True),
+    SamplerSpec("unipc", sample_unipc, spacing_extra_level=True),
 )
 
 # AUTOMATIC1111's sampler names (its k-diffusion and CompVis samplers that we have), with the sigma ramp the name
@@ -349,7 +327,10 @@ SAMPLERS: dict[str, SamplerSpec] = _registry(
 SAMPLER_ALIASES: dict[str, tuple[str, str | None]] = {
     "Euler a": ("euler_ancestral", None), "Euler": ("euler", None), "Heun": ("heun", None),
     "DPM++ 2M": ("dpmpp_2m", None), "DPM++ 2M Karras": ("dpmpp_2m", "karras"), "DDIM": ("ddim", None),
-    "PLMS": ("plms", None),
+    "PLMS": ("plms", None), "DPM++ 2M SDE": ("dpmpp_2m_sde", None), "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
+    "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "exponential"), "DPM++ 3M SDE": ("dpmpp_3m_sde", None),
+    "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"), "DPM++ 3M SDE Exponential": ("dpmpp_3m_sde", "exponential"),
+    "UniPC": ("unipc", None),
 }
 _ALIASES_LOWER = {alias.lower(): target for alias, target in SAMPLER_ALIASES.items()}
 
@@ -375,5 +356,5 @@ def get_sampler(sampler: str | SamplerSpec) -> SamplerSpec:
 
 
 __all__ = ["SAMPLERS", "SAMPLER_ALIASES", "SamplerSpec", "ancestral_step", "get_sampler", "resolve_sampler",
-           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral", "sample_heun",
-           "sample_plms"]
+           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
+           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_plms", "sample_unipc"]
