@@ -30,11 +30,10 @@ def attention_slicing(query_chunk: int | None) -> Iterator[None]:
         _QUERY_CHUNK.reset(token)
 
 
-@torch.compiler.assume_constant_result
 def _query_chunk() -> int | None:
-    """The setting of ``attention_slicing`` here; ``torch.compile`` reads it once, when it traces (dynamo cannot
-    trace a ``ContextVar``)."""
-    return _QUERY_CHUNK.get()
+    """The setting of ``attention_slicing`` here. Under ``torch.compile`` none: dynamo cannot trace a ``ContextVar``
+    (a graph break at every attention), and a compiled graph attends all queries at once."""
+    return None if torch.compiler.is_compiling() else _QUERY_CHUNK.get()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
