@@ -438,6 +438,20 @@ def test_decoding_is_per_image_and_tiles_itself_only_when_memory_is_short(v1, mo
     assert not torch.equal(tiled, both) and float((tiled - both).abs().mean()) < 0.05
 
 
+def test_a_compiled_unet_runs_in_the_pipeline(models) -> None:
+    """``pipe.unet = torch.compile(pipe.unet)`` (docs/performance.md) gives the same image, traced in one graph
+    (dynamo's eager backend here: inductor would take minutes to build)."""
+    pipe = load_pipeline(models["v1"])
+    want = pipe.text_to_image("a cat", steps=2, generator=0, progress=False).images
+    torch._dynamo.reset()
+    pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+    try:
+        torch.testing.assert_close(pipe.text_to_image("a cat", steps=2, generator=0, progress=False).images, want,
+                                   rtol=0, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------ loading, CLI
 
 
