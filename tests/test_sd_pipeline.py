@@ -412,12 +412,13 @@ def test_tiled_decoding_blends_without_seams(v1) -> None:
 
 
 def test_decoding_is_per_image_and_tiles_itself_only_when_memory_is_short(v1, monkeypatch, caplog) -> None:
-    """A batch decodes one image at a time (the same images as one by one); where a whole decode would not fit in the
+    """A batch decodes (and encodes) one image at a time (the same images as one by one); where a whole decode would not fit in the
     memory available the pipeline tiles on its own and says so; with room it decodes whole, exactly."""
     ours, _ = v1
     latents = torch.randn(2, 4, 24, 24, generator=torch.Generator().manual_seed(3))
     both = ours.decode_latents(latents)
     assert torch.equal(both[1:], ours.decode_latents(latents[1:]))
+    assert torch.equal(ours.encode_images(both, sample=False)[1:], ours.encode_images(both[1:], sample=False))
     # The decision: an SD-sized decode (128 channels at full resolution) at 512 px needs about 1.6 GB in float32.
     assert decode_bytes(512, 512, 128, 4) == 12 * 128 * 4 * 512 * 512 + (64 << 20)
     assert automatic_tile(64, 64, 8, 128, 4, available=8 << 30) is None

@@ -332,9 +332,10 @@ class StableDiffusionPipeline(PipelineBase):
 
     def _posterior(self, pixels: torch.Tensor) -> DiagonalGaussian:
         vae_dtype = self.vae.post_quant_conv.weight.dtype
-        with attention_slicing(self.attention_slice), torch.no_grad():
-            moments = self.vae.encode_pre_quant(pixels.to(self.device, vae_dtype))
-        return DiagonalGaussian(moments.float())
+        with attention_slicing(self.attention_slice), torch.no_grad():  # one image at a time: one image's memory
+            moments = torch.cat([self.vae.encode_pre_quant(one.to(self.device, vae_dtype)).float()
+                                 for one in pixels.split(1)])
+        return DiagonalGaussian(moments)
 
     def _encode(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Latents (times ``scale_factor``) of pixels in [-1, 1]: a posterior sample drawn from ``generator`` (in
