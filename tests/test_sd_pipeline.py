@@ -412,8 +412,8 @@ def test_tiled_decoding_blends_without_seams(v1) -> None:
 
 
 def test_decoding_is_per_image_and_tiles_itself_only_when_memory_is_short(v1, monkeypatch, caplog) -> None:
-    """A batch decodes (and encodes) one image at a time (the same images as one by one); where a whole decode would not fit in the
-    memory available the pipeline tiles on its own and says so; with room it decodes whole, exactly."""
+    """A batch decodes (and encodes) one image at a time (the same images as one by one); where a whole decode would
+    not fit in the memory available the pipeline tiles on its own and says so; with room it decodes whole, exactly."""
     ours, _ = v1
     latents = torch.randn(2, 4, 24, 24, generator=torch.Generator().manual_seed(3))
     both = ours.decode_latents(latents)
