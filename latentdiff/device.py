@@ -27,6 +27,24 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def memory_available(device: torch.device | str = "cpu") -> int | None:
+    """Bytes free for new allocations on ``device``: the kernel's ``MemAvailable`` (/proc/meminfo) for the CPU, the
+    driver's free memory for a CUDA GPU; None where neither says (another OS, another back-end)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def autocast_context(device: torch.device, precision: str):
     """An autocast context for ``precision`` in {"fp32", "bf16", "fp16"} on ``device``."""
     if precision == "fp32":

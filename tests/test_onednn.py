@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from latentdiff.device import memory_available
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
 from latentdiff.nn import onednn
 from latentdiff.nn.onednn import Conv2d, Linear, onednn_active, onednn_kernels
@@ -180,7 +181,7 @@ def test_a_wrong_environment_setting_is_refused() -> None:
 
 
 def test_low_memory_keeps_weights_unpacked_and_says_so_once(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(onednn, "memory_available", lambda: 100 << 20)
+    monkeypatch.setattr(onednn, "memory_available", lambda device="cpu": 100 << 20)
     monkeypatch.setattr(onednn, "_NOTED", set())
     torch.manual_seed(0)
     convs = [Conv2d(4, 4, 3, padding=1).requires_grad_(False) for _ in range(2)]
@@ -195,7 +196,8 @@ def test_low_memory_keeps_weights_unpacked_and_says_so_once(monkeypatch, caplog)
 
 
 def test_memory_available_reads_the_kernels_figure() -> None:
-    available = onednn.memory_available()
+    assert memory_available("meta") is None  # a device nothing reports on
+    available = memory_available("cpu")
     if not Path("/proc/meminfo").exists():
         assert available is None
     else:

@@ -430,9 +430,9 @@ def test_decoding_is_per_image_and_tiles_itself_only_when_memory_is_short(v1, mo
     # Through the pipeline: plenty of memory decodes whole; little memory tiles, with one warning.
     channels = ours.vae.config.ch * ours.vae.config.ch_mult[0]
     need = decode_bytes(24 * ours.vae_factor, 24 * ours.vae_factor, channels, 4)
-    monkeypatch.setattr(stable_diffusion, "memory_available", lambda: (1 << 30) + 100 * need)
+    monkeypatch.setattr(stable_diffusion, "memory_available", lambda device: (1 << 30) + 100 * need)
     assert torch.equal(ours.decode_latents(latents), both)
-    monkeypatch.setattr(stable_diffusion, "memory_available", lambda: (1 << 30) + need // 2)
+    monkeypatch.setattr(stable_diffusion, "memory_available", lambda device: (1 << 30) + need // 2)
     with caplog.at_level("WARNING", logger=stable_diffusion.logger.name):
         tiled = ours.decode_latents(latents)
     assert [r.getMessage() for r in caplog.records if "decoding in tiles" in r.getMessage()] != []

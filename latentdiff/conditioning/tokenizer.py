@@ -55,12 +55,12 @@ _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _WORD_END = "</w>"
 
 
-
 @functools.cache
 def _ftfy():  # noqa: ANN202 (the ftfy module)
     """ftfy, imported on first use: it takes a tenth of a second, which a command whose model has no CLIP text
     encoder (the bundled ones) need not pay."""
     return importlib.import_module("ftfy")
+
 
 class TokenizedText(NamedTuple):
     """Token ids (N, L) int64 and their attention mask (N, L) int64: 1 for real tokens, 0 for padding."""

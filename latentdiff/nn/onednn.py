@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentdiff.device import memory_available
+
 _SETTING = os.environ.get("LATENTDIFF_ONEDNN", "1").strip().lower()
 if _SETTING not in ("0", "1", "nopack"):
     raise ImportError(f"LATENTDIFF_ONEDNN must be 1 (oneDNN kernels, packed convolution weights), nopack (oneDNN "
@@ -53,18 +55,6 @@ def _warn_once(what: str, message: str, *args: object) -> None:
     if what not in _NOTED:
         _NOTED.add(what)
         logger.warning(message, *args)
-
-
-def memory_available() -> int | None:
-    """Bytes the kernel reports available (``MemAvailable`` of /proc/meminfo); None where it does not say."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 @contextmanager

@@ -38,6 +38,7 @@ from latentdiff.autoencoder.model import Autoencoder
 from latentdiff.conditioning.clip import CLIPTextConfig, CLIPTextModel
 from latentdiff.conditioning.prompt_syntax import PromptChunk, apply_emphasis, prompt_chunks, stack_chunks
 from latentdiff.conditioning.tokenizer import CLIPTokenizer
+from latentdiff.device import memory_available
 from latentdiff.diffusion.denoiser import DiscreteDenoiser
 from latentdiff.diffusion.noise_levels import LevelOptions, diffusers_stepping, sampler_sigmas, starts_at_sigma_max
 from latentdiff.diffusion.process import draw_noise
@@ -56,7 +57,6 @@ from latentdiff.formats.embeddings import read_embedding
 from latentdiff.formats.lora import apply_lora_to_components
 from latentdiff.io.errors import CheckpointError
 from latentdiff.nn.attention import attention_slicing
-from latentdiff.nn.onednn import memory_available
 from latentdiff.pipelines.base import (
     Generator,
     PipelineBase,
@@ -373,21 +373,16 @@ class StableDiffusionPipeline(PipelineBase):
         return torch.cat(images)
 
     def _automatic_tile(self, z: torch.Tensor) -> int | None:
-        """The tile size where decoding one whole image of ``z`` would not fit in the memory available (the CPU's
-        ``MemAvailable``, a GPU's free memory), else None."""
-        if self.device.type == "cuda":
-            available = torch.cuda.mem_get_info(self.device)[0]
-        else:
-            available = memory_available() if self.device.type == "cpu" else None
-        config = self.vae.config
-        tile = automatic_tile(z.shape[-2], z.shape[-1], self.vae_factor, config.ch * config.ch_mult[0],
-                              z.element_size(), available)
+        """The tile size where decoding one whole image of ``z`` would not fit in the memory available on the
+        pipeline's device (``latentdiff.device.memory_available``), else None."""
+        available = memory_available(self.device)
+        channels = self.vae.config.ch * self.vae.config.ch_mult[0]  # the decoder's full-resolution level
+        tile = automatic_tile(z.shape[-2], z.shape[-1], self.vae_factor, channels, z.element_size(), available)
         if tile is not None:
-            need = decode_bytes(z.shape[-2] * self.vae_factor, z.shape[-1] * self.vae_factor,
-                                config.ch * config.ch_mult[0], z.element_size())
+            height, width = z.shape[-2] * self.vae_factor, z.shape[-1] * self.vae_factor
             logger.warning("decoding in tiles of %d latent pixels: a whole %dx%d decode needs about %d MB, %d MB are "
-                           "available (--vae-tile chooses the tile size)", tile, z.shape[-1] * self.vae_factor,
-                           z.shape[-2] * self.vae_factor, need >> 20, available >> 20)
+                           "available (--vae-tile chooses the tile size)", tile, width, height,
+                           decode_bytes(height, width, channels, z.element_size()) >> 20, available >> 20)
         return tile
 
     def sigmas(self, sampler: str, steps: int, strength: float = 1.0, spacing: str | None = None,
