@@ -87,24 +87,8 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
-    noise = _SDENoise(eta, s_noise, generator, noise_sampler)
-    denoised_prev = None
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = evaluate(model, x, sigma, s_in, extra_args, callback, i)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = _log_ratio(sigma, sigma_next)
-            x, h_eta = _sde_first_order(x, denoised, h, eta)
-            if denoised_prev is not None:
-                r = _log_ratio(sigmas[i - 1], sigma) / h
-                weight = -math.expm1(-h_eta) / 2 if solver_type == "midpoint" else _phi_2(h_eta)
-                x = x + (weight / r) * (denoised - denoised_prev)
-            x = noise.added(x, sigma, sigma_next, h)
-        denoised_prev = denoised
-    return x
+    return _sample_dpmpp_sde(model, x, sigmas, extra_args, callback, disable, _SDENoise(eta, s_noise, generator,
+                             noise_sampler), order=2, midpoint=solver_type == "midpoint")
 
 
 @torch.no_grad()
@@ -128,8 +112,18 @@ def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
     (A1111 also drops the next-to-last noise level for this sampler, ``discard_next_to_last_sigma``; that is a choice
     of levels, not of the sampler, and is not made here.)
     """
+    return _sample_dpmpp_sde(model, x, sigmas, extra_args, callback, disable, _SDENoise(eta, s_noise, generator,
+                             noise_sampler), order=3, midpoint=False)
+
+
+def _sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None,
+                      callback: Callback | None, disable: bool | None, noise: _SDENoise, order: int,
+                      midpoint: bool) -> torch.Tensor:
+    """The one loop of the DPM++ SDE samplers: the first order SDE step, plus (from the second step) the linear
+    term through the previous estimate, with the "midpoint" weight (1 - e^-h_eta) / 2 or the "heun" one phi_2, and
+    for ``order`` 3 (from the third step) the quadratic term of ``sample_dpmpp_3m_sde``; then the fresh noise. The
+    last step, to sigma 0, returns D."""
     sigmas, s_in, extra_args = setup(x, sigmas, extra_args)
-    noise = _SDENoise(eta, s_noise, generator, noise_sampler)
     history: list[torch.Tensor] = []  # the previous steps' D, newest first
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -138,20 +132,18 @@ def sample_dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
             x = denoised
         else:
             h = _log_ratio(sigma, sigma_next)
-            x, h_eta = _sde_first_order(x, denoised, h, eta)
+            x, h_eta = _sde_first_order(x, denoised, h, noise.eta)
             phi_2 = _phi_2(h_eta)
-            if len(history) >= 1:
-                r0 = _log_ratio(sigmas[i - 1], sigma) / h
-                d1_0 = (denoised - history[0]) / r0
             if len(history) == 2:
-                r1 = _log_ratio(sigmas[i - 2], sigmas[i - 1]) / h
-                d1_1 = (history[0] - history[1]) / r1
+                r0, r1 = _log_ratio(sigmas[i - 1], sigma) / h, _log_ratio(sigmas[i - 2], sigmas[i - 1]) / h
+                d1_0, d1_1 = (denoised - history[0]) / r0, (history[0] - history[1]) / r1
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 x = x + phi_2 * (d1_0 + r0 * d2) - (phi_2 / h_eta - 0.5) * d2
             elif len(history) == 1:
-                x = x + phi_2 * d1_0
+                weight = -math.expm1(-h_eta) / 2 if midpoint else phi_2
+                x = x + (weight / (_log_ratio(sigmas[i - 1], sigma) / h)) * (denoised - history[0])
             x = noise.added(x, sigma, sigma_next, h)
-        history = [denoised, *history][:2]
+        history = [denoised, *history][:order - 1]
     return x
 
 
