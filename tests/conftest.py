@@ -4,7 +4,28 @@ import pytest
 import torch
 from test_golden import _tiny_first_stage as save_tiny_autoencoder  # the golden runs' tiny first stage
 
+from latentdiff.diffusion.unet import UNetConfig, UNetModel
+
 torch.set_num_threads(1)
+
+
+def small_unet(attention_resolutions: tuple[int, ...] = (2,)) -> UNetModel:
+    """A seeded two-level UNet with transformers (cross-attention to 16-wide contexts) at ``attention_resolutions``,
+    frozen, its zero-initialised output layers given small values so that every block contributes."""
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=attention_resolutions,
+                     num_heads=2, context_dim=16)
+    torch.manual_seed(0)
+    model = UNetModel(cfg).eval().requires_grad_(False)
+    for p in model.parameters():
+        if not p.any():
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def make_small_unet():
+    """``small_unet``, for tests that build their own."""
+    return small_unet
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from latentdiff.cli import main
 from latentdiff.diffusion import deepcache
 from latentdiff.diffusion.deepcache import deep_cache
-from latentdiff.diffusion.unet import UNetConfig, UNetModel
+from latentdiff.diffusion.unet import UNetModel
 from latentdiff.pipelines import load_pipeline
 from latentdiff.pipelines.metadata import read_png_parameters
 
@@ -18,15 +18,8 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture(scope="module")
-def unet() -> UNetModel:
-    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
-                     context_dim=16)
-    torch.manual_seed(0)
-    model = UNetModel(cfg).eval().requires_grad_(False)
-    for p in model.parameters():
-        if not p.any():
-            p.normal_(0, 0.05)
-    return model
+def unet(make_small_unet) -> UNetModel:
+    return make_small_unet()
 
 
 def _inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from latentdiff.device import memory_available
-from latentdiff.diffusion.unet import UNetConfig, UNetModel
 from latentdiff.nn import onednn
 from latentdiff.nn.onednn import Conv2d, Linear, onednn_active, onednn_kernels
 
@@ -150,20 +149,8 @@ def test_state_dict_names_are_torch_nn_ones() -> None:
     assert isinstance(ours, torch.nn.Conv2d) and isinstance(Linear(2, 2), torch.nn.Linear)
 
 
-def _small_unet() -> UNetModel:
-    """A seeded two-level UNet with attention, frozen, its zero-initialised layers given small values."""
-    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
-                     context_dim=16)
-    torch.manual_seed(0)
-    unet = UNetModel(cfg).eval().requires_grad_(False)
-    for p in unet.parameters():
-        if not p.any():
-            p.normal_(0, 0.05)
-    return unet
-
-
-def test_unet_forward_matches_the_plain_kernels() -> None:
-    unet = _small_unet()
+def test_unet_forward_matches_the_plain_kernels(make_small_unet) -> None:
+    unet = make_small_unet()
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 16)
     with torch.inference_mode():
         with onednn_kernels(False):
@@ -217,11 +204,11 @@ def test_weights_made_in_inference_mode_run_unpacked_with_one_warning(monkeypatc
     assert len(warnings) == 1 and "torch.inference_mode() stay unpacked" in warnings[0]
 
 
-def test_torch_compile_traces_the_plain_operators_in_one_graph() -> None:
+def test_torch_compile_traces_the_plain_operators_in_one_graph(make_small_unet) -> None:
     """Under ``torch.compile`` the layers and the UNet give dynamo the plain operators in one graph, without breaks
     (a break in a layer guards on its weight's identity: one recompilation per layer, past dynamo's limit in a
     UNet), with the same output as the eager oneDNN path."""
-    unet = _small_unet()
+    unet = make_small_unet()
     layers = torch.nn.Sequential(Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(2), Linear(64, 16)).eval()
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 16)
     with torch.no_grad():

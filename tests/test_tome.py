@@ -19,16 +19,9 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture(scope="module")
-def unet() -> UNetModel:
+def unet(make_small_unet) -> UNetModel:
     # Transformers at both levels; with num_res_blocks 2, five of them (2 down, 3 up) at the input's resolution.
-    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_heads=2,
-                     context_dim=16)
-    torch.manual_seed(0)
-    model = UNetModel(cfg).eval().requires_grad_(False)
-    for p in model.parameters():
-        if not p.any():  # the zero-initialised output layers, so that every block contributes
-            p.normal_(0, 0.05)
-    return model
+    return make_small_unet(attention_resolutions=(1, 2))
 
 
 def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
