@@ -71,7 +71,7 @@ import torch
 PHASES = ("unet", "vae", "text", "txt2img")
 # our kernel settings (LATENTDIFF_ONEDNN, latentdiff/nn/onednn.py): PyTorch's plain kernels, oneDNN on the weights as
 # they are, oneDNN with convolution weights packed once (the default)
-KERNELS = {"plain": "0", "nopack": "nopack", "onednn": "1", "deepcache3": "1"}
+KERNELS = {"plain": "0", "nopack": "nopack", "keep": "keep", "onednn": "1", "deepcache3": "1"}
 # deepcache3 (txt2img only): the default kernels with DeepCache, the whole UNet every third step (an approximation)
 LAYOUTS = ("contiguous", "channels_last")  # diffusers' memory formats
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

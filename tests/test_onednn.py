@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,135 @@ def test_torch_compile_traces_the_plain_operators_in_one_graph(make_small_unet) 
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="eager", fullgraph=True)
             assert _rel(compiled(*args, **kwargs), model(*args, **kwargs)) < 1e-5
+
+
+def _held_packed_only(conv: torch.nn.Module) -> bool:
+    """Whether the layer's plain weight was let go (its entry is the meta-device stand-in)."""
+    entry = dict.__getitem__(conv.__dict__["_parameters"], "weight")
+    return entry.device.type == "meta"
+
+
+@pytest.mark.parametrize("groups,channels_last", [(1, False), (4, False), (1, True)])
+def test_weights_are_held_once_and_read_back_bit_for_bit(groups, channels_last) -> None:
+    torch.manual_seed(0)
+    conv = Conv2d(8, 16, 3, padding=1, groups=groups).requires_grad_(False)
+    if channels_last:
+        conv.to(memory_format=torch.channels_last)
+    original = conv.weight.detach().clone()
+    gone = weakref.ref(conv.weight)
+    x = torch.randn(2, 8, 8, 8)
+    want = F.conv2d(x, original, conv.bias, padding=1, groups=groups)
+    with torch.no_grad():
+        first = conv(x)
+    assert _rel(first, want) < 1e-5
+    assert _held_packed_only(conv) and gone() is None  # nothing holds the plain weight any more
+    with torch.no_grad():
+        assert torch.equal(conv(x), first)  # the packed copy alone computes the same
+    weight = conv.weight  # a read brings it back, with its layout
+    assert torch.equal(weight, original) and weight.stride() == original.stride() and not weight.requires_grad
+    assert not _held_packed_only(conv)
+    with torch.no_grad():
+        conv(x)
+    assert not _held_packed_only(conv)  # still referenced here: kept
+    del weight
+    with torch.inference_mode():
+        assert torch.equal(conv(x), first)
+    assert _held_packed_only(conv)  # let go again
+    packed = conv.__dict__["_onednn_packed"][1]
+    assert torch.equal(conv.state_dict()["weight"], original)
+    with torch.no_grad():
+        conv(x)
+    assert conv.__dict__["_onednn_packed"][1] is packed  # a read alone packs nothing again
+    assert [n for n, _ in conv.named_parameters()] == ["weight", "bias"]
+    assert torch.equal(dict(conv.named_parameters())["weight"], original)
+
+
+def test_every_way_of_reading_or_changing_a_weight_held_once() -> None:
+    torch.manual_seed(0)
+    conv = Conv2d(6, 6, 3, padding=1).requires_grad_(False)
+    original = conv.weight.detach().clone()
+    x = torch.randn(1, 6, 8, 8)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            out = conv(x)
+        assert _held_packed_only(conv)
+        return out
+
+    run()
+    assert torch.equal(copy.deepcopy(conv).weight, original) and torch.equal(conv.weight, original)
+    run()
+    assert torch.equal(pickle.loads(pickle.dumps(conv)).weight, original)
+    run()
+    new = torch.randn(6, 6, 3, 3)
+    conv.load_state_dict({"weight": new, "bias": conv.bias.detach().clone()})
+    assert _rel(run(), F.conv2d(x, new, conv.bias, padding=1)) < 1e-5
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # in place through the attribute: packed again on the next call
+    assert _rel(run(), F.conv2d(x, 2 * new, conv.bias, padding=1)) < 1e-5
+    bias = conv.bias.detach().clone()
+    half = conv.to(torch.bfloat16)  # the same layer, converted
+    assert torch.equal(half.weight, (2 * new).bfloat16())
+    with torch.no_grad():
+        assert _rel(half(x.bfloat16()), F.conv2d(x, 2 * new, bias, padding=1)) < 2e-2
+        assert _held_packed_only(half)
+        half.float()(x)
+    params = list(conv.parameters())
+    assert params[0].device.type == "cpu" and torch.equal(params[0], (2 * new).bfloat16().float())
+
+
+def test_weights_that_something_else_holds_keep_both_copies() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 6)
+    convs = [Conv2d(4, 4, 3, padding=1).requires_grad_(False) for _ in range(4)]
+    held = [convs[0].weight, convs[1].weight.view(-1), convs[2].state_dict()]  # a reference, a view, a state dict
+    trained = Conv2d(4, 4, 3, padding=1)  # requires grad: an optimiser may hold it
+    with torch.no_grad():
+        for conv in [*convs[:3], trained]:
+            conv(x)
+            assert "_onednn_packed" in conv.__dict__ and not _held_packed_only(conv)
+        with onednn_kernels(True, once=False):
+            convs[3](x)
+        assert not _held_packed_only(convs[3])
+        convs[3](x)
+        assert _held_packed_only(convs[3])
+    assert len(held) == 3
+
+
+def test_training_after_sampling_brings_the_weight_back() -> None:
+    torch.manual_seed(0)
+    frozen = Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    original = frozen.weight.detach().clone()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        frozen(x)
+    assert _held_packed_only(frozen)
+    xg = x.clone().requires_grad_(True)
+    out = frozen(xg)  # differentiated: the plain path, on the plain weight
+    out.square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    F.conv2d(xr, original, frozen.bias, padding=1).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad) and not _held_packed_only(frozen)
+    assert "_onednn_packed" not in frozen.__dict__
+
+
+def test_a_unet_holds_its_convolution_weights_once(make_small_unet) -> None:
+    """After one inference call every convolution of the UNet holds its weight only packed; its state dict is the
+    same, and compiling it afterwards traces the plain weights."""
+    unet = make_small_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        with onednn_kernels(False):
+            want = unet(x, t, context=ctx)
+        got = unet(x, t, context=ctx)
+    convs = [m for m in unet.modules() if isinstance(m, Conv2d)]
+    assert convs and all(_held_packed_only(m) for m in convs)
+    with torch.inference_mode():
+        assert torch.equal(unet(x, t, context=ctx), got)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(unet, backend="eager", fullgraph=True)
+        assert _rel(compiled(x, t, context=ctx), want) < 1e-5
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

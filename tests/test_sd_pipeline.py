@@ -30,6 +30,7 @@ from latentdiff.diffusion.noise_levels import sampler_sigmas, sampler_timesteps,
 from latentdiff.diffusion.unet import UNetConfig, UNetModel
 from latentdiff.formats import StableDiffusionComponents, save_diffusers, save_native, save_original
 from latentdiff.io.errors import CheckpointError
+from latentdiff.nn import onednn
 from latentdiff.nn.attention import attention, attention_slicing
 from latentdiff.pipelines import StableDiffusionPipeline, load_pipeline, stable_diffusion
 from latentdiff.pipelines.tiling import automatic_tile, decode_bytes, decode_tiled, tile_starts
@@ -336,6 +337,22 @@ def test_bf16_weights_run_on_the_cpu_close_to_float32(models, v1) -> None:
     got = half.text_to_image(PROMPT, NEGATIVE, steps=3, sampler="dpmpp_2m", latents=latents).images
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert float((got - full).abs().mean()) < 0.02
+
+
+def test_pipelines_hold_their_convolution_weights_once(models) -> None:
+    """After a call the UNet's and the VAE's convolutions hold their weights only in oneDNN's packed layout (where
+    this PyTorch has oneDNN): the memory of the weights once. A second call gives the same image, and the weights
+    read back are the ones loaded."""
+    pipe = load_pipeline(models["v1"])
+    loaded = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    first = pipe.text_to_image(PROMPT, NEGATIVE, steps=2, sampler="ddim", generator=3).images
+    if onednn.onednn_active():
+        for model in (pipe.unet, pipe.vae.decoder):
+            convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(dict.__getitem__(m.__dict__["_parameters"], "weight").is_meta for m in convs)
+    assert torch.equal(pipe.text_to_image(PROMPT, NEGATIVE, steps=2, sampler="ddim", generator=3).images, first)
+    state = pipe.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in loaded.items())
 
 
 def test_attention_slicing_gives_the_same_result(models, v1) -> None:

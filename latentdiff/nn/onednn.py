@@ -9,10 +9,14 @@ float32 or bfloat16, they call oneDNN directly:
   reorder is what makes the small feature maps of a UNet's deep levels slow: on the 2-core AVX-512 machine a 3x3
   1280-channel convolution on 8x8 pixels runs at 92 GFLOP/s through ``F.conv2d`` and at 222 with the packed weight
   (``benchmarks/cpu_kernels.py``).
-  The packed copy costs the memory of the weight once more (an in-place change of the weight, ``.to()``, a new
-  state dict or LoRA merge packs it again on the next call; a forward with gradients, training again, lets it go);
-  where less than that plus 1 GiB is available (``MemAvailable``), the weight stays unpacked and a warning says so
-  once.
+  Weights are held once: where nothing else refers to a frozen weight (no other tensor on its memory, no other
+  reference to the parameter), the plain copy is let go once packed, and the packed copy is the only one. Any read
+  of the weight (the attribute, ``parameters()``, ``state_dict()``, ``load_state_dict()``, ``.to()``, pickling, a
+  forward with gradients) first brings the plain weight back, bit for bit, from the packed one; the next inference
+  call lets it go again. An in-place change of the weight, ``.to()``, a new state dict or LoRA merge packs it again
+  on the next call; a forward with gradients, training again, lets the packed copy go. Weights that something else
+  holds keep both copies (the memory of the weight once more); where less than two copies plus 1 GiB is available
+  (``MemAvailable``), the weight stays unpacked and a warning says so once.
 - ``Linear`` calls oneDNN's matrix product instead of MKL's ``addmm`` (fp32: 132-216 GFLOP/s against 120-180 for
   the UNet's shapes, ``benchmarks/cpu_kernels.py``), on the weight as it is, without a second copy.
 
@@ -20,13 +24,17 @@ Both compute the same products in another order: outputs differ from the plain l
 1e-6 in fp32). Gradients, autocast, tracing/export/``torch.compile`` and other devices take the plain path.
 ``onednn_kernels(False)`` (a context manager) or ``LATENTDIFF_ONEDNN=0`` in the environment switch the fast path
 off, to compare or to debug; ``onednn_kernels(True, pack=False)`` or ``LATENTDIFF_ONEDNN=nopack`` keep oneDNN but
-not the packed copies, where memory matters more than time.
+not the packed copies (slower); ``onednn_kernels(True, once=False)`` or ``LATENTDIFF_ONEDNN=keep`` keep the plain
+weights beside the packed ones (the memory of the convolution weights twice, for code that reads them behind
+``torch.nn``'s back).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,11 +46,13 @@ from torch import nn
 from latentdiff.device import memory_available
 
 _SETTING = os.environ.get("LATENTDIFF_ONEDNN", "1").strip().lower()
-if _SETTING not in ("0", "1", "nopack"):
-    raise ImportError(f"LATENTDIFF_ONEDNN must be 1 (oneDNN kernels, packed convolution weights), nopack (oneDNN "
-                      f"kernels on the weights as they are) or 0 (PyTorch's plain kernels), not {_SETTING!r}")
+if _SETTING not in ("0", "1", "keep", "nopack"):
+    raise ImportError(f"LATENTDIFF_ONEDNN must be 1 (oneDNN kernels, convolution weights held once, packed), keep "
+                      f"(the plain convolution weights kept beside the packed ones), nopack (oneDNN kernels on the "
+                      f"weights as they are) or 0 (PyTorch's plain kernels), not {_SETTING!r}")
 _ENABLED: ContextVar[bool] = ContextVar("latentdiff_onednn", default=_SETTING != "0")
-_PACK: ContextVar[bool] = ContextVar("latentdiff_onednn_pack", default=_SETTING == "1")
+_PACK: ContextVar[bool] = ContextVar("latentdiff_onednn_pack", default=_SETTING in ("1", "keep"))
+_ONCE: ContextVar[bool] = ContextVar("latentdiff_onednn_once", default=_SETTING == "1")
 _AVAILABLE = torch.backends.mkldnn.is_available()
 _BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _CACHE = "_onednn_packed"
@@ -58,15 +68,17 @@ def _warn_once(what: str, message: str, *args: object) -> None:
 
 
 @contextmanager
-def onednn_kernels(enabled: bool, pack: bool = True) -> Iterator[None]:
+def onednn_kernels(enabled: bool, pack: bool = True, once: bool = True) -> Iterator[None]:
     """Within the block, ``Conv2d`` and ``Linear`` use oneDNN's kernels (True) or only PyTorch's plain ones; with
-    ``pack=False`` convolutions use their weights as they are (no second copy, slower on small feature maps)."""
-    tokens = _ENABLED.set(bool(enabled)), _PACK.set(bool(pack))
+    ``pack=False`` convolutions use their weights as they are (no second copy, slower on small feature maps); with
+    ``once=False`` the convolutions packed in the block keep their plain weights beside the packed ones."""
+    tokens = _ENABLED.set(bool(enabled)), _PACK.set(bool(pack)), _ONCE.set(bool(once))
     try:
         yield
     finally:
         _ENABLED.reset(tokens[0])
         _PACK.reset(tokens[1])
+        _ONCE.reset(tokens[2])
 
 
 def onednn_active() -> bool:
@@ -104,26 +116,109 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
+class _PackedOnly(dict):
+    """A ``Conv2d``'s ``_parameters`` while its weight is held only in oneDNN's packed layout (the entry holds a
+    meta-device stand-in). Whatever reads the weight through ``torch.nn`` (the attribute, ``parameters()``,
+    ``state_dict()``, ``load_state_dict()``, assignment, copying) first gets the plain weight back, bit for bit, and
+    the layer its plain dict: ``torch.nn.Module`` reaches its parameters only through these methods."""
+
+    def __init__(self, owner: Conv2d, packed: torch.Tensor) -> None:
+        super().__init__(owner.__dict__["_parameters"])
+        self.owner = weakref.ref(owner)
+        self.packed: torch.Tensor | None = packed
+
+    def restore(self) -> None:
+        packed, self.packed = self.packed, None
+        if packed is None:
+            return
+        stand_in = dict.__getitem__(self, "weight")
+        with torch.inference_mode(False), torch.no_grad():
+            dense = packed.to_dense().reshape(stand_in.shape)  # a reorder back: the same numbers
+            if dense.stride() != stand_in.stride():
+                dense = torch.empty_strided(stand_in.shape, stand_in.stride(), dtype=dense.dtype).copy_(dense)
+            weight = nn.Parameter(dense, requires_grad=False)
+        dict.__setitem__(self, "weight", weight)
+        owner = self.owner()
+        if owner is not None and owner.__dict__.get("_parameters") is self:
+            owner.__dict__["_parameters"] = dict(self)
+            cached = owner.__dict__.get(_CACHE)
+            if cached is not None and cached[1] is packed:  # the packed copy is still this weight's
+                owner.__dict__[_CACHE] = ((weight.data_ptr(), weight._version, weight.dtype), packed)
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "weight":
+            self.restore()
+        return dict.__getitem__(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # copies and pickles are plain dicts of plain weights
+        return dict, (dict(self.items()),)
+
+
+def _restoring(name: str) -> Any:
+    base = getattr(dict, name)
+
+    def method(self: _PackedOnly, *args: Any, **kwargs: Any) -> Any:
+        self.restore()
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("items", "values", "copy", "pop", "popitem", "setdefault", "update", "__setitem__", "__delitem__",
+              "__eq__", "__repr__"):
+    setattr(_PackedOnly, _name, _restoring(_name))
+
+
+def _held_only_by(params: dict[str, Any]) -> nn.Parameter | None:
+    """The frozen weight in ``params`` if nothing but that dict refers to it and nothing else uses its memory (no
+    views, no state-dict tensors, no optimiser): then letting it go loses nothing."""
+    weight = params.get("weight")
+    if type(weight) is not nn.Parameter or weight.requires_grad or weight.is_inference():
+        return None
+    if sys.getrefcount(weight) != 3:  # the dict, the name ``weight`` and the call's argument
+        return None
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or use_count(weight.untyped_storage()._cdata) != 2:  # the parameter and this query
+        return None
+    return weight
+
+
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose inference forward on a CPU runs oneDNN on a weight packed once (see the module
-    docstring)."""
+    """``nn.Conv2d`` whose inference forward on a CPU runs oneDNN on a weight packed once and, where nothing else
+    holds it, held once (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # first: dynamo traces none of the rest
+            return super().forward(x)
+        params = self.__dict__["_parameters"]
+        if type(params) is _PackedOnly:  # the weight is held only packed
+            packed = params.packed
+            bias = dict.__getitem__(params, "bias")
+            if (packed is not None and x.dim() == 4 and x.dtype is packed.dtype and self.padding_mode == "zeros"
+                    and _PACK.get() and _fast(x, (bias,))):
+                return self._convolve(x, packed, bias)
+            params.restore()  # any other path needs the plain weight
         if (x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and _fast(x, (self.weight, self.bias))):
-            weight = self._packed(x)
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                "none", [], "")
+            return self._convolve(x, self._packed(x), self.bias)
         if torch.is_grad_enabled() and _CACHE in self.__dict__:
             # training again (after sampling between steps): the weight will change, its packed copy only holds memory
             del self.__dict__[_CACHE]
         return super().forward(x)
 
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups, "none", [], "")
+
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight in oneDNN's layout, packed again only when the weight tensor or its contents changed.
-        Weights made under ``torch.inference_mode`` have no version counter to tell a change: they are used as
-        they are, unpacked (build models outside it, as the pipelines do, and run them inside it)."""
+        """The weight in oneDNN's layout, packed again only when the weight tensor or its contents changed; the
+        plain weight is then let go where nothing else holds it. Weights made under ``torch.inference_mode`` have no
+        version counter to tell a change: they are used as they are, unpacked (build models outside it, as the
+        pipelines do, and run them inside it)."""
         w = self.weight
         if not _PACK.get():
             return w
@@ -145,14 +240,35 @@ class Conv2d(nn.Conv2d):
                 w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
             self.__dict__[_CACHE] = cached = (key, packed)
-        return w if cached[1] is None else cached[1]
+        if cached[1] is None:
+            return w
+        del w
+        if _ONCE.get() and _held_only_by(self.__dict__["_parameters"]) is not None:
+            self._hold_packed_only(cached[1])
+        return cached[1]
+
+    def _hold_packed_only(self, packed: torch.Tensor) -> None:
+        """Let the plain weight go: a meta-device stand-in takes its place until something reads it."""
+        params = _PackedOnly(self, packed)
+        weight = dict.__getitem__(params, "weight")
+        with torch.inference_mode(False):
+            stand_in = torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device="meta")
+        dict.__setitem__(params, "weight", nn.Parameter(stand_in, requires_grad=False))
+        self.__dict__["_parameters"] = params
+
+    def _restore_weight(self) -> None:
+        params = self.__dict__.get("_parameters")
+        if type(params) is _PackedOnly:
+            params.restore()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Conv2d:
+        self._restore_weight()
         self.__dict__.pop(_CACHE, None)  # .to(), .float(), .share_memory(): the packed copy would be stale
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         # oneDNN's opaque tensors neither pickle nor deep-copy; the copy packs its own weight when it runs.
+        self._restore_weight()
         state = dict(super().__getstate__())
         state.pop(_CACHE, None)
         return state
