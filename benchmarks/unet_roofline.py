@@ -1,18 +1,19 @@
-"""Where SD v1.5's UNet step spends its time on this CPU, against what the hardware allows.
+"""Where SD v1.5's UNet step (or its VAE decode) spends its time on this CPU, against what the hardware allows.
 
 Three tables:
 
-1. **Work**: the floating-point operations of one UNet step (batch 2, as with classifier-free guidance) by kind:
-   convolutions, linears (the transformers' projections and MLPs), attention (the two products per head),
-   counted on the meta device from the layers' real shapes.
-2. **Peak**: the best rate this machine reaches on a large dense product (a 4096^3 matrix product and a 3x3
-   1280-channel convolution at 16x16, both through oneDNN), fp32 and bf16. Work / peak is a lower bound on the step
-   for any implementation that does the same arithmetic.
-3. **Profile**: one step of our UNet (random weights, ``latentdiff.nn.onednn``'s kernels as shipped, or
-   ``--plain`` for PyTorch's own) under ``torch.profiler``: seconds and GFLOP/s per kind.
+1. **Work**: the floating-point operations of one UNet step (batch 2, as with classifier-free guidance), or with
+   ``--model vae`` of decoding one latent, by kind: convolutions, linears (the transformers' projections and MLPs),
+   attention (the two products per head), counted on the meta device from the layers' real shapes.
+2. **Peak**: the best rate this machine reaches on a large dense product (a 4096^3 matrix product, a 3x3
+   1280-channel convolution at 16x16 and a 3x3 256-channel one at 256x256 as in the VAE's fine levels, all through
+   oneDNN), fp32 and bf16. Work / peak is a lower bound for any implementation that does the same arithmetic.
+3. **Profile**: one step of our UNet or one decode of our VAE (random weights, ``latentdiff.nn.onednn``'s kernels
+   as shipped, or ``--plain`` for PyTorch's own) under ``torch.profiler``: seconds and GFLOP/s per kind.
 
     python benchmarks/unet_roofline.py --size 512 --dtype fp32     # about a minute on 2 cores
     python benchmarks/unet_roofline.py --size 512 --dtype bf16
+    python benchmarks/unet_roofline.py --model vae --size 512 --dtype fp32
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig  # noqa: E402
+from latentdiff.config import from_dict, read_yaml  # noqa: E402
 from latentdiff.diffusion.unet import UNetConfig, UNetModel  # noqa: E402
-from latentdiff.nn import transformer  # noqa: E402
+from latentdiff.nn import layers, transformer  # noqa: E402
 from latentdiff.nn.onednn import onednn_kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VAE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd-kl-f8.yaml"
 KINDS = {  # profiler op names -> kind
     "mkldnn::_convolution_pointwise": "conv", "aten::mkldnn_convolution": "conv",
     "mkldnn::_linear_pointwise": "linear", "aten::addmm": "linear", "aten::mm": "linear",
@@ -42,10 +46,27 @@ KINDS = {  # profiler op names -> kind
 }
 
 
-def work(size: int) -> dict[str, float]:
-    """GFLOP of one CFG-batch UNet step by kind (2 per multiply-add)."""
+def build(model: str) -> nn.Module:
+    """SD v1.5's UNet or its VAE (KL, f = 8), on the current default device."""
+    if model == "vae":
+        return Autoencoder(from_dict(AutoencoderConfig, read_yaml(VAE_CONFIG)["model"]))
+    return UNetModel(UNetConfig.sd_v1())
+
+
+def run(net: nn.Module, size: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """One UNet step on a CFG batch of 2, or one decode of one latent, on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1 if isinstance(net, Autoencoder) else 2, 4, size // 8, size // 8, generator=g)
+    if isinstance(net, Autoencoder):
+        return net.decode(latent.to(device, dtype))
+    ctx = torch.randn(2, 77, 768, generator=g)
+    return net(latent.to(device, dtype), torch.tensor([500, 500], device=device), context=ctx.to(device, dtype))
+
+
+def work(model: str, size: int) -> dict[str, float]:
+    """GFLOP of one UNet step (CFG batch) or one VAE decode by kind (2 per multiply-add)."""
     with torch.device("meta"):
-        unet = UNetModel(UNetConfig.sd_v1())
+        net = build(model)
     flops = {"conv": 0.0, "linear": 0.0, "attention": 0.0}
 
     def count(module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
@@ -55,7 +76,7 @@ def work(size: int) -> dict[str, float]:
         else:
             flops["linear"] += 2 * out.numel() * module.in_features
 
-    for module in unet.modules():
+    for module in net.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             module.register_forward_hook(count)
     attend = transformer.attention
@@ -64,12 +85,11 @@ def work(size: int) -> dict[str, float]:
         flops["attention"] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
         return attend(q, k, v, heads, mask)
 
-    transformer.attention = counted
+    transformer.attention = layers.attention = counted
     try:
-        latent = torch.zeros(2, 4, size // 8, size // 8, device="meta")
-        unet(latent, torch.zeros(2, device="meta"), context=torch.zeros(2, 77, 768, device="meta"))
+        run(net, size, torch.float32, "meta")
     finally:
-        transformer.attention = attend
+        transformer.attention = layers.attention = attend
     return {k: v / 1e9 for k, v in flops.items()}
 
 
@@ -83,36 +103,43 @@ def _best(fn, repeats: int = 5) -> float:
     return best
 
 
-def peak(dtype: torch.dtype) -> dict[str, float]:
-    """GFLOP/s of a 4096^3 matrix product and a 3x3 1280-channel convolution at 16x16 (batch 2), oneDNN."""
-    g = torch.Generator().manual_seed(0)
-    a, w = torch.randn(4096, 4096, generator=g).to(dtype), torch.randn(4096, 4096, generator=g).to(dtype)
-    conv = torch.randn(1280, 1280, 3, 3, generator=g).to(dtype)
-    x = torch.randn(2, 1280, 16, 16, generator=g).to(dtype)
+def _conv_rate(channels: int, side: int, batch: int, dtype: torch.dtype, g: torch.Generator) -> float:
+    """GFLOP/s of a 3x3 convolution, channels -> channels, on side x side maps, through oneDNN with a packed
+    weight."""
+    conv = torch.randn(channels, channels, 3, 3, generator=g).to(dtype)
+    x = torch.randn(batch, channels, side, side, generator=g).to(dtype)
     packed = torch._C._nn.mkldnn_reorder_conv2d_weight(conv.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
     with torch.inference_mode():
+        seconds = _best(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1,
+                                                                         "none", [], ""), repeats=3)
+    return 2 * batch * side * side * channels * channels * 9 / seconds / 1e9
+
+
+def peak(dtype: torch.dtype) -> dict[str, float]:
+    """GFLOP/s of a 4096^3 matrix product and of 3x3 convolutions (1280 channels at 16x16, batch 2; 256 channels at
+    256x256, batch 1), oneDNN."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(4096, 4096, generator=g).to(dtype), torch.randn(4096, 4096, generator=g).to(dtype)
+    with torch.inference_mode():
         gemm = _best(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
-        conv_s = _best(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1,
-                                                                       "none", [], ""))
         plain = _best(lambda: F.linear(a, w))
     return {"matmul 4096^3 (oneDNN)": 2 * 4096 ** 3 / gemm / 1e9,
             "matmul 4096^3 (F.linear)": 2 * 4096 ** 3 / plain / 1e9,
-            "conv 3x3 1280ch 16x16 (oneDNN, packed)": 2 * 2 * 16 * 16 * 1280 * 1280 * 9 / conv_s / 1e9}
+            "conv 3x3 1280ch 16x16 (oneDNN, packed)": _conv_rate(1280, 16, 2, dtype, g),
+            "conv 3x3 256ch 256x256 (oneDNN, packed)": _conv_rate(256, 256, 1, dtype, g)}
 
 
-def step_profile(size: int, dtype: torch.dtype, plain: bool) -> tuple[float, dict[str, float]]:
-    """(wall seconds of one step, self-CPU seconds by kind) for our UNet with random weights."""
+def step_profile(model: str, size: int, dtype: torch.dtype, plain: bool) -> tuple[float, dict[str, float]]:
+    """(wall seconds of one step or decode, self-CPU seconds by kind) for our model with random weights."""
     torch.manual_seed(0)
-    unet = UNetModel(UNetConfig.sd_v1()).eval().requires_grad_(False).to(dtype)
-    x = torch.randn(2, 4, size // 8, size // 8).to(dtype)
-    t, ctx = torch.tensor([500, 500]), torch.randn(2, 77, 768).to(dtype)
+    net = build(model).eval().requires_grad_(False).to(dtype)
     with torch.inference_mode(), onednn_kernels(not plain):
-        unet(x, t, context=ctx)  # warm-up: packs the convolution weights
+        run(net, size, dtype)  # warm-up: packs the convolution weights
         start = time.perf_counter()
-        unet(x, t, context=ctx)
+        run(net, size, dtype)
         wall = time.perf_counter() - start
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            unet(x, t, context=ctx)
+            run(net, size, dtype)
     seconds: dict[str, float] = {"conv": 0.0, "linear": 0.0, "attention": 0.0, "other": 0.0}
     for event in prof.key_averages():
         seconds[KINDS.get(event.key, "other")] += event.self_cpu_time_total / 1e6
@@ -121,6 +148,8 @@ def step_profile(size: int, dtype: torch.dtype, plain: bool) -> tuple[float, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["unet", "vae"], default="unet",
+                        help="a UNet step (batch 2, the default) or a VAE decode (one latent)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512: a 64x64 latent)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -128,12 +157,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    gflop = work(args.size)
+    gflop = work(args.model, args.size)
     total = sum(gflop.values())
     rates = peak(dtype)
     best = max(rates.values())
-    print(f"SD v1.5 UNet step, {args.size} px, batch 2, {args.dtype}, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    what = "VAE decode, 1 latent" if args.model == "vae" else "UNet step, batch 2"
+    print(f"SD v1.5 {what}, {args.size} px, {args.dtype}, {args.threads} threads, torch {torch.__version__}")
     print("\n| kind | GFLOP | share |\n|---|---:|---:|")
     for kind, value in gflop.items():
         print(f"| {kind} | {value:.1f} | {value / total:.0%} |")
@@ -141,9 +170,9 @@ def main() -> None:
     print("\n| dense product | GFLOP/s |\n|---|---:|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.0f} |")
-    print(f"\nlower bound at the best rate: {total / best:.2f} s per step")
-    wall, seconds = step_profile(args.size, dtype, args.plain)
-    print(f"\nour step ({'plain kernels' if args.plain else 'oneDNN kernels'}): {wall:.2f} s wall\n")
+    print(f"\nlower bound at the best rate: {total / best:.2f} s")
+    wall, seconds = step_profile(args.model, args.size, dtype, args.plain)
+    print(f"\nours ({'plain kernels' if args.plain else 'oneDNN kernels'}): {wall:.2f} s wall\n")
     print("| kind | seconds (profiled) | GFLOP/s |\n|---|---:|---:|")
     for kind, value in seconds.items():
         rate = f"{gflop[kind] / value:.0f}" if kind in gflop and value > 0 else ""

@@ -352,3 +352,20 @@ def test_a_unet_holds_its_convolution_weights_once(make_small_unet) -> None:
         assert _rel(compiled(x, t, context=ctx), want) < 1e-5
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weights_let_go_are_handed_back_to_the_system(monkeypatch) -> None:
+    """glibc keeps freed blocks below its mmap threshold (most bf16 weights) as resident memory until trimmed: past
+    every ``_TRIM_EVERY`` bytes of weights let go, the heap is trimmed."""
+    calls: list[int] = []
+    monkeypatch.setattr(onednn, "_TRIM", calls.append)
+    monkeypatch.setattr(onednn, "_TRIM_EVERY", 3 * 8 * 8 * 9 * 4)  # three of these weights
+    monkeypatch.setattr(onednn, "_untrimmed", [0])
+    torch.manual_seed(0)
+    convs = [Conv2d(8, 8, 3, padding=1).requires_grad_(False) for _ in range(7)]
+    with torch.no_grad():
+        for conv in convs:
+            conv(torch.randn(1, 8, 4, 4))
+    assert all(_held_packed_only(c) for c in convs)
+    assert calls == [0, 0] and onednn._untrimmed == [8 * 8 * 9 * 4]
+    assert onednn._malloc_trim() is None or callable(onednn._malloc_trim())

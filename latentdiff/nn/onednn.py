@@ -31,6 +31,7 @@ weights beside the packed ones (the memory of the convolution weights twice, for
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -58,7 +59,29 @@ _BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _CACHE = "_onednn_packed"
 _RESERVE = 1 << 30  # packing leaves at least this much memory available (bytes), besides the copy it makes
 _NOTED: set[str] = set()  # the warnings given in this process (each once)
+_TRIM_EVERY = 64 << 20  # bytes of weights let go between two trims of the C heap
+_untrimmed = [0]  # bytes let go since the last trim
 logger = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library). glibc keeps freed blocks under its mmap threshold
+    (up to 32 MB: most bf16 weights) in its heap, where they still count as resident memory until trimmed."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def _let_go(nbytes: int) -> None:
+    """Account for ``nbytes`` freed; every ``_TRIM_EVERY`` of them, hand the C heap's free pages back."""
+    _untrimmed[0] += nbytes
+    if _untrimmed[0] >= _TRIM_EVERY and _TRIM is not None:
+        _untrimmed[0] = 0
+        _TRIM(0)
 
 
 def _warn_once(what: str, message: str, *args: object) -> None:
@@ -244,17 +267,19 @@ class Conv2d(nn.Conv2d):
             return w
         del w
         if _ONCE.get() and _held_only_by(self.__dict__["_parameters"]) is not None:
-            self._hold_packed_only(cached[1])
+            _let_go(self._hold_packed_only(cached[1]))
         return cached[1]
 
-    def _hold_packed_only(self, packed: torch.Tensor) -> None:
-        """Let the plain weight go: a meta-device stand-in takes its place until something reads it."""
+    def _hold_packed_only(self, packed: torch.Tensor) -> int:
+        """Let the plain weight go (its bytes are returned): a meta-device stand-in takes its place until something
+        reads it."""
         params = _PackedOnly(self, packed)
         weight = dict.__getitem__(params, "weight")
         with torch.inference_mode(False):
             stand_in = torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device="meta")
         dict.__setitem__(params, "weight", nn.Parameter(stand_in, requires_grad=False))
         self.__dict__["_parameters"] = params
+        return weight.numel() * weight.element_size()
 
     def _restore_weight(self) -> None:
         params = self.__dict__.get("_parameters")
