@@ -369,3 +369,28 @@ def test_weights_let_go_are_handed_back_to_the_system(monkeypatch) -> None:
     assert all(_held_packed_only(c) for c in convs)
     assert calls == [0, 0] and onednn._untrimmed == [8 * 8 * 9 * 4]
     assert onednn._malloc_trim() is None or callable(onednn._malloc_trim())
+
+
+def test_a_failed_read_back_keeps_the_packed_weight() -> None:
+    """Bringing the plain weight back needs its memory again; where that fails, the packed copy stays the weight."""
+    torch.manual_seed(0)
+    conv = Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    original = conv.weight.detach().clone()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = conv(x)
+    params = conv.__dict__["_parameters"]
+    packed = params.packed
+
+    class OutOfMemory:
+        def to_dense(self) -> torch.Tensor:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    params.packed = OutOfMemory()
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        conv.state_dict()
+    assert _held_packed_only(conv) and isinstance(params.packed, OutOfMemory)
+    params.packed = packed
+    with torch.no_grad():
+        assert torch.equal(conv(x), want)
+    assert torch.equal(conv.weight, original)

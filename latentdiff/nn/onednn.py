@@ -151,15 +151,16 @@ class _PackedOnly(dict):
         self.packed: torch.Tensor | None = packed
 
     def restore(self) -> None:
-        packed, self.packed = self.packed, None
+        packed = self.packed
         if packed is None:
             return
         stand_in = dict.__getitem__(self, "weight")
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # a failure here (out of memory) keeps the packed copy
             dense = packed.to_dense().reshape(stand_in.shape)  # a reorder back: the same numbers
             if dense.stride() != stand_in.stride():
                 dense = torch.empty_strided(stand_in.shape, stand_in.stride(), dtype=dense.dtype).copy_(dense)
             weight = nn.Parameter(dense, requires_grad=False)
+        self.packed = None
         dict.__setitem__(self, "weight", weight)
         owner = self.owner()
         if owner is not None and owner.__dict__.get("_parameters") is self:
