@@ -280,6 +280,10 @@ def test_every_way_of_reading_or_changing_a_weight_held_once() -> None:
     run()
     assert torch.equal(pickle.loads(pickle.dumps(conv)).weight, original)
     run()
+    assert torch.equal((conv._parameters | {})["weight"], original)  # a merged copy of the dict
+    run()
+    assert torch.equal(dict(conv._parameters.items())["weight"], original)
+    run()
     new = torch.randn(6, 6, 3, 3)
     conv.load_state_dict({"weight": new, "bias": conv.bias.detach().clone()})
     assert _rel(run(), F.conv2d(x, new, conv.bias, padding=1)) < 1e-5
@@ -315,14 +319,21 @@ def test_weights_that_something_else_holds_keep_both_copies() -> None:
     assert len(held) == 3
 
 
-def test_training_after_sampling_brings_the_weight_back() -> None:
+def _run_frozen_conv(batch: int, side: int) -> tuple[Conv2d, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded frozen 4-channel 3x3 convolution after one call without gradients (its weight now held only
+    packed): the layer, its original weight, the input and the output."""
     torch.manual_seed(0)
-    frozen = Conv2d(4, 4, 3, padding=1).requires_grad_(False)
-    original = frozen.weight.detach().clone()
-    x = torch.randn(2, 4, 5, 5)
+    conv = Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    original = conv.weight.detach().clone()
+    x = torch.randn(batch, 4, side, side)
     with torch.no_grad():
-        frozen(x)
-    assert _held_packed_only(frozen)
+        out = conv(x)
+    assert _held_packed_only(conv)
+    return conv, original, x, out
+
+
+def test_training_after_sampling_brings_the_weight_back() -> None:
+    frozen, original, x, _ = _run_frozen_conv(2, 5)
     xg = x.clone().requires_grad_(True)
     out = frozen(xg)  # differentiated: the plain path, on the plain weight
     out.square().sum().backward()
@@ -373,12 +384,7 @@ def test_weights_let_go_are_handed_back_to_the_system(monkeypatch) -> None:
 
 def test_a_failed_read_back_keeps_the_packed_weight() -> None:
     """Bringing the plain weight back needs its memory again; where that fails, the packed copy stays the weight."""
-    torch.manual_seed(0)
-    conv = Conv2d(4, 4, 3, padding=1).requires_grad_(False)
-    original = conv.weight.detach().clone()
-    x = torch.randn(1, 4, 6, 6)
-    with torch.no_grad():
-        want = conv(x)
+    conv, original, x, want = _run_frozen_conv(1, 6)
     params = conv.__dict__["_parameters"]
     packed = params.packed
 

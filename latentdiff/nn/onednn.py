@@ -193,7 +193,7 @@ def _restoring(name: str) -> Any:
 
 
 for _name in ("items", "values", "copy", "pop", "popitem", "setdefault", "update", "__setitem__", "__delitem__",
-              "__eq__", "__repr__"):
+              "__or__", "__ior__", "__eq__", "__repr__"):
     setattr(_PackedOnly, _name, _restoring(_name))
 
 
