@@ -34,6 +34,7 @@ from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig  # noqa:
 from latentdiff.config import from_dict, read_yaml  # noqa: E402
 from latentdiff.diffusion.unet import UNetConfig, UNetModel  # noqa: E402
 from latentdiff.nn import layers, transformer  # noqa: E402
+from latentdiff.nn.attention import attention  # noqa: E402
 from latentdiff.nn.onednn import onednn_kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,17 +80,19 @@ def work(model: str, size: int) -> dict[str, float]:
     for module in net.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             module.register_forward_hook(count)
-    attend = transformer.attention
+    callers = {module: module.attention for module in (transformer, layers)}  # the UNet's and the VAE's
 
     def counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1, mask=None) -> torch.Tensor:
         flops["attention"] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
-        return attend(q, k, v, heads, mask)
+        return attention(q, k, v, heads, mask)
 
-    transformer.attention = layers.attention = counted
+    for module in callers:
+        module.attention = counted
     try:
         run(net, size, torch.float32, "meta")
     finally:
-        transformer.attention = layers.attention = attend
+        for module, original in callers.items():
+            module.attention = original
     return {k: v / 1e9 for k, v in flops.items()}
 
 

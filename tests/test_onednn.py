@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import pickle
+import platform
 import subprocess
 import sys
 import weakref
@@ -305,6 +306,7 @@ def test_weights_that_something_else_holds_keep_both_copies() -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 4, 6, 6)
     convs = [Conv2d(4, 4, 3, padding=1).requires_grad_(False) for _ in range(4)]
+    originals = [conv.weight.detach().clone() for conv in convs[:3]]
     held = [convs[0].weight, convs[1].weight.view(-1), convs[2].state_dict()]  # a reference, a view, a state dict
     trained = Conv2d(4, 4, 3, padding=1)  # requires grad: an optimiser may hold it
     with torch.no_grad():
@@ -316,7 +318,10 @@ def test_weights_that_something_else_holds_keep_both_copies() -> None:
         assert not _held_packed_only(convs[3])
         convs[3](x)
         assert _held_packed_only(convs[3])
-    assert len(held) == 3
+    # what the caller holds is still the layers' live weight, with its values
+    assert held[0] is convs[0].weight and torch.equal(held[0], originals[0])
+    assert held[1].data_ptr() == convs[1].weight.data_ptr() and torch.equal(held[1], originals[1].view(-1))
+    assert held[2]["weight"].data_ptr() == convs[2].weight.data_ptr() and torch.equal(held[2]["weight"], originals[2])
 
 
 def _run_frozen_conv(batch: int, side: int) -> tuple[Conv2d, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,7 +384,10 @@ def test_weights_let_go_are_handed_back_to_the_system(monkeypatch) -> None:
             conv(torch.randn(1, 8, 4, 4))
     assert all(_held_packed_only(c) for c in convs)
     assert calls == [0, 0] and onednn._untrimmed == [8 * 8 * 9 * 4]
-    assert onednn._malloc_trim() is None or callable(onednn._malloc_trim())
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert callable(onednn._malloc_trim())  # the real trim is found where there is one
+    else:
+        assert onednn._malloc_trim() is None
 
 
 def test_a_failed_read_back_keeps_the_packed_weight() -> None:

@@ -197,18 +197,16 @@ for _name in ("items", "values", "copy", "pop", "popitem", "setdefault", "update
     setattr(_PackedOnly, _name, _restoring(_name))
 
 
-def _held_only_by(params: dict[str, Any]) -> nn.Parameter | None:
-    """The frozen weight in ``params`` if nothing but that dict refers to it and nothing else uses its memory (no
-    views, no state-dict tensors, no optimiser): then letting it go loses nothing."""
+def _only_the_layer_holds(params: dict[str, Any]) -> bool:
+    """Whether the weight in ``params`` is frozen, nothing but that dict refers to it and nothing else uses its
+    memory (no views, no state-dict tensors, no optimiser): then letting it go loses nothing."""
     weight = params.get("weight")
     if type(weight) is not nn.Parameter or weight.requires_grad or weight.is_inference():
-        return None
+        return False
     if sys.getrefcount(weight) != 3:  # the dict, the name ``weight`` and the call's argument
-        return None
+        return False
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None or use_count(weight.untyped_storage()._cdata) != 2:  # the parameter and this query
-        return None
-    return weight
+    return use_count is not None and use_count(weight.untyped_storage()._cdata) == 2  # the parameter, this query
 
 
 class Conv2d(nn.Conv2d):
@@ -267,7 +265,7 @@ class Conv2d(nn.Conv2d):
         if cached[1] is None:
             return w
         del w
-        if _ONCE.get() and _held_only_by(self.__dict__["_parameters"]) is not None:
+        if _ONCE.get() and _only_the_layer_holds(self.__dict__["_parameters"]):
             _let_go(self._hold_packed_only(cached[1]))
         return cached[1]
 
