@@ -4,13 +4,16 @@ Best of 5 (after one warm-up) for each of SD v1.5's shapes at 512 px (batch 2):
 
 - convolutions: ``F.conv2d`` against oneDNN on a weight packed once (``latentdiff.nn.onednn.Conv2d``'s path);
 - linears: ``F.linear`` (MKL) against oneDNN on the weight as it is, and on a packed weight;
-- self-attention: PyTorch's SDPA against per-head ``torch.mm`` products over query chunks of 128 (softmax between),
-  with each one's error relative to an fp32 SDPA;
+- attention: PyTorch's SDPA against per-head ``torch.mm`` products over query chunks of 128 (softmax between) and
+  against our kernel (``latentdiff.nn.cpu_attention``), from and to the (batch, tokens, heads x width) layout the
+  projections use, with each one's error relative to an fp64 SDPA; SD v1.5's self-attention at its two finest levels
+  and its cross-attention over 77 text tokens;
 - int8 dynamic quantisation of one linear (``torch.ao.quantization.quantize_dynamic``) against fp32, with its error.
 
     python benchmarks/cpu_kernels.py              # fp32 and bf16, a few minutes on 2 cores
     python benchmarks/cpu_kernels.py --dtype fp32
     python benchmarks/cpu_kernels.py --dtype bf16 --parts conv linear
+    python benchmarks/cpu_kernels.py --parts attention
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch.ao.quantization import quantize_dynamic
 
+from latentdiff.nn import cpu_attention
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONVS = [(320, 64, 3), (640, 32, 3), (1280, 16, 3), (1280, 8, 3), (320, 64, 1), (640, 32, 1), (1280, 16, 1),
          (1280, 8, 1)]  # channels, side, kernel
 LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (4096, 4096, 4096)]
-ATTENTION = [(4096, 8, 40), (1024, 8, 80)]  # tokens, heads, head width
+ATTENTION = [(4096, 4096, 8, 40), (1024, 1024, 8, 80), (256, 256, 8, 160), (4096, 77, 8, 40),
+             (1024, 77, 8, 80)]  # queries, keys, heads, head width
 
 
 def best(fn, *args, repeats: int = 5, **kwargs) -> float:
@@ -71,7 +77,20 @@ def linears(dtype: torch.dtype) -> None:
         print(f"| {m} x {k} x {n} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
 
 
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def tokens_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    return tokens_first(F.scaled_dot_product_attention(*(heads_first(x, heads) for x in (q, k, v))))
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, chunk: int = 128) -> torch.Tensor:
+    q, k, v = (heads_first(x, heads) for x in (q, k, v))
     out = torch.empty_like(q)
     scale = q.shape[-1] ** -0.5
     for b in range(q.shape[0]):
@@ -79,21 +98,29 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: 
             qs, kt, vs = q[b, h] * scale, k[b, h].t(), v[b, h]
             for i in range(0, q.shape[2], chunk):
                 torch.mm(torch.softmax(torch.mm(qs[i:i + chunk], kt), -1), vs, out=out[b, h, i:i + chunk])
-    return out
+    return tokens_first(out)
 
 
 def attention(dtype: torch.dtype) -> None:
-    print("\n| self-attention (batch 2) | SDPA GFLOP/s (rel. error) | chunked mm GFLOP/s (rel. error) |\n"
-          "|---|---:|---:|")
-    for tokens, heads, width in ATTENTION:
-        q, k, v = (torch.randn(2, heads, tokens, width).to(dtype) for _ in range(3))
-        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        gflop = 2 * heads * tokens * tokens * width * 4 / 1e9
-        sdpa_s = best(F.scaled_dot_product_attention, q, k, v, repeats=3)
-        mm_s = best(chunked_attention, q, k, v, repeats=3)
-        print(f"| {tokens} tokens, {heads} heads of {width} | {gflop / sdpa_s:.0f} "
-              f"({rel(F.scaled_dot_product_attention(q, k, v), exact):.0e}) | {gflop / mm_s:.0f} "
-              f"({rel(chunked_attention(q, k, v), exact):.0e}) |")
+    ours_ok = cpu_attention.applies(*(torch.zeros(1, 4096, 256, dtype=dtype) for _ in range(3)), 8)
+    print("\n| attention (batch 2) | SDPA GFLOP/s (rel. error) | chunked mm GFLOP/s (rel. error) | ours GFLOP/s "
+          "(rel. error) | **ours / SDPA time** |\n|---|---:|---:|---:|---:|")
+    for queries, keys, heads, width in ATTENTION:
+        q, k, v = (torch.randn(2, n, heads * width).to(dtype) for n in (queries, keys, keys))
+        exact = sdpa(q.double(), k.double(), v.double(), heads)
+        gflop = 2 * heads * queries * keys * width * 4 / 1e9
+        sdpa_s = best(sdpa, q, k, v, heads, repeats=3)
+        mm_s = best(chunked_attention, q, k, v, heads, repeats=3)
+        row = (f"| {queries} x {keys} tokens, {heads} heads of {width} | {gflop / sdpa_s:.0f} "
+               f"({rel(sdpa(q, k, v, heads), exact):.0e}) | {gflop / mm_s:.0f} "
+               f"({rel(chunked_attention(q, k, v, heads), exact):.0e}) |")
+        if ours_ok:
+            ours_s = best(cpu_attention.attend, q, k, v, heads, repeats=3)
+            row += (f" {gflop / ours_s:.0f} ({rel(cpu_attention.attend(q, k, v, heads), exact):.0e}) | "
+                    f"**{ours_s / sdpa_s:.2f}** |")
+        else:
+            row += " (not available here) | |"
+        print(row)
 
 
 def int8() -> None:

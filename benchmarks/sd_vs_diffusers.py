@@ -70,8 +70,12 @@ import torch
 
 PHASES = ("unet", "vae", "text", "txt2img")
 # our kernel settings (LATENTDIFF_ONEDNN, latentdiff/nn/onednn.py): PyTorch's plain kernels, oneDNN on the weights as
-# they are, oneDNN with convolution weights packed once (the default)
-KERNELS = {"plain": "0", "nopack": "nopack", "keep": "keep", "onednn": "1", "deepcache3": "1"}
+# they are, oneDNN with convolution weights packed (plain copies kept; held once: the default), and whether attention
+# runs through our CPU kernel (LATENTDIFF_ATTENTION, latentdiff/nn/cpu_attention.py; the default) or SDPA. In
+# waterfall order; onednn is the shipped setting, sdpa the same with PyTorch's SDPA for attention.
+KERNELS = {"plain": "0", "nopack": "nopack", "keep": "keep", "sdpa": "1", "onednn": "1", "deepcache3": "1"}
+ATTENTION = {"plain": "sdpa", "nopack": "sdpa", "keep": "sdpa", "sdpa": "sdpa", "onednn": "kernel",
+             "deepcache3": "kernel"}
 # deepcache3 (txt2img only): the default kernels with DeepCache, the whole UNet every third step (an approximation)
 LAYOUTS = ("contiguous", "channels_last")  # diffusers' memory formats
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -377,6 +381,7 @@ def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if spec["impl"] == "ours":
         env["LATENTDIFF_ONEDNN"] = KERNELS[spec["variant"]]
+        env["LATENTDIFF_ATTENTION"] = ATTENTION[spec["variant"]]
     proc = subprocess.run([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
@@ -481,7 +486,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small SD-structured models: a smoke run in seconds")
     parser.add_argument("--ours", nargs="+", choices=list(KERNELS), default=["onednn"],
                         help="our kernel settings to measure (default: the shipped one, onednn); 'plain nopack "
-                             "onednn' gives the waterfall")
+                             "keep sdpa onednn' gives the waterfall")
     parser.add_argument("--theirs", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                         help="diffusers' memory formats to measure; ratios use the fastest (default: both)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")

@@ -20,6 +20,7 @@ from latentdiff.formats.diffusers_names import (
     vae_config_from_diffusers,
     vae_from_diffusers,
 )
+from latentdiff.nn import cpu_attention
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -71,8 +72,18 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa-at-this-size", "our-cpu-attention"])
 @pytest.mark.parametrize("case", list(UNET_CASES))
-def test_unet_matches_diffusers(case: str) -> None:
+def test_unet_matches_diffusers(case: str, kernel: bool, monkeypatch) -> None:
+    """Also with every attention call through our CPU kernel (latentdiff/nn/cpu_attention.py), which these small
+    shapes would otherwise leave to SDPA."""
+    calls = []
+    if kernel:
+        if not cpu_attention._FP32_OK:
+            pytest.skip("no AVX-512 here: the CPU attention kernel does not apply")
+        attend = cpu_attention.attend
+        monkeypatch.setattr(cpu_attention, "MIN_WORK", 0)
+        monkeypatch.setattr(cpu_attention, "attend", lambda *a: calls.append(1) or attend(*a))
     kwargs, expected_config = UNET_CASES[case]
     torch.manual_seed(0)
     theirs = perturb_(diffusers.UNet2DConditionModel(**kwargs), seed=1)
@@ -95,6 +106,7 @@ def test_unet_matches_diffusers(case: str) -> None:
             got = ours(x, t, context=context, y=labels)
     assert got.shape == expected.shape
     assert relative_error(got, expected) <= RTOL
+    assert bool(calls) == kernel
 
 
 VAE_KWARGS = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
