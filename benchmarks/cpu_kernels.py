@@ -33,7 +33,8 @@ CONVS = [(320, 64, 3), (640, 32, 3), (1280, 16, 3), (1280, 8, 3), (320, 64, 1), 
          (1280, 8, 1)]  # channels, side, kernel
 LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (4096, 4096, 4096)]
 ATTENTION = [(4096, 4096, 8, 40), (1024, 1024, 8, 80), (256, 256, 8, 160), (4096, 77, 8, 40),
-             (1024, 77, 8, 80)]  # queries, keys, heads, head width
+             (1024, 77, 8, 80), (256, 77, 8, 160), (64, 64, 8, 160)]  # queries, keys, heads, width (the last two:
+# below cpu_attention.MIN_WORK, where attention() calls SDPA; the kernel is timed by calling it directly)
 
 
 def best(fn, *args, repeats: int = 5, **kwargs) -> float:

@@ -9,7 +9,8 @@ Three tables:
    1280-channel convolution at 16x16 and a 3x3 256-channel one at 256x256 as in the VAE's fine levels, all through
    oneDNN), fp32 and bf16. Work / peak is a lower bound for any implementation that does the same arithmetic.
 3. **Profile**: one step of our UNet or one decode of our VAE (random weights, ``latentdiff.nn.onednn``'s kernels
-   as shipped, or ``--plain`` for PyTorch's own) under ``torch.profiler``: seconds and GFLOP/s per kind.
+   and ``latentdiff.nn.cpu_attention``'s as shipped, or ``--plain`` for PyTorch's own) under ``torch.profiler``:
+   seconds and GFLOP/s per kind.
 
     python benchmarks/unet_roofline.py --size 512 --dtype fp32     # about a minute on 2 cores
     python benchmarks/unet_roofline.py --size 512 --dtype bf16
@@ -35,6 +36,7 @@ from latentdiff.config import from_dict, read_yaml  # noqa: E402
 from latentdiff.diffusion.unet import UNetConfig, UNetModel  # noqa: E402
 from latentdiff.nn import layers, transformer  # noqa: E402
 from latentdiff.nn.attention import attention  # noqa: E402
+from latentdiff.nn.cpu_attention import attention_kernel  # noqa: E402
 from latentdiff.nn.onednn import onednn_kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,7 +45,7 @@ KINDS = {  # profiler op names -> kind
     "mkldnn::_convolution_pointwise": "conv", "aten::mkldnn_convolution": "conv",
     "mkldnn::_linear_pointwise": "linear", "aten::addmm": "linear", "aten::mm": "linear",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::bmm": "attention",
-    "aten::baddbmm": "attention", "aten::_softmax": "attention",
+    "aten::baddbmm": "attention", "aten::_softmax": "attention", "latentdiff::cpu_attention": "attention",
 }
 
 
@@ -136,7 +138,7 @@ def step_profile(model: str, size: int, dtype: torch.dtype, plain: bool) -> tupl
     """(wall seconds of one step or decode, self-CPU seconds by kind) for our model with random weights."""
     torch.manual_seed(0)
     net = build(model).eval().requires_grad_(False).to(dtype)
-    with torch.inference_mode(), onednn_kernels(not plain):
+    with torch.inference_mode(), onednn_kernels(not plain), attention_kernel(not plain):
         run(net, size, dtype)  # warm-up: packs the convolution weights
         start = time.perf_counter()
         run(net, size, dtype)
@@ -156,7 +158,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side (default 512: a 64x64 latent)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--plain", action="store_true", help="profile PyTorch's plain kernels (LATENTDIFF_ONEDNN=0)")
+    parser.add_argument("--plain", action="store_true",
+                        help="profile PyTorch's plain kernels (LATENTDIFF_ONEDNN=0, LATENTDIFF_ATTENTION=sdpa)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -175,7 +178,7 @@ def main() -> None:
         print(f"| {name} | {rate:.0f} |")
     print(f"\nlower bound at the best rate: {total / best:.2f} s")
     wall, seconds = step_profile(args.model, args.size, dtype, args.plain)
-    print(f"\nours ({'plain kernels' if args.plain else 'oneDNN kernels'}): {wall:.2f} s wall\n")
+    print(f"\nours ({'plain kernels' if args.plain else 'oneDNN and our attention kernels'}): {wall:.2f} s wall\n")
     print("| kind | seconds (profiled) | GFLOP/s |\n|---|---:|---:|")
     for kind, value in seconds.items():
         rate = f"{gflop[kind] / value:.0f}" if kind in gflop and value > 0 else ""

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from latentdiff.nn import cpu_attention
 from latentdiff.nn.attention import attention
 
-needs_kernel = pytest.mark.skipif(not cpu_attention._FP32_OK, reason="no AVX-512 here: the kernel does not apply")
-needs_bf16 = pytest.mark.skipif(not cpu_attention._BF16_OK, reason="no AVX-512 BF16 here")
+# Where the processor has AVX-512 and a C compiler is on the path the kernel must build: a failed build fails these.
+needs_kernel = pytest.mark.skipif(not cpu_attention._FP32_OK or cpu_attention._compiler() is None,
+                                  reason="no AVX-512 or no C compiler here: the kernel does not apply")
+needs_bf16 = pytest.mark.skipif(not cpu_attention._BF16_OK or cpu_attention._compiler() is None,
+                                reason="no AVX-512 BF16 or no C compiler here")
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -72,7 +75,7 @@ def test_bf16_as_close_as_sdpa(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_scores_stay_finite(dtype):
     """Scores in the hundreds (the online softmax's running maximum moves by large steps between key blocks)."""
-    if dtype == torch.bfloat16 and not cpu_attention._BF16_OK:
+    if dtype == torch.bfloat16 and not cpu_attention._BF16_OK:  # (the compiler: needs_kernel)
         pytest.skip("no AVX-512 BF16 here")
     q, k, v = qkv(2, 200, 700, 2, 40, seed=3, spread=6.0)
     k[:, 600:] *= 3  # the last block holds the largest scores
@@ -113,6 +116,9 @@ def test_applies_only_where_it_should():
     assert not cpu_attention.applies(*(x.half() for x in big), 8)
     assert not cpu_attention.applies(*qkv(2, 1024, 1024, 8, 41), 8)  # odd width
     assert not cpu_attention.applies(*qkv(1, 1024, 1024, 1, 258), 1)  # wider than 256
+    wide = qkv(2, 1024, 1024, 8, 160)
+    assert not cpu_attention.applies(*wide, 8)  # fp32 wider than 128: SDPA
+    assert cpu_attention.applies(*(x.bfloat16() for x in wide), 8) == cpu_attention._BF16_OK
     needs_grad = [x.clone().requires_grad_() for x in big]
     assert not cpu_attention.applies(*needs_grad, 8)
     with torch.no_grad():

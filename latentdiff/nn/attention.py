@@ -1,9 +1,10 @@
 """Multi-head attention: our CPU kernel (``cpu_attention``) where it applies, else ``scaled_dot_product_attention``.
 
 On an x86-64 CPU with AVX-512, inference calls without a mask that are large enough (Stable Diffusion's self- and
-cross-attention at its two finest levels) run through ``latentdiff.nn.cpu_attention``: exact in fp32 up to float
-rounding, 1.2-1.4x SDPA's speed there and 2-2.5x in bf16. Everything else (gradients, masks, GPUs, fp16,
-``torch.compile``, small problems) calls PyTorch's SDPA.
+cross-attention at its finest levels) run through ``latentdiff.nn.cpu_attention``: exact up to float rounding, in
+0.43x SDPA's time for SD's 4096-token self-attention in bf16 and 0.70x in fp32 (``benchmarks/cpu_kernels.py
+--parts attention``). Everything else (gradients, masks, GPUs, fp16, ``torch.compile``, small problems) calls
+PyTorch's SDPA.
 
 ``attention_slicing(n)`` makes every call inside its ``with`` block attend ``n`` queries at a time: the result is
 the same (each query's softmax is its own), and where a backend materialises the (queries x keys) score matrix,

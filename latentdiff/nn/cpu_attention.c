@@ -93,39 +93,37 @@ typedef struct {
  * one vdpbf16ps with a broadcast pair of a query gives 16 partial scores. fp32 keys: per vector of 16 keys and
  * dimension c, the 16 keys' values. Keys past Lk are zero. */
 static void pack_head(problem_t *pb, int bh) {
-    int b = bh / pb->H, h = bh % pb->H, D = pb->D, Lk = pb->Lk, dv = pb->dv;
+    int b = bh / pb->H, h = bh % pb->H, D = pb->D, Lk = pb->Lk, dv = pb->dv, keys = pb->nkv * 16;
     if (pb->bf) {
         const bf16 *k = (const bf16 *)pb->k + b * pb->kb + (int64_t)h * D;
         const bf16 *v = (const bf16 *)pb->v + b * pb->vb + (int64_t)h * D;
-        bf16 *kp = (bf16 *)pb->kp + bh * pb->kp_head, *vp = (bf16 *)pb->vp + bh * pb->vp_head;
-        for (int jv = 0; jv < pb->nkv; jv++)
-            for (int c2 = 0; c2 < D / 2; c2++)
-                for (int lane = 0; lane < 16; lane++) {
-                    int j = jv * 16 + lane;
-                    bf16 *dst = kp + (((int64_t)jv * (D / 2) + c2) * 16 + lane) * 2;
-                    dst[0] = j < Lk ? k[j * pb->kr + 2 * c2] : 0;
-                    dst[1] = j < Lk ? k[j * pb->kr + 2 * c2 + 1] : 0;
-                }
+        int32_t *kp = (int32_t *)((bf16 *)pb->kp + bh * pb->kp_head);  /* one pair of dimensions per int32 */
+        bf16 *vp = (bf16 *)pb->vp + bh * pb->vp_head;
+        memset(kp, 0, (size_t)keys * D * 2);
+        memset(vp, 0, (size_t)keys * dv * 2);
+        for (int j = 0; j < Lk; j++) {
+            int32_t *dst = kp + (int64_t)(j / 16) * (D / 2) * 16 + j % 16;
+            const bf16 *src = k + j * pb->kr;
+            for (int c2 = 0; c2 < D / 2; c2++) memcpy(dst + c2 * 16, src + 2 * c2, 4);
+        }
         /* values: per pair of keys (2j, 2j+1) and dimension c, the pair side by side */
-        for (int jp = 0; jp < pb->nkv * 8; jp++)
-            for (int c = 0; c < dv; c++)
-                for (int e = 0; e < 2; e++) {
-                    int j = 2 * jp + e;
-                    vp[((int64_t)jp * dv + c) * 2 + e] = (j < Lk && c < D) ? v[j * pb->vr + c] : 0;
-                }
+        for (int j = 0; j < Lk; j++) {
+            bf16 *dst = vp + (int64_t)(j / 2) * dv * 2 + j % 2;
+            const bf16 *src = v + j * pb->vr;
+            for (int c = 0; c < D; c++) dst[2 * c] = src[c];
+        }
     } else {
         const float *k = (const float *)pb->k + b * pb->kb + (int64_t)h * D;
         const float *v = (const float *)pb->v + b * pb->vb + (int64_t)h * D;
         float *kp = (float *)pb->kp + bh * pb->kp_head, *vp = (float *)pb->vp + bh * pb->vp_head;
-        for (int jv = 0; jv < pb->nkv; jv++)
-            for (int c = 0; c < D; c++)
-                for (int lane = 0; lane < 16; lane++) {
-                    int j = jv * 16 + lane;
-                    kp[((int64_t)jv * D + c) * 16 + lane] = j < Lk ? k[j * pb->kr + c] : 0.0f;
-                }
-        for (int j = 0; j < pb->nkv * 16; j++)
-            for (int c = 0; c < dv; c++)
-                vp[(int64_t)j * dv + c] = (j < Lk && c < D) ? v[j * pb->vr + c] : 0.0f;
+        memset(kp, 0, (size_t)keys * D * 4);
+        memset(vp, 0, (size_t)keys * dv * 4);
+        for (int j = 0; j < Lk; j++) {
+            float *dst = kp + (int64_t)(j / 16) * D * 16 + j % 16;
+            const float *src = k + j * pb->kr;
+            for (int c = 0; c < D; c++) dst[c * 16] = src[c];
+        }
+        for (int j = 0; j < Lk; j++) memcpy(vp + (int64_t)j * dv, v + j * pb->vr, (size_t)D * 4);
     }
 }
 

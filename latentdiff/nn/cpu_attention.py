@@ -1,23 +1,24 @@
 """Our attention kernel for x86-64 CPUs with AVX-512 (``cpu_attention.c``): exact, on by default where it applies.
 
 PyTorch's ``scaled_dot_product_attention`` on a CPU runs Stable Diffusion's self-attention (4096 tokens in heads of
-40 at 512 px) at about 120 GFLOP/s in fp32 and in bf16 alike on the 2-core AVX-512 machine; its bf16 path does not
-use the processor's bf16 dot products. The kernel in ``cpu_attention.c`` takes blocks of 32 queries through the keys
+40 at 512 px) at 100-120 GFLOP/s in fp32 and in bf16 alike on the 2-core AVX-512 machine; its bf16 path does not
+use the processor's bf16 dot products. The kernel in ``cpu_attention.c`` takes blocks of 48 queries through the keys
 128 at a time with the softmax taken online, the scores in fp32, the products in ``vdpbf16ps`` (bf16) or fused
 multiply-adds (fp32), and writes the heads straight into the (batch, tokens, heads x dim) layout the projections
-read, without the transposes around SDPA (``benchmarks/cpu_kernels.py --parts attention``).
+read, without the transposes around SDPA: 0.43x SDPA's time there in bf16, 0.70x in fp32
+(``benchmarks/cpu_kernels.py --parts attention``; docs/performance.md).
 
 It is compiled on first use with the C compiler on the path (``$CC``, else ``cc``/``gcc``/``clang``) into
 ``$LATENTDIFF_CACHE`` (default ``~/.cache/latentdiff``)``/kernels``, written under a temporary name and renamed, so
-concurrent processes are safe; a later process loads the built file. Where it cannot run (no AVX-512 or, for bf16,
-no AVX-512 BF16; another OS or architecture; no compiler; a mask; gradients; ``torch.compile``; fp16; odd head
-dimensions or above 256; small problems, where starting its threads costs more than it saves) ``attention`` calls
-SDPA as before. ``LATENTDIFF_ATTENTION=sdpa`` in the environment, or ``attention_kernel(False)`` (a context
-manager), sends every call to SDPA.
+concurrent processes are safe; a later process loads the built file. Where it cannot run, ``attention`` calls SDPA
+as before: no AVX-512 (or, for bf16, no AVX-512 BF16); another OS or architecture; no compiler; a mask; gradients;
+``torch.compile``; fp16; odd head widths, above 256 in bf16 or above 128 in fp32; calls under ``MIN_WORK``, where
+starting its threads costs more than it saves. ``LATENTDIFF_ATTENTION=sdpa`` in the environment, or
+``attention_kernel(False)`` (a context manager), sends every call to SDPA.
 
 Exactness: fp32 outputs differ from SDPA's by float rounding (relative ~1e-6); bf16 outputs round the probabilities
-to bf16 before the product with the values, as SDPA's flash kernel does, and agree with the fp32 result as closely as
-SDPA's own bf16 output does (``tests/test_cpu_attention.py``).
+to bf16 before the product with the values, as SDPA's flash kernel does, and agree with the exact result as closely
+as SDPA's own bf16 output does (``tests/test_cpu_attention.py``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ _ENABLED: ContextVar[bool] = ContextVar("latentdiff_attention_kernel", default=_
 # Below this many multiply-adds per call (batch x heads x queries x keys x dim), SDPA: starting the kernel's threads
 # and packing the keys cost more than they save (the bundled 32 px models' attention stays there).
 MIN_WORK = 1 << 26
+# In fp32 heads wider than this go to SDPA: at SD's 256-token, 160-wide self-attention the kernel took 1.01-1.21x
+# SDPA's time (its fp32 keys and values no longer fit the first-level cache), in bf16 0.53-0.64x.
+FP32_MAX_WIDTH = 128
 logger = logging.getLogger(__name__)
 _library: list[ctypes.CDLL | None] = []  # the loaded kernel (or None: cannot be had here), once looked for
+_STRIDES = ctypes.c_int64 * 8  # batch and row strides of q, k, v and the output
 
 
 @contextmanager
@@ -152,7 +157,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bo
     if inner % heads or k.shape != (b, k.shape[1], inner) or v.shape != k.shape:
         return False
     d = inner // heads
-    if d % 2 or d > 256 or b * inner * lq * k.shape[1] < MIN_WORK:
+    if d % 2 or d > (256 if q.dtype == torch.bfloat16 else FP32_MAX_WIDTH) or b * inner * lq * k.shape[1] < MIN_WORK:
         return False
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         return False
@@ -167,11 +172,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tor
     lk = k.shape[1]
     d = inner // heads
     out = torch.empty(b, lq, inner, dtype=q.dtype)
-    strides = (ctypes.c_int64 * 8)(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+    strides = _STRIDES(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                    out.stride(0), out.stride(1))
-    status = lib.latentdiff_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                      int(q.dtype == torch.bfloat16), b, lq, lk, heads, d, strides, d ** -0.5,
-                                      torch.get_num_threads())
+    with torch.profiler.record_function("latentdiff::cpu_attention"):  # its name in a profile
+        status = lib.latentdiff_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                          int(q.dtype == torch.bfloat16), b, lq, lk, heads, d, strides, d ** -0.5,
+                                          torch.get_num_threads())
     if status == 2:
         raise torch.OutOfMemoryError(f"the CPU attention kernel could not allocate its buffers ({b} x {heads} heads, "
                                      f"{lk} keys of {d})")
