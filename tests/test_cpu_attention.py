@@ -193,3 +193,11 @@ def test_setting_is_checked():
                           text=True)
     assert done.returncode != 0 and "LATENTDIFF_ATTENTION must be kernel" in done.stderr
 
+
+
+@needs_kernel
+def test_arguments_it_does_not_take_raise():
+    """Called directly past ``applies`` (odd width 3): the kernel refuses, and says what it was given."""
+    q, k, v = qkv(1, 8, 8, 2, 3)
+    with pytest.raises(ValueError, match="refused its arguments"):
+        cpu_attention.attend(q, k, v, 2)

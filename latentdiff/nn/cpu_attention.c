@@ -377,7 +377,7 @@ static int run_phase(problem_t *pb, int phase, int nthreads) {
 
 /* ---- entry ---------------------------------------------------------------------------------------------------- */
 
-/* 0 on success; 1: bad arguments; 2: out of memory (nothing written to out in either case... except partly on 2). */
+/* 0 on success; 1: arguments it does not take (nothing written); 2: out of memory (out may be partly written). */
 int latentdiff_attention(const void *q, const void *k, const void *v, void *out, int bf, int B, int Lq, int Lk, int H,
                          int D, const int64_t *strides, float scale, int nthreads) {
     if (B < 1 || Lq < 1 || Lk < 1 || H < 1 || D < 2 || D % 2 || D > MAX_D) return 1;
