@@ -1,11 +1,11 @@
 """Our attention kernel for x86-64 CPUs with AVX-512 (``cpu_attention.c``): exact, on by default where it applies.
 
 PyTorch's ``scaled_dot_product_attention`` on a CPU runs Stable Diffusion's self-attention (4096 tokens in heads of
-40 at 512 px) at 100-120 GFLOP/s in fp32 and in bf16 alike on the 2-core AVX-512 machine; its bf16 path does not
-use the processor's bf16 dot products. The kernel in ``cpu_attention.c`` takes blocks of 48 queries through the keys
-128 at a time with the softmax taken online, the scores in fp32, the products in ``vdpbf16ps`` (bf16) or fused
-multiply-adds (fp32), and writes the heads straight into the (batch, tokens, heads x dim) layout the projections
-read, without the transposes around SDPA: 0.43x SDPA's time there in bf16, 0.70x in fp32
+40 at 512 px) at 100-120 GFLOP/s in fp32 and in bf16 alike on the 2-core AVX-512 machine: its bf16 path gains
+nothing from the processor's bf16 dot products. The kernel in ``cpu_attention.c`` takes blocks of 48 queries
+through the keys 128 at a time with the softmax taken online, the scores in fp32, the products in ``vdpbf16ps``
+(bf16) or fused multiply-adds (fp32), and writes the heads straight into the (batch, tokens, heads x dim) layout
+the projections read, without the transposes around SDPA: 0.43x SDPA's time there in bf16, 0.70x in fp32
 (``benchmarks/cpu_kernels.py --parts attention``; docs/performance.md).
 
 It is compiled on first use with the C compiler on the path (``$CC``, else ``cc``/``gcc``/``clang``) into
@@ -50,7 +50,7 @@ _ENABLED: ContextVar[bool] = ContextVar("latentdiff_attention_kernel", default=_
 # and packing the keys cost more than they save (the bundled 32 px models' attention stays there).
 MIN_WORK = 1 << 26
 # In fp32 heads wider than this go to SDPA: at SD's 256-token, 160-wide self-attention the kernel took 1.01-1.21x
-# SDPA's time (its fp32 keys and values no longer fit the first-level cache), in bf16 0.53-0.64x.
+# SDPA's time (most likely its fp32 keys and values outgrowing the first-level cache), in bf16 0.53-0.64x.
 FP32_MAX_WIDTH = 128
 logger = logging.getLogger(__name__)
 _library: list[ctypes.CDLL | None] = []  # the loaded kernel (or None: cannot be had here), once looked for
@@ -179,7 +179,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tor
                                           int(q.dtype == torch.bfloat16), b, lq, lk, heads, d, strides, d ** -0.5,
                                           torch.get_num_threads())
     if status == 2:
-        raise torch.OutOfMemoryError(f"the CPU attention kernel could not allocate its buffers ({b} x {heads} heads, "
+        raise MemoryError(f"the CPU attention kernel could not allocate its buffers ({b} x {heads} heads, "
                                      f"{lk} keys of {d})")
     if status != 0:
         raise ValueError(f"the CPU attention kernel refused its arguments: q {tuple(q.shape)}, k {tuple(k.shape)}, "
