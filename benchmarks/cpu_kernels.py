@@ -6,8 +6,8 @@ Best of 5 (after one warm-up) for each of SD v1.5's shapes at 512 px (batch 2):
 - linears: ``F.linear`` (MKL) against oneDNN on the weight as it is, and on a packed weight;
 - attention: PyTorch's SDPA against per-head ``torch.mm`` products over query chunks of 128 (softmax between) and
   against our kernel (``latentdiff.nn.cpu_attention``), from and to the (batch, tokens, heads x width) layout the
-  projections use, with each one's error relative to an fp64 SDPA; SD v1.5's self-attention at its two finest levels
-  and its cross-attention over 77 text tokens;
+  projections use, with each one's error relative to an fp64 SDPA; SD v1.5's self-attention at its three attention
+  levels and in its middle block, and its cross-attention over 77 text tokens;
 - int8 dynamic quantisation of one linear (``torch.ao.quantization.quantize_dynamic``) against fp32, with its error.
 
     python benchmarks/cpu_kernels.py              # fp32 and bf16, a few minutes on 2 cores

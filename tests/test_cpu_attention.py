@@ -197,7 +197,9 @@ def test_setting_is_checked():
 
 @needs_kernel
 def test_arguments_it_does_not_take_raise():
-    """Called directly past ``applies`` (odd width 3): the kernel refuses, and says what it was given."""
-    q, k, v = qkv(1, 8, 8, 2, 3)
-    with pytest.raises(ValueError, match="refused its arguments"):
-        cpu_attention.attend(q, k, v, 2)
+    """Called directly past ``applies`` (odd width 3; one past the widest, where the C file's MAX_D and the Python
+    side's MAX_WIDTH must agree): the kernel refuses, and says what it was given."""
+    for width in (3, cpu_attention.MAX_WIDTH + 2):
+        q, k, v = qkv(1, 8, 8, 2, width)
+        with pytest.raises(ValueError, match="refused its arguments"):
+            cpu_attention.attend(q, k, v, 2)

@@ -24,16 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef BR
-#define BR 48  /* queries per task (a multiple of QR, 8, 6 and 4) */
-#endif
-#ifndef QR
-#define QR 6  /* queries per tile of scores */
-#endif
-#ifndef BC
-#define BC 128 /* keys per block (a multiple of 64) */
-#endif
-#define MAX_D 256 /* the largest head dimension */
+#define BR 48     /* queries per task (a multiple of QR and of the value tiles' 8, 6 and 4 rows) */
+#define QR 6      /* queries per tile of scores */
+#define BC 128    /* keys per block (a multiple of 64) */
+#define MAX_D 256 /* the largest head dimension (cpu_attention.py's MAX_WIDTH) */
 #define MAX_THREADS 256
 
 typedef uint16_t bf16;

@@ -52,6 +52,7 @@ MIN_WORK = 1 << 26
 # In fp32 heads wider than this go to SDPA: at SD's 256-token, 160-wide self-attention the kernel took 1.01-1.21x
 # SDPA's time (most likely its fp32 keys and values outgrowing the first-level cache), in bf16 0.53-0.64x.
 FP32_MAX_WIDTH = 128
+MAX_WIDTH = 256  # the widest head the kernel takes (MAX_D in cpu_attention.c)
 logger = logging.getLogger(__name__)
 _library: list[ctypes.CDLL | None] = []  # the loaded kernel (or None: cannot be had here), once looked for
 _STRIDES = ctypes.c_int64 * 8  # batch and row strides of q, k, v and the output
@@ -157,7 +158,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bo
     if inner % heads or k.shape != (b, k.shape[1], inner) or v.shape != k.shape:
         return False
     d = inner // heads
-    if d % 2 or d > (256 if q.dtype == torch.bfloat16 else FP32_MAX_WIDTH) or b * inner * lq * k.shape[1] < MIN_WORK:
+    widest = MAX_WIDTH if q.dtype == torch.bfloat16 else FP32_MAX_WIDTH
+    if d % 2 or d > widest or b * inner * lq * k.shape[1] < MIN_WORK:
         return False
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         return False
@@ -172,15 +174,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tor
     lk = k.shape[1]
     d = inner // heads
     out = torch.empty(b, lq, inner, dtype=q.dtype)
-    strides = _STRIDES(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                   out.stride(0), out.stride(1))
+    strides = _STRIDES(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+                       out.stride(1))
     with torch.profiler.record_function("latentdiff::cpu_attention"):  # its name in a profile
         status = lib.latentdiff_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                           int(q.dtype == torch.bfloat16), b, lq, lk, heads, d, strides, d ** -0.5,
                                           torch.get_num_threads())
     if status == 2:
         raise MemoryError(f"the CPU attention kernel could not allocate its buffers ({b} x {heads} heads, "
-                                     f"{lk} keys of {d})")
+                          f"{lk} keys of {d})")
     if status != 0:
         raise ValueError(f"the CPU attention kernel refused its arguments: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"{heads} heads")
