@@ -70,12 +70,16 @@ import torch
 
 PHASES = ("unet", "vae", "text", "txt2img")
 # our kernel settings (LATENTDIFF_ONEDNN, latentdiff/nn/onednn.py): PyTorch's plain kernels, oneDNN on the weights as
-# they are, oneDNN with convolution weights packed (plain copies kept; held once: the default), and whether attention
-# runs through our CPU kernel (LATENTDIFF_ATTENTION, latentdiff/nn/cpu_attention.py; the default) or SDPA. In
-# waterfall order; onednn is the shipped setting, sdpa the same with PyTorch's SDPA for attention.
-KERNELS = {"plain": "0", "nopack": "nopack", "keep": "keep", "sdpa": "1", "onednn": "1", "deepcache3": "1"}
+# they are, oneDNN with convolution weights packed (plain copies kept; held once: the default), whether attention
+# runs through our CPU kernel (LATENTDIFF_ATTENTION, latentdiff/nn/cpu_attention.py; the default) or SDPA, and whether
+# fp32 3x3 convolutions take Winograd's F(4x4, 3x3) where it pays (LATENTDIFF_WINOGRAD, latentdiff/nn/winograd.py;
+# the default). In waterfall order; winograd is the shipped setting, onednn the same without Winograd, sdpa also
+# with PyTorch's SDPA for attention.
+KERNELS = {"plain": "0", "nopack": "nopack", "keep": "keep", "sdpa": "1", "onednn": "1", "winograd": "1",
+           "deepcache3": "1"}
 ATTENTION = {"plain": "sdpa", "nopack": "sdpa", "keep": "sdpa", "sdpa": "sdpa", "onednn": "kernel",
-             "deepcache3": "kernel"}
+             "winograd": "kernel", "deepcache3": "kernel"}
+WINOGRAD = {"winograd": "1", "deepcache3": "1"}  # every other setting: "0"
 # deepcache3 (txt2img only): the default kernels with DeepCache, the whole UNet every third step (an approximation)
 LAYOUTS = ("contiguous", "channels_last")  # diffusers' memory formats
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -382,6 +386,7 @@ def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     if spec["impl"] == "ours":
         env["LATENTDIFF_ONEDNN"] = KERNELS[spec["variant"]]
         env["LATENTDIFF_ATTENTION"] = ATTENTION[spec["variant"]]
+        env["LATENTDIFF_WINOGRAD"] = WINOGRAD.get(spec["variant"], "0")
     proc = subprocess.run([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
@@ -484,9 +489,9 @@ def main() -> None:
     parser.add_argument("--txt2img-size", type=int, default=None, help="txt2img image side (default: first size)")
     parser.add_argument("--txt2img-repeats", type=int, default=1, help="timed txt2img runs after a 1-step warm-up")
     parser.add_argument("--tiny", action="store_true", help="small SD-structured models: a smoke run in seconds")
-    parser.add_argument("--ours", nargs="+", choices=list(KERNELS), default=["onednn"],
-                        help="our kernel settings to measure (default: the shipped one, onednn); 'plain nopack "
-                             "keep sdpa onednn' gives the waterfall")
+    parser.add_argument("--ours", nargs="+", choices=list(KERNELS), default=["winograd"],
+                        help="our kernel settings to measure (default: the shipped one, winograd); 'plain nopack "
+                             "keep sdpa onednn winograd' gives the waterfall")
     parser.add_argument("--theirs", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                         help="diffusers' memory formats to measure; ratios use the fastest (default: both)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")

@@ -20,7 +20,7 @@ from latentdiff.formats.diffusers_names import (
     vae_config_from_diffusers,
     vae_from_diffusers,
 )
-from latentdiff.nn import cpu_attention
+from latentdiff.nn import cpu_attention, winograd
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -72,13 +72,27 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa-at-this-size", "our-cpu-attention"])
+def winograd_everywhere(monkeypatch) -> list[int]:
+    """Every fp32 3x3 convolution through Winograd's F(4x4, 3x3) (latentdiff/nn/winograd.py), which these small
+    shapes would otherwise leave to oneDNN's direct convolution; returns the list its calls are counted in."""
+    if winograd._load() is None:
+        pytest.skip("no C compiler here: Winograd's transforms cannot be built")
+    for name in ("MIN_CHANNELS", "MIN_TILES", "MIN_WORK"):
+        monkeypatch.setattr(winograd, name, 0)
+    calls: list[int] = []
+    convolve = winograd.convolve
+    monkeypatch.setattr(winograd, "convolve", lambda *a: calls.append(1) or convolve(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["default", "attention", "winograd"],
+                         ids=["kernels-at-this-size", "our-cpu-attention", "winograd-everywhere"])
 @pytest.mark.parametrize("case", list(UNET_CASES))
-def test_unet_matches_diffusers(case: str, kernel: bool, monkeypatch) -> None:
-    """Also with every attention call through our CPU kernel (latentdiff/nn/cpu_attention.py), which these small
-    shapes would otherwise leave to SDPA."""
-    calls = []
-    if kernel:
+def test_unet_matches_diffusers(case: str, kernel: str, monkeypatch) -> None:
+    """Also with every attention call through our CPU kernel (latentdiff/nn/cpu_attention.py), and with every 3x3
+    convolution through Winograd's transforms, which these small shapes would otherwise leave to SDPA and oneDNN."""
+    calls = winograd_everywhere(monkeypatch) if kernel == "winograd" else []
+    if kernel == "attention":
         if not cpu_attention._FP32_OK or cpu_attention._compiler() is None:
             pytest.skip("no AVX-512 here: the CPU attention kernel does not apply")
         attend = cpu_attention.attend
@@ -106,7 +120,7 @@ def test_unet_matches_diffusers(case: str, kernel: bool, monkeypatch) -> None:
             got = ours(x, t, context=context, y=labels)
     assert got.shape == expected.shape
     assert relative_error(got, expected) <= RTOL
-    assert bool(calls) == kernel
+    assert bool(calls) == (kernel != "default")
 
 
 VAE_KWARGS = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -138,14 +152,17 @@ def test_vae_encode_matches_diffusers(vae_pair) -> None:
     assert relative_error(posterior.logvar, expected.logvar) <= RTOL
 
 
-def test_vae_decode_matches_diffusers(vae_pair) -> None:
+@pytest.mark.parametrize("kernel", ["default", "winograd"], ids=["kernels-at-this-size", "winograd-everywhere"])
+def test_vae_decode_matches_diffusers(vae_pair, kernel: str, monkeypatch) -> None:
     theirs, ours = vae_pair
+    calls = winograd_everywhere(monkeypatch) if kernel == "winograd" else []
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = theirs.decode(z).sample
         got = ours.decode(z)
     assert got.shape == (2, 3, 32, 32)
     assert relative_error(got, expected) <= RTOL
+    assert bool(calls) == (kernel == "winograd")
 
 
 # The UNet configs of the published diffusers repositories (unet/config.json), trimmed to the fields they set.

@@ -24,13 +24,9 @@ as SDPA's own bf16 output does (``tests/test_cpu_attention.py``).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,9 +34,14 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.nn.ckernels import AVX512 as _FP32_OK
+from latentdiff.nn.ckernels import AVX512_BF16 as _BF16_OK
+from latentdiff.nn.ckernels import COMMON_FLAGS, load
+from latentdiff.nn.ckernels import build as _build
+from latentdiff.nn.ckernels import compiler as _compiler
+
 _SOURCE = Path(__file__).with_name("cpu_attention.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512bf16", "-mfma"]
+_FLAGS = [*COMMON_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 _SETTING = os.environ.get("LATENTDIFF_ATTENTION", "kernel").strip().lower()
 if _SETTING not in ("kernel", "sdpa"):
     raise ImportError(f"LATENTDIFF_ATTENTION must be kernel (our CPU attention kernel where it applies) or sdpa "
@@ -68,50 +69,11 @@ def attention_kernel(enabled: bool) -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def _cpu_flags() -> set[str]:
-    """The processor's feature flags as Linux reports them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_FLAGS_HERE = _cpu_flags()
-_FP32_OK = platform.machine() in ("x86_64", "AMD64") and {"avx512f", "avx512bw", "avx512vl", "fma"} <= _FLAGS_HERE
-_BF16_OK = _FP32_OK and "avx512_bf16" in _FLAGS_HERE
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("LATENTDIFF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "latentdiff")
-    return Path(root) / "kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile the kernel into ``target``: a temporary file in the same folder, renamed when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.latentdiff_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_float,
+                                                                 ctypes.c_int]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -125,16 +87,8 @@ def _load() -> ctypes.CDLL | None:
         logger.warning("no C compiler (cc, gcc, clang or $CC) on the path: attention runs through PyTorch's "
                        "scaled_dot_product_attention, slower (LATENTDIFF_ATTENTION=sdpa silences this)")
     else:
-        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"cpu_attention-{key}.so"
         try:
-            if not target.exists():
-                _build(compiler, target)
-            lib = ctypes.CDLL(str(target))
-            fn = lib.latentdiff_attention
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.POINTER(ctypes.c_int64),
-                                                                         ctypes.c_float, ctypes.c_int]
+            lib = load(_SOURCE, _FLAGS, compiler, _declare, _build)
         except (OSError, subprocess.SubprocessError) as e:
             lib = None
             logger.warning("the CPU attention kernel could not be built or loaded (%s): attention runs through "

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from latentdiff.device import memory_available
+from latentdiff.nn import winograd
 
 _SETTING = os.environ.get("LATENTDIFF_ONEDNN", "1").strip().lower()
 if _SETTING not in ("0", "1", "keep", "nopack"):
@@ -221,11 +222,14 @@ class Conv2d(nn.Conv2d):
             packed = params.packed
             bias = dict.__getitem__(params, "bias")
             if (packed is not None and x.dim() == 4 and x.dtype is packed.dtype and self.padding_mode == "zeros"
-                    and _PACK.get() and _fast(x, (bias,))):
+                    and _PACK.get() and _fast(x, (bias,)) and not winograd.applies(self, x)):
                 return self._convolve(x, packed, bias)
             params.restore()  # any other path needs the plain weight
         if (x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and _fast(x, (self.weight, self.bias))):
+            if winograd.applies(self, x):  # transforms the plain weight at each call: no packed copy to hold
+                self.__dict__.pop(_CACHE, None)
+                return winograd.convolve(x, self.weight, self.bias)
             return self._convolve(x, self._packed(x), self.bias)
         if torch.is_grad_enabled() and _CACHE in self.__dict__:
             # training again (after sampling between steps): the weight will change, its packed copy only holds memory
