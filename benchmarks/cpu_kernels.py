@@ -8,12 +8,17 @@ Best of 5 (after one warm-up) for each of SD v1.5's shapes at 512 px (batch 2):
   against our kernel (``latentdiff.nn.cpu_attention``), from and to the (batch, tokens, heads x width) layout the
   projections use, with each one's error relative to an fp64 SDPA; SD v1.5's self-attention at its three attention
   levels and in its middle block, and its cross-attention over 77 text tokens;
-- int8 dynamic quantisation of one linear (``torch.ao.quantization.quantize_dynamic``) against fp32, with its error.
+- int8 dynamic quantisation of one linear (``torch.ao.quantization.quantize_dynamic``) against fp32, with its error;
+- Winograd (``latentdiff.nn.winograd``): 3x3 convolutions of SD v1.5's UNet (batch 2) and VAE decoder (batch 1)
+  through F(4x4, 3x3) against oneDNN's direct convolution on a packed weight, each one's error relative to an fp64
+  convolution, and whether ``Conv2d`` takes Winograd there by default. In bf16 the Winograd column is the fp32
+  transforms and products on the bf16 values (converted in and out), what keeping bf16's accuracy would take.
 
     python benchmarks/cpu_kernels.py              # fp32 and bf16, a few minutes on 2 cores
     python benchmarks/cpu_kernels.py --dtype fp32
     python benchmarks/cpu_kernels.py --dtype bf16 --parts conv linear
     python benchmarks/cpu_kernels.py --parts attention
+    python benchmarks/cpu_kernels.py --parts winograd --dtype fp32
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.ao.quantization import quantize_dynamic
 
-from latentdiff.nn import cpu_attention
+from latentdiff.nn import cpu_attention, winograd
+from latentdiff.nn.onednn import Conv2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONVS = [(320, 64, 3), (640, 32, 3), (1280, 16, 3), (1280, 8, 3), (320, 64, 1), (640, 32, 1), (1280, 16, 1),
@@ -35,6 +41,8 @@ LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5
 ATTENTION = [(4096, 4096, 8, 40), (1024, 1024, 8, 80), (256, 256, 8, 160), (4096, 77, 8, 40),
              (1024, 77, 8, 80), (256, 77, 8, 160), (64, 64, 8, 160)]  # queries, keys, heads, width (the last two:
 # below cpu_attention.MIN_WORK, where attention() calls SDPA; the kernel is timed by calling it directly)
+WINOGRAD = [(2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 640, 32), (2, 1280, 1280, 32), (2, 1280, 1280, 16),
+            (1, 512, 512, 64), (1, 512, 512, 128), (1, 256, 256, 256), (1, 128, 128, 512)]  # batch, in, out, side
 
 
 def best(fn, *args, repeats: int = 5, **kwargs) -> float:
@@ -135,7 +143,32 @@ def int8() -> None:
           f"({fp32_s / int8_s:.2f}x), rel. error {rel(quantised(x), linear(x)):.1e}")
 
 
-PARTS = {"conv": convolutions, "linear": linears, "attention": attention, "int8": int8}
+def winograd_convolutions(dtype: torch.dtype) -> None:
+    print("\n| 3x3 conv | direct (oneDNN, packed) ms (rel. error) | Winograd ms (rel. error) | **Winograd / direct** "
+          "| taken by default |\n|---|---:|---:|---:|---|")
+    if winograd._load() is None:
+        print("| (no C compiler here: Winograd's transforms cannot be built) | | | | |")
+        return
+    for n, c, k, side in WINOGRAD:
+        x = torch.randn(n, c, side, side).to(dtype)
+        conv = Conv2d(c, k, 3, padding=1).requires_grad_(False)
+        w, b = (conv.weight / 3).to(dtype), conv.bias.to(dtype)
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+        direct = (torch.ops.mkldnn._convolution_pointwise, x, packed, b, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+        if dtype is torch.float32:
+            wino = (winograd.convolve, x, w, b)
+        else:  # the fp32 transforms and products on bf16 values, converted in and out
+            wino = (lambda *a: winograd.convolve(*(t.float() for t in a)).to(dtype), x, w, b)
+        exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+        direct_s, wino_s = best(*direct, repeats=3), best(*wino, repeats=3)
+        default = winograd.applies(conv, x.float()) and dtype is torch.float32
+        print(f"| {n} x {c} -> {k} ch, {side}x{side} | {direct_s * 1e3:.1f} ({rel(direct[0](*direct[1:]), exact):.0e}) "
+              f"| {wino_s * 1e3:.1f} ({rel(wino[0](*wino[1:]), exact):.0e}) | **{wino_s / direct_s:.2f}** | "
+              f"{'yes' if default else 'no'} |")
+
+
+PARTS = {"conv": convolutions, "linear": linears, "attention": attention, "int8": int8,
+         "winograd": winograd_convolutions}
 
 
 def main() -> None:

@@ -76,6 +76,19 @@ def test_bands_and_channel_blocks_give_the_same_result(everywhere, monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("layout", ["channels_last", "every_other_column", "every_other_image"])
+def test_strided_inputs_are_read_in_place(everywhere, layout):
+    """Channels-last maps (what ``F.interpolate`` may return) and other strides: the same result as contiguous."""
+    conv = layer(6, 5)
+    x = torch.randn(4, 6, 11, 18, generator=torch.Generator().manual_seed(5))
+    strided = {"channels_last": x.contiguous(memory_format=torch.channels_last), "every_other_column": x[..., ::2],
+               "every_other_image": x[::2]}[layout]
+    assert not strided.is_contiguous()
+    got = winograd.convolve(strided, conv.weight, conv.bias)
+    assert rel(got, exact(strided, conv)) < 2e-5
+
+
+@needs_compiler
 def test_sd_shape_error():
     """SD's 64x64 level at batch 2: taken by default, within 2e-5 of the exact result."""
     conv = layer(320, 320)
@@ -98,7 +111,8 @@ def test_transforms_give_the_same_bits_for_any_thread_count():
     for threads in (1, 2, 3):
         u, v, y = torch.empty(36, k, c), torch.empty(36, c, rows * tw), torch.empty(n, k, h, w)
         assert lib.latentdiff_winograd_weight(weight.data_ptr(), k, c, 0, k, u.data_ptr(), threads) == 0
-        assert lib.latentdiff_winograd_input(x.data_ptr(), n, c, h, w, 0, rows, v.data_ptr(), threads) == 0
+        assert lib.latentdiff_winograd_input(x.data_ptr(), winograd._STRIDES(*x.stride()), n, c, h, w, 0, rows,
+                                             v.data_ptr(), threads) == 0
         assert lib.latentdiff_winograd_output(products.data_ptr(), bias.data_ptr(), n, k, h, w, 0, k, 0, rows,
                                               y.data_ptr(), threads) == 0
         results.append((u, v, y))

@@ -5,7 +5,8 @@
  * transforms; the 36 products between them are PyTorch's (a batched matrix product):
  *
  *   weights  w (K, C, 3, 3)           -> U (36, Kb, C)  U[p] = G g G^T, p = 6 i + j, outputs [k0, k1)
- *   input    x (N, C, H, W), a band   -> V (36, C, T)   V[p] = B^T d B of each 6x6 patch d (tiles 4 apart)
+ *   input    x (N, C, H, W), a band   -> V (36, C, T)   V[p] = B^T d B of each 6x6 patch d (tiles 4 apart);
+ *                                                        x in any strides (contiguous, channels-last)
  *   products                             M (36, Kb, T)  M[p] = U[p] V[p]              (torch.bmm)
  *   output   M + bias[k0:k1]          -> y (N, K, H, W) the 4x4 outputs A^T m A of each tile, channels [k0, k1)
  *
@@ -67,6 +68,7 @@ struct job {
     void *out;
     const void *bias;
     int N, C, K, H, W, th, tw, g0, g1, k0, k1;
+    int64_t sn, sc, sh, sw; /* the input's strides (elements) */
 };
 
 typedef struct { const job *j; int64_t begin, end; int status; } slice;
@@ -136,17 +138,18 @@ static int weight_rows(const job *j, int64_t begin, int64_t end) {
 
 int latentdiff_winograd_weight(const float *w, int K, int C, int k0, int k1, float *U, int nthreads) {
     if (K < 1 || C < 1 || k0 < 0 || k1 > K || k0 >= k1) return 1;
-    job j = {weight_rows, k1 - k0, w, U, NULL, 0, C, K, 0, 0, 0, 0, 0, 0, k0, k1};
+    job j = {weight_rows, k1 - k0, w, U, NULL, 0, C, K, 0, 0, 0, 0, 0, 0, k0, k1, 0, 0, 0, 0};
     return run_parallel(&j, nthreads);
 }
 
 /* ---- input: V[p][c][t] = (B^T d B)[p] of tile t's 6x6 patch of channel c ---------------------------------------- */
 
-/* Items: (channel, tile row) pairs of the band. The column transform runs along whole rows, the row transform on
- * the columns of each tile gathered into six arrays (col[k][tx] = column 4 tx + k), both across the tiles. */
+/* Items: (tile row, channel) pairs of the band, the channels inner (a channels-last input's rows are then read
+ * while in cache). The column transform runs along whole rows, the row transform on the columns of each tile
+ * gathered into six arrays (col[k][tx] = column 4 tx + k), both across the tiles. */
 static int input_rows(const job *j, int64_t begin, int64_t end) {
     const int rows = j->g1 - j->g0, tw = j->tw, wp = 4 * tw + 2;
-    const int64_t T = (int64_t)rows * tw, CT = (int64_t)j->C * T, plane = (int64_t)j->H * j->W;
+    const int64_t T = (int64_t)rows * tw, CT = (int64_t)j->C * T;
     float *mem = malloc(sizeof(float) * (size_t)(12 * wp + 6 * tw));
     if (!mem) return 2;
     float *buf[6], *t[6], *col[6];
@@ -156,14 +159,19 @@ static int input_rows(const job *j, int64_t begin, int64_t end) {
         col[r] = mem + 12 * wp + r * tw;
     }
     for (int64_t item = begin; item < end; item++) {
-        const int c = (int)(item / rows), g = j->g0 + (int)(item % rows), n = g / j->th, ty = g % j->th;
-        const int64_t base = ((int64_t)n * j->C + c) * plane;
+        const int g = j->g0 + (int)(item / j->C), c = (int)(item % j->C), n = g / j->th, ty = g % j->th;
+        const float *plane = (const float *)j->in + n * j->sn + c * j->sc;
         for (int r = 0; r < 6; r++) { /* the six input rows, zero-padded: buf[r][1 + x] = x[4 ty - 1 + r][x] */
             const int y = 4 * ty - 1 + r;
             float *row = buf[r];
             memset(row, 0, sizeof(float) * (size_t)wp);
             if (y < 0 || y >= j->H) continue;
-            memcpy(row + 1, (const float *)j->in + base + (int64_t)y * j->W, sizeof(float) * (size_t)j->W);
+            const float *src = plane + y * j->sh;
+            if (j->sw == 1) {
+                memcpy(row + 1, src, sizeof(float) * (size_t)j->W);
+            } else {
+                for (int x = 0; x < j->W; x++) row[1 + x] = src[x * j->sw];
+            }
         }
         for (int x = 0; x < wp; x++)
             IN6(buf[0][x], buf[1][x], buf[2][x], buf[3][x], buf[4][x], buf[5][x], t[0][x], t[1][x], t[2][x], t[3][x],
@@ -183,10 +191,12 @@ static int input_rows(const job *j, int64_t begin, int64_t end) {
     return 0;
 }
 
-int latentdiff_winograd_input(const float *x, int N, int C, int H, int W, int g0, int g1, float *V, int nthreads) {
+int latentdiff_winograd_input(const float *x, const int64_t *strides, int N, int C, int H, int W, int g0, int g1,
+                              float *V, int nthreads) {
     const int th = (H + 3) / 4, tw = (W + 3) / 4;
     if (N < 1 || C < 1 || H < 1 || W < 1 || g0 < 0 || g1 > N * th || g0 >= g1) return 1;
-    job j = {input_rows, (int64_t)C * (g1 - g0), x, V, NULL, N, C, 0, H, W, th, tw, g0, g1, 0, 0};
+    job j = {input_rows, (int64_t)C * (g1 - g0), x, V, NULL, N, C, 0, H, W, th, tw, g0, g1, 0, 0,
+             strides[0], strides[1], strides[2], strides[3]};
     return run_parallel(&j, nthreads);
 }
 
@@ -236,6 +246,7 @@ int latentdiff_winograd_output(const float *M, const float *bias, int N, int K, 
     const int th = (H + 3) / 4, tw = (W + 3) / 4;
     if (N < 1 || K < 1 || H < 1 || W < 1 || k0 < 0 || k1 > K || k0 >= k1 || g0 < 0 || g1 > N * th || g0 >= g1)
         return 1;
-    job j = {output_rows, (int64_t)(k1 - k0) * (g1 - g0), M, y, bias, N, 0, K, H, W, th, tw, g0, g1, k0, k1};
+    job j = {output_rows, (int64_t)(k1 - k0) * (g1 - g0), M, y, bias, N, 0, K, H, W, th, tw, g0, g1, k0, k1,
+             0, 0, 0, 0};
     return run_parallel(&j, nthreads);
 }
