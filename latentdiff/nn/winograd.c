@@ -144,47 +144,53 @@ int latentdiff_winograd_weight(const float *w, int K, int C, int k0, int k1, flo
 
 /* ---- input: V[p][c][t] = (B^T d B)[p] of tile t's 6x6 patch of channel c ---------------------------------------- */
 
-/* Items: (tile row, channel) pairs of the band, the channels inner (a channels-last input's rows are then read
- * while in cache). The column transform runs along whole rows, the row transform on the columns of each tile
- * gathered into six arrays (col[k][tx] = column 4 tx + k), both across the tiles. */
+#define RB 16 /* channels whose input rows are read together (a channels-last pixel's 16 neighbours in memory) */
+
+/* Items: (tile row, block of RB channels) pairs of the band. The six input rows of the block's channels are read
+ * first, pixel by pixel across the channels where the input is not contiguous along rows (channels-last: one cache
+ * line per pixel); then, channel by channel, the column transform along whole rows and the row transform on the
+ * columns of each tile gathered into six arrays (col[k][tx] = column 4 tx + k), both across the tiles. */
 static int input_rows(const job *j, int64_t begin, int64_t end) {
-    const int rows = j->g1 - j->g0, tw = j->tw, wp = 4 * tw + 2;
+    const int rows = j->g1 - j->g0, tw = j->tw, wp = 4 * tw + 2, blocks = (j->C + RB - 1) / RB;
     const int64_t T = (int64_t)rows * tw, CT = (int64_t)j->C * T;
-    float *mem = malloc(sizeof(float) * (size_t)(12 * wp + 6 * tw));
+    float *mem = malloc(sizeof(float) * (size_t)((6 * RB + 6) * wp + 6 * tw));
     if (!mem) return 2;
-    float *buf[6], *t[6], *col[6];
+    float *t[6], *col[6];
     for (int r = 0; r < 6; r++) {
-        buf[r] = mem + r * wp;
-        t[r] = mem + (6 + r) * wp;
-        col[r] = mem + 12 * wp + r * tw;
+        t[r] = mem + (6 * RB + r) * wp;
+        col[r] = mem + (6 * RB + 6) * wp + r * tw;
     }
     for (int64_t item = begin; item < end; item++) {
-        const int g = j->g0 + (int)(item / j->C), c = (int)(item % j->C), n = g / j->th, ty = g % j->th;
-        const float *plane = (const float *)j->in + n * j->sn + c * j->sc;
-        for (int r = 0; r < 6; r++) { /* the six input rows, zero-padded: buf[r][1 + x] = x[4 ty - 1 + r][x] */
+        const int g = j->g0 + (int)(item / blocks), c0 = (int)(item % blocks) * RB, n = g / j->th, ty = g % j->th;
+        const int nc = j->C - c0 < RB ? j->C - c0 : RB;
+        for (int r = 0; r < 6; r++) { /* buf(cc, r)[1 + x] = x[n][c0 + cc][4 ty - 1 + r][x], zero-padded */
             const int y = 4 * ty - 1 + r;
-            float *row = buf[r];
-            memset(row, 0, sizeof(float) * (size_t)wp);
+            for (int cc = 0; cc < nc; cc++) memset(mem + (cc * 6 + r) * wp, 0, sizeof(float) * (size_t)wp);
             if (y < 0 || y >= j->H) continue;
-            const float *src = plane + y * j->sh;
+            const float *src = (const float *)j->in + n * j->sn + c0 * j->sc + y * j->sh;
             if (j->sw == 1) {
-                memcpy(row + 1, src, sizeof(float) * (size_t)j->W);
+                for (int cc = 0; cc < nc; cc++)
+                    memcpy(mem + (cc * 6 + r) * wp + 1, src + cc * j->sc, sizeof(float) * (size_t)j->W);
             } else {
-                for (int x = 0; x < j->W; x++) row[1 + x] = src[x * j->sw];
+                for (int x = 0; x < j->W; x++)
+                    for (int cc = 0; cc < nc; cc++) mem[(cc * 6 + r) * wp + 1 + x] = src[x * j->sw + cc * j->sc];
             }
         }
-        for (int x = 0; x < wp; x++)
-            IN6(buf[0][x], buf[1][x], buf[2][x], buf[3][x], buf[4][x], buf[5][x], t[0][x], t[1][x], t[2][x], t[3][x],
-                t[4][x], t[5][x]);
-        float *dst = (float *)j->out + (int64_t)c * T + (int64_t)(g - j->g0) * tw;
-        for (int i = 0; i < 6; i++) {
-            for (int k = 0; k < 6; k++)
-                for (int tx = 0; tx < tw; tx++) col[k][tx] = t[i][4 * tx + k];
-            float *d0 = dst + (int64_t)(6 * i) * CT, *d1 = d0 + CT, *d2 = d1 + CT, *d3 = d2 + CT, *d4 = d3 + CT,
-                  *d5 = d4 + CT;
-            for (int tx = 0; tx < tw; tx++)
-                IN6(col[0][tx], col[1][tx], col[2][tx], col[3][tx], col[4][tx], col[5][tx], d0[tx], d1[tx], d2[tx],
-                    d3[tx], d4[tx], d5[tx]);
+        for (int cc = 0; cc < nc; cc++) {
+            const float *b0 = mem + cc * 6 * wp, *b1 = b0 + wp, *b2 = b1 + wp, *b3 = b2 + wp, *b4 = b3 + wp,
+                        *b5 = b4 + wp;
+            for (int x = 0; x < wp; x++)
+                IN6(b0[x], b1[x], b2[x], b3[x], b4[x], b5[x], t[0][x], t[1][x], t[2][x], t[3][x], t[4][x], t[5][x]);
+            float *dst = (float *)j->out + (int64_t)(c0 + cc) * T + (int64_t)(g - j->g0) * tw;
+            for (int i = 0; i < 6; i++) {
+                for (int k = 0; k < 6; k++)
+                    for (int tx = 0; tx < tw; tx++) col[k][tx] = t[i][4 * tx + k];
+                float *d0 = dst + (int64_t)(6 * i) * CT, *d1 = d0 + CT, *d2 = d1 + CT, *d3 = d2 + CT, *d4 = d3 + CT,
+                      *d5 = d4 + CT;
+                for (int tx = 0; tx < tw; tx++)
+                    IN6(col[0][tx], col[1][tx], col[2][tx], col[3][tx], col[4][tx], col[5][tx], d0[tx], d1[tx],
+                        d2[tx], d3[tx], d4[tx], d5[tx]);
+            }
         }
     }
     free(mem);
@@ -195,7 +201,7 @@ int latentdiff_winograd_input(const float *x, const int64_t *strides, int N, int
                               float *V, int nthreads) {
     const int th = (H + 3) / 4, tw = (W + 3) / 4;
     if (N < 1 || C < 1 || H < 1 || W < 1 || g0 < 0 || g1 > N * th || g0 >= g1) return 1;
-    job j = {input_rows, (int64_t)C * (g1 - g0), x, V, NULL, N, C, 0, H, W, th, tw, g0, g1, 0, 0,
+    job j = {input_rows, (int64_t)((C + RB - 1) / RB) * (g1 - g0), x, V, NULL, N, C, 0, H, W, th, tw, g0, g1, 0, 0,
              strides[0], strides[1], strides[2], strides[3]};
     return run_parallel(&j, nthreads);
 }

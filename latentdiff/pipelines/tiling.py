@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from latentdiff.nn.winograd import BUDGET as WINOGRAD_BUDGET
+
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap`` in common between neighbours.
@@ -87,9 +89,10 @@ def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
 # An upper estimate of a decode's working memory, in bytes per output pixel and per channel of the decoder's
 # full-resolution level: SD's kl-f8 decoder (128 channels there) measured 1008 MB above its weights at 512 x 512 in
 # float32 and 656 MB in bfloat16 (benchmarks/sd_vs_diffusers.py --phases vae, docs/sd_vs_diffusers_*.json), that
-# is 7.9 and 10.3 bytes per channel, pixel and byte of the dtype; 12 leaves a margin, plus a fixed 64 MB of workspace.
+# is 7.9 and 10.3 bytes per channel, pixel and byte of the dtype; 12 leaves a margin, plus a fixed 64 MB of workspace
+# and the buffers fp32 Winograd convolutions keep (latentdiff/nn/winograd.py: three of BUDGET bytes).
 DECODE_BYTES_PER_CHANNEL_PIXEL = 12
-DECODE_WORKSPACE = 64 << 20
+DECODE_WORKSPACE = (64 << 20) + 3 * WINOGRAD_BUDGET
 MEMORY_RESERVE = 1 << 30  # what an automatic decision leaves free for the rest of the process and the system
 
 
