@@ -443,7 +443,8 @@ def test_decoding_is_per_image_and_tiles_itself_only_when_memory_is_short(v1, mo
     tile = automatic_tile(128, 128, 8, 128, 4, available=3 << 30)  # 1024 px: 6.5 GB whole
     window = (tile + 2 * (tile // 4)) * 8
     assert tile % 8 == 0 and 16 <= tile < 128 and decode_bytes(window, window, 128, 4) <= 2 << 30
-    assert decode_bytes(window + 80, window + 80, 128, 4) > 2 << 30  # the largest that fits
+    wider = (tile + 8 + 2 * ((tile + 8) // 4)) * 8  # the next tile's window
+    assert decode_bytes(wider, wider, 128, 4) > 2 << 30  # the largest that fits
     # Through the pipeline: plenty of memory decodes whole; little memory tiles, with one warning.
     channels = ours.vae.config.ch * ours.vae.config.ch_mult[0]
     need = decode_bytes(24 * ours.vae_factor, 24 * ours.vae_factor, channels, 4)

@@ -8,7 +8,8 @@
  *   input    x (N, C, H, W), a band   -> V (36, C, T)   V[p] = B^T d B of each 6x6 patch d (tiles 4 apart);
  *                                                        x in any strides (contiguous, channels-last)
  *   products                             M (36, Kb, T)  M[p] = U[p] V[p]              (torch.bmm)
- *   output   M + bias[k0:k1]          -> y (N, K, H, W) the 4x4 outputs A^T m A of each tile, channels [k0, k1)
+ *   output   M + bias[k0:k1]          -> y (N, K, H, W) the 4x4 outputs A^T m A of each tile, channels [k0, k1);
+ *                                                        y in any strides (the caller gives it x's memory format)
  *
  * Tiles are 4x4 output pixels; tile (ty, tx) of image n reads input rows 4 ty - 1 .. 4 ty + 4 and columns
  * 4 tx - 1 .. 4 tx + 4 (zero outside the image: padding 1). The tile rows of the batch are numbered g = n th + ty;
@@ -68,7 +69,7 @@ struct job {
     void *out;
     const void *bias;
     int N, C, K, H, W, th, tw, g0, g1, k0, k1;
-    int64_t sn, sc, sh, sw; /* the input's strides (elements) */
+    int64_t sn, sc, sh, sw; /* the input's (or the output's) strides, in elements */
 };
 
 typedef struct { const job *j; int64_t begin, end; int status; } slice;
@@ -208,39 +209,53 @@ int latentdiff_winograd_input(const float *x, const int64_t *strides, int N, int
 
 /* ---- output: y[n][k] of tile t = A^T m A + bias[k], m the 36 values M[p][k][t] ---------------------------------- */
 
-/* Items: (output channel, tile row) pairs of the band; the same two passes as the input's, across the tiles. */
+/* Items: (tile row, block of RB output channels) pairs of the band; per channel the same two passes as the input's,
+ * across the tiles, into four output rows per channel; then the rows are written, pixel by pixel across the
+ * channels where the output is not contiguous along rows (channels-last: one cache line per pixel). */
 static int output_rows(const job *j, int64_t begin, int64_t end) {
-    const int rows = j->g1 - j->g0, tw = j->tw;
-    const int64_t T = (int64_t)rows * tw, KT = (int64_t)(j->k1 - j->k0) * T, plane = (int64_t)j->H * j->W;
-    float *mem = malloc(sizeof(float) * (size_t)(28 * tw + 4 * tw));
+    const int rows = j->g1 - j->g0, tw = j->tw, blocks = (j->k1 - j->k0 + RB - 1) / RB;
+    const int64_t T = (int64_t)rows * tw, KT = (int64_t)(j->k1 - j->k0) * T;
+    float *mem = malloc(sizeof(float) * (size_t)(28 * tw + RB * 16 * tw));
     if (!mem) return 2;
-    float *t[4][6], *o[4], *buf = mem + 28 * tw;
+    float *t[4][6], *o[4], *out = mem + 28 * tw; /* out[(kk * 4 + r) * 4 tw + x] */
     for (int r = 0; r < 4; r++) {
         for (int q = 0; q < 6; q++) t[r][q] = mem + (6 * r + q) * tw;
         o[r] = mem + (24 + r) * tw;
     }
     for (int64_t item = begin; item < end; item++) {
-        const int k = j->k0 + (int)(item / rows), g = j->g0 + (int)(item % rows), n = g / j->th, ty = g % j->th;
-        const float *src = (const float *)j->in + (int64_t)(k - j->k0) * T + (int64_t)(g - j->g0) * tw;
-        float b = 0.0f;
-        if (j->bias) b = ((const float *)j->bias)[k];
-        for (int col = 0; col < 6; col++) {
-            const float *m0 = src + (int64_t)col * KT, *m1 = m0 + 6 * KT, *m2 = m1 + 6 * KT, *m3 = m2 + 6 * KT,
-                        *m4 = m3 + 6 * KT, *m5 = m4 + 6 * KT;
-            for (int tx = 0; tx < tw; tx++)
-                OUT4(m0[tx], m1[tx], m2[tx], m3[tx], m4[tx], m5[tx], t[0][col][tx], t[1][col][tx], t[2][col][tx],
-                     t[3][col][tx]);
+        const int g = j->g0 + (int)(item / blocks), kb = j->k0 + (int)(item % blocks) * RB, n = g / j->th,
+                  ty = g % j->th;
+        const int nk = j->k1 - kb < RB ? j->k1 - kb : RB, ny = j->H - 4 * ty < 4 ? j->H - 4 * ty : 4;
+        for (int kk = 0; kk < nk; kk++) {
+            const int k = kb + kk;
+            const float *src = (const float *)j->in + (int64_t)(k - j->k0) * T + (int64_t)(g - j->g0) * tw;
+            const float b = j->bias ? ((const float *)j->bias)[k] : 0.0f;
+            for (int col = 0; col < 6; col++) {
+                const float *m0 = src + (int64_t)col * KT, *m1 = m0 + 6 * KT, *m2 = m1 + 6 * KT, *m3 = m2 + 6 * KT,
+                            *m4 = m3 + 6 * KT, *m5 = m4 + 6 * KT;
+                for (int tx = 0; tx < tw; tx++)
+                    OUT4(m0[tx], m1[tx], m2[tx], m3[tx], m4[tx], m5[tx], t[0][col][tx], t[1][col][tx],
+                         t[2][col][tx], t[3][col][tx]);
+            }
+            for (int r = 0; r < ny; r++) {
+                float *row = out + (int64_t)(kk * 4 + r) * 4 * tw;
+                for (int tx = 0; tx < tw; tx++)
+                    OUT4(t[r][0][tx], t[r][1][tx], t[r][2][tx], t[r][3][tx], t[r][4][tx], t[r][5][tx], o[0][tx],
+                         o[1][tx], o[2][tx], o[3][tx]);
+                for (int tx = 0; tx < tw; tx++)
+                    for (int q = 0; q < 4; q++) row[4 * tx + q] = o[q][tx] + b;
+            }
         }
-        const int64_t base = ((int64_t)n * j->K + k) * plane;
-        for (int r = 0; r < 4; r++) {
-            const int y = 4 * ty + r;
-            if (y >= j->H) break;
-            for (int tx = 0; tx < tw; tx++)
-                OUT4(t[r][0][tx], t[r][1][tx], t[r][2][tx], t[r][3][tx], t[r][4][tx], t[r][5][tx], o[0][tx],
-                     o[1][tx], o[2][tx], o[3][tx]);
-            for (int tx = 0; tx < tw; tx++)
-                for (int q = 0; q < 4; q++) buf[4 * tx + q] = o[q][tx] + b;
-            memcpy((float *)j->out + base + (int64_t)y * j->W, buf, sizeof(float) * (size_t)j->W);
+        for (int r = 0; r < ny; r++) {
+            float *dst = (float *)j->out + n * j->sn + kb * j->sc + (int64_t)(4 * ty + r) * j->sh;
+            if (j->sw == 1) {
+                for (int kk = 0; kk < nk; kk++)
+                    memcpy(dst + kk * j->sc, out + (int64_t)(kk * 4 + r) * 4 * tw, sizeof(float) * (size_t)j->W);
+            } else {
+                const float *from = out + (int64_t)r * 4 * tw;
+                for (int x = 0; x < j->W; x++)
+                    for (int kk = 0; kk < nk; kk++) dst[x * j->sw + kk * j->sc] = from[(int64_t)kk * 16 * tw + x];
+            }
         }
     }
     free(mem);
@@ -248,11 +263,11 @@ static int output_rows(const job *j, int64_t begin, int64_t end) {
 }
 
 int latentdiff_winograd_output(const float *M, const float *bias, int N, int K, int H, int W, int k0, int k1, int g0,
-                               int g1, float *y, int nthreads) {
+                               int g1, float *y, const int64_t *strides, int nthreads) {
     const int th = (H + 3) / 4, tw = (W + 3) / 4;
     if (N < 1 || K < 1 || H < 1 || W < 1 || k0 < 0 || k1 > K || k0 >= k1 || g0 < 0 || g1 > N * th || g0 >= g1)
         return 1;
-    job j = {output_rows, (int64_t)(k1 - k0) * (g1 - g0), M, y, bias, N, 0, K, H, W, th, tw, g0, g1, k0, k1,
-             0, 0, 0, 0};
+    job j = {output_rows, (int64_t)((k1 - k0 + RB - 1) / RB) * (g1 - g0), M, y, bias, N, 0, K, H, W, th, tw, g0, g1,
+             k0, k1, strides[0], strides[1], strides[2], strides[3]};
     return run_parallel(&j, nthreads);
 }

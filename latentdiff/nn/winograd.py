@@ -69,9 +69,10 @@ def winograd_kernels(enabled: bool) -> Iterator[None]:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i = ctypes.c_int
+    strides = ctypes.POINTER(ctypes.c_int64)
     lib.latentdiff_winograd_weight.argtypes = [_VOID, i, i, i, i, _VOID, i]
-    lib.latentdiff_winograd_input.argtypes = [_VOID, ctypes.POINTER(ctypes.c_int64), i, i, i, i, i, i, _VOID, i]
-    lib.latentdiff_winograd_output.argtypes = [_VOID, _VOID, i, i, i, i, i, i, i, i, _VOID, i]
+    lib.latentdiff_winograd_input.argtypes = [_VOID, strides, i, i, i, i, i, i, _VOID, i]
+    lib.latentdiff_winograd_output.argtypes = [_VOID, _VOID, i, i, i, i, i, i, i, i, _VOID, strides, i]
     for fn in (lib.latentdiff_winograd_weight, lib.latentdiff_winograd_input, lib.latentdiff_winograd_output):
         fn.restype = i
 
@@ -142,7 +143,12 @@ def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     k = weight.shape[0]
     th, tw = (h + 3) // 4, (w + 3) // 4
     threads = torch.get_num_threads()
-    y = torch.empty(n, k, h, w, dtype=x.dtype)
+    # the output in the input's memory format, as oneDNN's convolution gives it: a channels-last network (oneDNN
+    # picks that layout for convolutions whose weights are ambiguous, as the VAE's 1x1 first one) stays one
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    y = torch.empty(n, k, h, w, dtype=x.dtype, memory_format=layout)
+    out_strides = _STRIDES(*y.stride())
     # output channels per block and tile rows per band, so that no buffer exceeds BUDGET (at least 16 / 1)
     k_block = min(k, max(16, BUDGET // (36 * 4 * c) // 16 * 16))
     rows = max(1, BUDGET // (36 * 4 * max(c, k_block) * tw))
@@ -164,5 +170,5 @@ def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
                 m = products[:36 * (k1 - k0) * t].view(36, k1 - k0, t)
                 torch.bmm(u, v, out=m)
                 _call(lib.latentdiff_winograd_output(m.data_ptr(), None if bias is None else bias.data_ptr(), n, k, h,
-                                                     w, k0, k1, g0, g1, y.data_ptr(), threads), "output")
+                                                     w, k0, k1, g0, g1, y.data_ptr(), out_strides, threads), "output")
     return y
