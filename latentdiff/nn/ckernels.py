@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing"]
@@ -92,3 +95,28 @@ def load(source: Path, flags: list[str], compiler: str, declare: Callable[[ctype
     lib = ctypes.CDLL(str(target))
     declare(lib)
     return lib
+
+
+def load_or_warn(source: Path, flags: list[str], compiler: str | None, declare: Callable[[ctypes.CDLL], None],
+                 builder: Callable[[str, Path, list[str], Path], None], logger: logging.Logger, what: str,
+                 fallback: str) -> ctypes.CDLL | None:
+    """``load``, or None with one warning (``what`` could not be had: ``fallback`` happens instead) where there is no
+    compiler or the build or load fails."""
+    if compiler is None:
+        logger.warning("no C compiler (cc, gcc, clang or $CC) on the path: %s", fallback)
+        return None
+    try:
+        return load(source, flags, compiler, declare, builder)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("%s could not be built or loaded (%s): %s", what, e, fallback)
+        return None
+
+
+@contextmanager
+def switched(setting: ContextVar[bool], enabled: bool) -> Iterator[None]:
+    """Within the block, ``setting`` (a kernel's on/off switch) is ``enabled``."""
+    token = setting.set(enabled)
+    try:
+        yield
+    finally:
+        setting.reset(token)

@@ -26,9 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import torch
 
 from latentdiff.nn.ckernels import AVX512 as _FP32_OK
 from latentdiff.nn.ckernels import AVX512_BF16 as _BF16_OK
-from latentdiff.nn.ckernels import COMMON_FLAGS, load
+from latentdiff.nn.ckernels import COMMON_FLAGS, load_or_warn, switched
 from latentdiff.nn.ckernels import build as _build
 from latentdiff.nn.ckernels import compiler as _compiler
 
@@ -59,14 +57,9 @@ _library: list[ctypes.CDLL | None] = []  # the loaded kernel (or None: cannot be
 _STRIDES = ctypes.c_int64 * 8  # batch and row strides of q, k, v and the output
 
 
-@contextmanager
-def attention_kernel(enabled: bool) -> Iterator[None]:
+def attention_kernel(enabled: bool) -> AbstractContextManager[None]:
     """Within the block, ``attention`` uses our CPU kernel where it applies (True) or always SDPA (False)."""
-    token = _ENABLED.set(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+    return switched(_ENABLED, enabled)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -81,19 +74,9 @@ def _load() -> ctypes.CDLL | None:
     had. Looked for once per process."""
     if _library:
         return _library[0]
-    lib = None
-    compiler = _compiler()
-    if compiler is None:
-        logger.warning("no C compiler (cc, gcc, clang or $CC) on the path: attention runs through PyTorch's "
-                       "scaled_dot_product_attention, slower (LATENTDIFF_ATTENTION=sdpa silences this)")
-    else:
-        try:
-            lib = load(_SOURCE, _FLAGS, compiler, _declare, _build)
-        except (OSError, subprocess.SubprocessError) as e:
-            lib = None
-            logger.warning("the CPU attention kernel could not be built or loaded (%s): attention runs through "
-                           "PyTorch's scaled_dot_product_attention, slower (LATENTDIFF_ATTENTION=sdpa silences "
-                           "this)", e)
+    lib = load_or_warn(_SOURCE, _FLAGS, _compiler(), _declare, _build, logger, "the CPU attention kernel",
+                       "attention runs through PyTorch's scaled_dot_product_attention, slower "
+                       "(LATENTDIFF_ATTENTION=sdpa silences this)")
     _library.append(lib)
     return lib
 

@@ -25,17 +25,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import subprocess
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from latentdiff.nn.ckernels import COMMON_FLAGS, load, vector_flags
+from latentdiff.nn.ckernels import COMMON_FLAGS, load_or_warn, switched, vector_flags
 from latentdiff.nn.ckernels import build as _build
 from latentdiff.nn.ckernels import compiler as _compiler
 
@@ -57,14 +55,9 @@ _STRIDES = ctypes.c_int64 * 4
 _workspace = threading.local()  # each thread's buffers (see _buffer)
 
 
-@contextmanager
-def winograd_kernels(enabled: bool) -> Iterator[None]:
+def winograd_kernels(enabled: bool) -> AbstractContextManager[None]:
     """Within the block, fp32 3x3 convolutions take Winograd's F(4x4, 3x3) where it pays (True) or never (False)."""
-    token = _ENABLED.set(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+    return switched(_ENABLED, enabled)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -82,18 +75,9 @@ def _load() -> ctypes.CDLL | None:
     had. Looked for once per process."""
     if _library:
         return _library[0]
-    lib = None
-    compiler = _compiler()
-    if compiler is None:
-        logger.warning("no C compiler (cc, gcc, clang or $CC) on the path: 3x3 convolutions run without Winograd's "
-                       "transforms, slower (LATENTDIFF_WINOGRAD=0 silences this)")
-    else:
-        try:
-            lib = load(_SOURCE, _FLAGS, compiler, _declare, _build)
-        except (OSError, subprocess.SubprocessError) as e:
-            lib = None
-            logger.warning("the Winograd transforms could not be built or loaded (%s): 3x3 convolutions run without "
-                           "them, slower (LATENTDIFF_WINOGRAD=0 silences this)", e)
+    lib = load_or_warn(_SOURCE, _FLAGS, _compiler(), _declare, _build, logger, "the Winograd transforms",
+                       "3x3 convolutions run without Winograd's transforms, slower "
+                       "(LATENTDIFF_WINOGRAD=0 silences this)")
     _library.append(lib)
     return lib
 
