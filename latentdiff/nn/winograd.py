@@ -6,18 +6,19 @@ patches and transformed weights (Lavin & Gray 2016), where the direct convolutio
 channel pair and tile. ``winograd.c`` holds the transforms (compiled on first use, like the attention kernel, by
 ``latentdiff.nn.ckernels``); the 36 products are one ``torch.bmm``. Weights are transformed at every call, so no
 second copy of them is held; the tiles go in bands and the output channels in blocks, so no buffer exceeds
-``BUDGET`` bytes (glibc's heap reuses blocks of that size between calls, without fresh pages).
+``BUDGET`` bytes, and the three buffers are kept per thread (see ``_buffer``). The input is read in any strides and
+the output written in the input's memory format (oneDNN runs our models channels-last; mixing layouts costs copies).
 
-Where it runs: float32 (in bf16 the products would have to be fp32 to keep bf16's accuracy, which made them no
-faster than oneDNN's bf16 convolution on the 2-core AVX-512 machine), inference (no gradient), a CPU, the C compiler
+Where it runs: float32 (in bf16 the products would have to be fp32 to keep bf16's accuracy, which made them slower
+than oneDNN's bf16 convolution on the 2-core AVX-512 machine), inference (no gradient), a CPU, the C compiler
 on the path, a 3x3 kernel with stride 1, padding 1, dilation 1 and no groups, at least ``MIN_CHANNELS`` input and
 output channels, ``MIN_TILES`` tiles and ``MIN_WORK`` multiply-adds (below them the transforms cost more than they
 save: ``benchmarks/cpu_kernels.py --parts winograd``). ``LATENTDIFF_WINOGRAD=0`` or ``winograd_kernels(False)`` (a
 context manager) switch it off.
 
-Exactness: the same sums, reassociated; on SD's shapes the error against an fp64 convolution is 5-8e-6 of the
-largest output, against 1-2e-6 for oneDNN's direct convolution (``tests/test_winograd.py``), within the 1e-4 that
-issue 15 allows an exact speed-up in fp32.
+Exactness: the same sums, reassociated; on SD's shapes the error against an fp64 convolution is 8e-6 to 1e-5 of the
+largest output, against 2-3e-6 for oneDNN's direct convolution (``benchmarks/cpu_kernels.py --parts winograd``;
+``tests/test_winograd.py`` bounds it at 2e-5), within the 1e-4 that issue 15 allows an exact speed-up in fp32.
 """
 
 from __future__ import annotations
