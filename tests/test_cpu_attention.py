@@ -194,7 +194,6 @@ def test_setting_is_checked():
     assert done.returncode != 0 and "LATENTDIFF_ATTENTION must be kernel" in done.stderr
 
 
-
 @needs_kernel
 def test_arguments_it_does_not_take_raise():
     """Called directly past ``applies`` (odd width 3; one past the widest, where the C file's MAX_D and the Python

@@ -97,19 +97,25 @@ def load(source: Path, flags: list[str], compiler: str, declare: Callable[[ctype
     return lib
 
 
-def load_or_warn(source: Path, flags: list[str], compiler: str | None, declare: Callable[[ctypes.CDLL], None],
-                 builder: Callable[[str, Path, list[str], Path], None], logger: logging.Logger, what: str,
-                 fallback: str) -> ctypes.CDLL | None:
-    """``load``, or None with one warning (``what`` could not be had: ``fallback`` happens instead) where there is no
-    compiler or the build or load fails."""
-    if compiler is None:
+def load_once(cache: list[ctypes.CDLL | None], source: Path, flags: list[str], compiler: Callable[[], str | None],
+              declare: Callable[[ctypes.CDLL], None], builder: Callable[[str, Path, list[str], Path], None],
+              logger: logging.Logger, what: str, fallback: str) -> ctypes.CDLL | None:
+    """The library in ``cache`` (a kernel module's one-element list), else ``load``-ed now and kept there: or None,
+    with one warning (``what`` could not be had: ``fallback`` happens instead), where there is no compiler or the
+    build or load fails. Looked for once per process (per ``cache``)."""
+    if cache:
+        return cache[0]
+    lib = None
+    found = compiler()
+    if found is None:
         logger.warning("no C compiler (cc, gcc, clang or $CC) on the path: %s", fallback)
-        return None
-    try:
-        return load(source, flags, compiler, declare, builder)
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("%s could not be built or loaded (%s): %s", what, e, fallback)
-        return None
+    else:
+        try:
+            lib = load(source, flags, found, declare, builder)
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("%s could not be built or loaded (%s): %s", what, e, fallback)
+    cache.append(lib)
+    return lib
 
 
 @contextmanager

@@ -34,7 +34,7 @@ import torch
 
 from latentdiff.nn.ckernels import AVX512 as _FP32_OK
 from latentdiff.nn.ckernels import AVX512_BF16 as _BF16_OK
-from latentdiff.nn.ckernels import COMMON_FLAGS, load_or_warn, switched
+from latentdiff.nn.ckernels import COMMON_FLAGS, load_once, switched
 from latentdiff.nn.ckernels import build as _build
 from latentdiff.nn.ckernels import compiler as _compiler
 
@@ -70,15 +70,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> ctypes.CDLL | None:
-    """The compiled kernel, building it if this machine has no copy yet; None (with one warning) where it cannot be
-    had. Looked for once per process."""
-    if _library:
-        return _library[0]
-    lib = load_or_warn(_SOURCE, _FLAGS, _compiler(), _declare, _build, logger, "the CPU attention kernel",
-                       "attention runs through PyTorch's scaled_dot_product_attention, slower "
-                       "(LATENTDIFF_ATTENTION=sdpa silences this)")
-    _library.append(lib)
-    return lib
+    """The compiled kernel, built if this machine has no copy yet; None (with one warning) where it cannot be had.
+    Looked for once per process."""
+    return load_once(_library, _SOURCE, _FLAGS, _compiler, _declare, _build, logger, "the CPU attention kernel",
+                     "attention runs through PyTorch's scaled_dot_product_attention, slower "
+                     "(LATENTDIFF_ATTENTION=sdpa silences this)")
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from latentdiff.nn.ckernels import COMMON_FLAGS, load_or_warn, switched, vector_flags
+from latentdiff.nn.ckernels import COMMON_FLAGS, load_once, switched, vector_flags
 from latentdiff.nn.ckernels import build as _build
 from latentdiff.nn.ckernels import compiler as _compiler
 
@@ -72,15 +72,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> ctypes.CDLL | None:
-    """The compiled transforms, built if this machine has no copy yet; None (with one warning) where they cannot be
-    had. Looked for once per process."""
-    if _library:
-        return _library[0]
-    lib = load_or_warn(_SOURCE, _FLAGS, _compiler(), _declare, _build, logger, "the Winograd transforms",
-                       "3x3 convolutions run without Winograd's transforms, slower "
-                       "(LATENTDIFF_WINOGRAD=0 silences this)")
-    _library.append(lib)
-    return lib
+    """The compiled transforms, built if this machine has no copy yet; None (with one warning) where they cannot be had.
+    Looked for once per process."""
+    return load_once(_library, _SOURCE, _FLAGS, _compiler, _declare, _build, logger, "the Winograd transforms",
+                     "3x3 convolutions run without Winograd's transforms, slower "
+                     "(LATENTDIFF_WINOGRAD=0 silences this)")
 
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
