@@ -68,21 +68,25 @@ def run(net: nn.Module, size: int, dtype: torch.dtype, device: str = "cpu") -> t
     return net(latent.to(device, dtype), torch.tensor([500, 500], device=device), context=ctx.to(device, dtype))
 
 
-def work(model: str, size: int) -> tuple[dict[str, float], float]:
-    """GFLOP of one UNet step (CFG batch) or one VAE decode by kind (2 per multiply-add), and the GFLOP of the
-    convolutions among them that take Winograd's F(4x4, 3x3) in fp32 (counted as the direct convolution's)."""
+def work(model: str, size: int) -> tuple[dict[str, float], float, tuple[int, int]]:
+    """GFLOP of one UNet step (CFG batch) or one VAE decode by kind (2 per multiply-add), the GFLOP of the
+    convolutions among them that take Winograd's F(4x4, 3x3) in fp32 (counted as the direct convolution's), and
+    (how many convolutions take it, how many are 3x3)."""
     with torch.device("meta"):
         net = build(model)
     flops = {"conv": 0.0, "linear": 0.0, "attention": 0.0}
     through_winograd = [0.0]
+    counts = [0, 0]  # taking Winograd, 3x3
 
     def count(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             done = 2 * out.numel() * module.in_channels // module.groups * kh * kw
             flops["conv"] += done
+            counts[1] += module.kernel_size == (3, 3)
             if winograd.applies(module, inputs[0]):  # the shape decides (the caller's checks are for real calls)
                 through_winograd[0] += done
+                counts[0] += 1
         else:
             flops["linear"] += 2 * out.numel() * module.in_features
 
@@ -102,7 +106,7 @@ def work(model: str, size: int) -> tuple[dict[str, float], float]:
     finally:
         for module, original in callers.items():
             module.attention = original
-    return {k: v / 1e9 for k, v in flops.items()}, through_winograd[0] / 1e9
+    return {k: v / 1e9 for k, v in flops.items()}, through_winograd[0] / 1e9, (counts[0], counts[1])
 
 
 def _best(fn, repeats: int = 5) -> float:
@@ -180,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    gflop, winograd_gflop = work(args.model, args.size)
+    gflop, winograd_gflop, (taken, three) = work(args.model, args.size)
     total = sum(gflop.values())
     rates = peak(dtype)
     best = max(rates.values())
@@ -196,7 +200,8 @@ def main() -> None:
     print(f"\nlower bound at the best rate: {total / best:.2f} s")
     if args.dtype == "fp32" and not args.plain:  # Winograd multiplies a quarter as often
         fewer = total - 0.75 * winograd_gflop
-        print(f"convolutions through Winograd's F(4x4, 3x3) (fp32): {winograd_gflop:.1f} GFLOP of the direct "
+        print(f"convolutions through Winograd's F(4x4, 3x3) (fp32): {taken} of the {three} 3x3 ones, "
+              f"{winograd_gflop:.1f} GFLOP of the direct "
               f"arithmetic, done in a quarter of it: {fewer:.1f} GFLOP in all, lower bound {fewer / best:.2f} s")
     wall, seconds = step_profile(args.model, args.size, dtype, args.plain)
     kernels = "plain kernels" if args.plain else "oneDNN, our attention kernel, Winograd in fp32"
